@@ -1,0 +1,76 @@
+"""The engine contract: token ids in, token ids and logprobs out.
+
+An engine samples completions for prompts given as token ids and returns the sampled ids
+with the logprob of each under the weights it sampled with. It never tokenizes: the chat
+renderer owns text-to-token conversion, so what the trainer sees is what was sampled.
+
+``update_weights`` is the only edge from trainer back to rollout: it loads new weights and
+stamps them with a policy version that every later completion carries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample one completion."""
+
+    max_tokens: int = 256
+    """Most new tokens to sample; the completion ends with finish reason ``length`` there."""
+    temperature: float = 1.0
+    """Softmax temperature; 0 means greedy decoding."""
+    top_p: float = 1.0
+    """Nucleus sampling mass in (0, 1]; 1 disables it."""
+    seed: int | None = None
+    """Seed for this request's sampling; ``None`` draws from the engine's generator."""
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass(frozen=True)
+class Completion:
+    """What the engine sampled for one prompt."""
+
+    token_ids: tuple[int, ...]
+    """Sampled ids, including the end-of-turn token when the model emitted one."""
+    logprobs: tuple[float, ...]
+    """Logprob of each sampled id under the sampling distribution: logits divided by the
+    temperature (1 when greedy), before top-p truncation. The learner scores with the same
+    temperature so the two agree."""
+    finish_reason: str
+    """``"stop"`` when an end token was sampled, ``"length"`` when ``max_tokens`` was hit."""
+    policy_version: int
+    """The weight version that produced this completion."""
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """Anything that samples completions from token ids and takes weight updates."""
+
+    @property
+    def policy_version(self) -> int:
+        """Version of the weights now loaded; 0 for the initial weights."""
+        ...
+
+    async def generate(self, prompt_ids: list[int], sampling: SamplingParams) -> Completion:
+        """Sample one completion for ``prompt_ids``; concurrent calls may be batched."""
+        ...
+
+    async def update_weights(
+        self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int
+    ) -> None:
+        """Load new weights (names as in the HF state dict) and stamp them ``version``."""
+        ...

@@ -1,0 +1,66 @@
+"""The errors ``palaestra.envs`` raises, one small hierarchy.
+
+Every message is a sentence a user can act on: what went wrong, where, and how to fix it.
+Catch ``EnvError`` to catch them all::
+
+    EnvError
+    ├── UnknownEnvError       make() got an id nobody registered
+    ├── EnvConfigError        a constructor argument has a bad value
+    ├── TaskSourceError       a task source spec or data file is malformed
+    ├── ResetNeededError      step() before reset() or after the episode ended
+    ├── EnvCheckError         check_env() found a broken contract (names the check)
+    └── VerifierError         the answer-checking worker process could not run
+
+``ResetNeededError`` also subclasses gymnasium's ``ResetNeeded`` so code written against
+gymnasium's error catches it too.
+
+This module does not define errors for the policy or trainer side; those live in their
+own packages.
+"""
+
+from __future__ import annotations
+
+import gymnasium as gym
+
+
+class EnvError(Exception):
+    """Base class of every error raised by ``palaestra.envs``."""
+
+
+class UnknownEnvError(EnvError, LookupError):
+    """An environment id that is not registered."""
+
+    def __init__(self, env_id: str, known_ids: list[str]) -> None:
+        known = ", ".join(known_ids) or "(none)"
+        super().__init__(
+            f"No palaestra environment is registered as {env_id!r}. Registered ids: {known}. "
+            "Check the spelling and the version suffix (e.g. '-v0'), and make sure the module "
+            "that registers a custom env is imported before make()."
+        )
+        self.env_id = env_id
+        self.known_ids = known_ids
+
+
+class EnvConfigError(EnvError, ValueError):
+    """A constructor argument outside its allowed values."""
+
+
+class TaskSourceError(EnvError, ValueError):
+    """A task source spec that cannot be resolved, or a data file with a bad record."""
+
+
+class ResetNeededError(EnvError, gym.error.ResetNeeded):
+    """``step`` was called before ``reset`` or after the episode already ended."""
+
+
+class EnvCheckError(EnvError):
+    """``check_env`` found an environment that breaks the env contract."""
+
+    def __init__(self, check: str, detail: str) -> None:
+        super().__init__(f"check_env failed the {check!r} check: {detail}")
+        self.check = check
+        self.detail = detail
+
+
+class VerifierError(EnvError, RuntimeError):
+    """The answer-verification worker process could not be started or talked to."""

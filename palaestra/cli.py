@@ -1,0 +1,148 @@
+"""The ``palaestra`` command: train, evaluate, list environments.
+
+::
+
+    palaestra train CONFIG.yaml [dotted.key=value ...]
+    palaestra eval --model smollm2-135m --env palaestra/Math-v0 [--num-tasks 200 --samples 8]
+    palaestra envs
+
+User errors (a bad config, an unknown model or env) print one ``error:`` message and exit
+with status 2; nothing is started before the config has been validated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+
+from palaestra.errors import PalaestraError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except PalaestraError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="palaestra", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    train = sub.add_parser("train", help="run a training config")
+    train.add_argument("config", type=Path, help="YAML config file")
+    train.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    train.set_defaults(run=_train)
+
+    ev = sub.add_parser("eval", help="evaluate a model on an env's held-out split")
+    ev.add_argument("--model", default="smollm2-135m", help="model name or local HF directory")
+    ev.add_argument("--env", default="palaestra/Math-v0", help="registered env id")
+    ev.add_argument("--env-kwargs", default="{}", help="env constructor kwargs as JSON")
+    ev.add_argument("--split", default="test", help="task split to evaluate (default: test)")
+    ev.add_argument("--num-tasks", type=int, default=200)
+    ev.add_argument("--samples", type=int, default=1, help="episodes per task (pass@k)")
+    ev.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    ev.add_argument("--max-tokens", type=int, default=128)
+    ev.add_argument("--max-turns", type=int, default=1)
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--json", action="store_true", help="print the result as JSON")
+    ev.set_defaults(run=_eval)
+
+    ls = sub.add_parser("envs", help="list registered environments")
+    ls.set_defaults(run=_envs)
+    return parser
+
+
+def _train(args: argparse.Namespace) -> int:
+    from palaestra.config import load_config
+    from palaestra.rundir import RunDir
+
+    config = load_config(args.config, args.overrides)
+    name = config.run.name or f"{args.config.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run = RunDir.create(config.run.output_dir, name, config.model_dump(mode="json"))
+    print(f"run directory: {run.root}", file=sys.stderr)
+    from palaestra.trainer.stages.grpo import run_grpo
+
+    try:
+        result = run_grpo(config, run)
+    finally:
+        run.close()
+    if result.before is not None and result.after is not None:
+        delta = 100 * (result.after.accuracy - result.before.accuracy)
+        print(
+            f"held-out accuracy: {result.before.accuracy:.3f} -> {result.after.accuracy:.3f} "
+            f"({delta:+.1f} points)"
+        )
+    print(f"checkpoint: {result.checkpoint}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from palaestra import envs
+    from palaestra.agent.engines.base import SamplingParams
+    from palaestra.agent.engines.transformers import TransformersEngine
+    from palaestra.agent.evaluate import evaluate
+    from palaestra.agent.render import ChatRenderer
+    from palaestra.agent.rollout import EnvPool
+    from palaestra.errors import ConfigError
+    from palaestra.models import load_model, resolve_model
+
+    try:
+        env_kwargs = json.loads(args.env_kwargs)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--env-kwargs is not valid JSON: {exc}") from None
+    model, tokenizer = load_model(resolve_model(args.model), device=args.device)
+    engine = TransformersEngine(
+        model,
+        eos_token_ids=[tokenizer.eos_token_id],
+        pad_token_id=tokenizer.pad_token_id,
+        dtype=args.dtype,
+        seed=args.seed,
+    )
+    pool = EnvPool(lambda: envs.make(args.env, **env_kwargs, split=args.split), 64)
+    sampling = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
+    try:
+        result, _ = asyncio.run(
+            evaluate(
+                pool,
+                engine,
+                ChatRenderer(tokenizer),
+                sampling,
+                env_id=args.env,
+                num_tasks=args.num_tasks,
+                samples=args.samples,
+                max_turns=args.max_turns,
+                seed=args.seed,
+            )
+        )
+    finally:
+        pool.close()
+    if args.json:
+        print(json.dumps(result.__dict__, indent=2))
+    else:
+        print(f"{args.model} on {args.env} [{args.split}]: {result.summary()}")
+    return 0
+
+
+def _envs(args: argparse.Namespace) -> int:
+    from palaestra import envs
+
+    for env_id in envs.registered_ids():
+        print(env_id)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

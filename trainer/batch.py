@@ -1,0 +1,105 @@
+"""Token batches: trajectories padded into tensors the learner trains on.
+
+A ``TokenBatch`` row is one trajectory, right-padded. Per-token tensors are aligned with
+``input_ids_BT``: ``loss_mask_BT[b, t]`` says whether token ``t`` was sampled, and
+``old_logprobs_BT[b, t]`` is its behaviour logprob. The learner scores token ``t`` from the
+logits at ``t - 1``, so position 0 never carries loss (it is always prompt).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import torch
+from palaestra.agent.trajectory import Trajectory
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    """Padded token tensors for one optimizer step (or one micro-batch of it)."""
+
+    input_ids_BT: torch.Tensor
+    """Token ids, right-padded with the pad id."""
+    attention_mask_BT: torch.Tensor
+    """1 on real tokens, 0 on padding."""
+    loss_mask_BT: torch.Tensor
+    """1.0 on sampled tokens (the ones trained on), 0.0 elsewhere."""
+    old_logprobs_BT: torch.Tensor
+    """Behaviour-policy logprobs of sampled tokens; 0 elsewhere."""
+    advantages_B: torch.Tensor
+    """One advantage per sequence, broadcast over its sampled tokens."""
+    ref_logprobs_BT: torch.Tensor | None = None
+    """Reference-model logprobs, when a KL term in the loss needs them."""
+
+    def __len__(self) -> int:
+        return self.input_ids_BT.shape[0]
+
+    @property
+    def num_loss_tokens(self) -> int:
+        """Sampled tokens in the batch: the token-mean normaliser."""
+        return int(self.loss_mask_BT.sum().item())
+
+    def micro_batches(self, size: int) -> list[TokenBatch]:
+        """Split into micro-batches of at most ``size`` rows, trimmed to their longest row."""
+        out = []
+        for start in range(0, len(self), size):
+            rows = slice(start, start + size)
+            length = int(self.attention_mask_BT[rows].sum(dim=1).max().item())
+            cols = slice(0, length)
+            out.append(
+                TokenBatch(
+                    input_ids_BT=self.input_ids_BT[rows, cols],
+                    attention_mask_BT=self.attention_mask_BT[rows, cols],
+                    loss_mask_BT=self.loss_mask_BT[rows, cols],
+                    old_logprobs_BT=self.old_logprobs_BT[rows, cols],
+                    advantages_B=self.advantages_B[rows],
+                    ref_logprobs_BT=None
+                    if self.ref_logprobs_BT is None
+                    else self.ref_logprobs_BT[rows, cols],
+                )
+            )
+        return out
+
+    def with_ref_logprobs(self, ref_logprobs_BT: torch.Tensor) -> TokenBatch:
+        return replace(self, ref_logprobs_BT=ref_logprobs_BT)
+
+    def to(self, device: torch.device | str) -> TokenBatch:
+        ref = None if self.ref_logprobs_BT is None else self.ref_logprobs_BT.to(device)
+        return TokenBatch(
+            self.input_ids_BT.to(device),
+            self.attention_mask_BT.to(device),
+            self.loss_mask_BT.to(device),
+            self.old_logprobs_BT.to(device),
+            self.advantages_B.to(device),
+            ref,
+        )
+
+
+def collate(
+    trajectories: Sequence[Trajectory], advantages: Sequence[float], *, pad_id: int
+) -> TokenBatch:
+    """Pad trajectories into a ``TokenBatch``, one row each, in the given order.
+
+    Sort trajectories by length first when micro-batches should pad little.
+    """
+    if len(trajectories) != len(advantages):
+        raise ValueError(
+            f"collate got {len(trajectories)} trajectories but {len(advantages)} advantages"
+        )
+    if not trajectories:
+        raise ValueError("collate got no trajectories")
+    shape = (len(trajectories), max(len(t.token_ids) for t in trajectories))
+    input_ids = torch.full(shape, pad_id, dtype=torch.long)
+    attention = torch.zeros(shape, dtype=torch.long)
+    loss_mask = torch.zeros(shape)
+    old_logprobs = torch.zeros(shape)
+    for row, t in enumerate(trajectories):
+        n = len(t.token_ids)
+        input_ids[row, :n] = torch.tensor(t.token_ids)
+        attention[row, :n] = 1
+        loss_mask[row, :n] = torch.tensor(t.loss_mask, dtype=torch.float32)
+        old_logprobs[row, :n] = torch.tensor(t.logprobs, dtype=torch.float32)
+    loss_mask[:, 0] = 0.0  # token 0 has no logits to be scored from
+    adv = torch.tensor([float(a) for a in advantages])
+    return TokenBatch(input_ids, attention, loss_mask, old_logprobs, adv)

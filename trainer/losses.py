@@ -1,0 +1,309 @@
+"""Policy-gradient losses and KL terms for token-level RL on language models.
+
+Every function here is pure and synchronous: tensors in, ``(loss, metrics)`` out, no model,
+no optimizer, no state. Shapes follow the token-sample contract of the ``TokenBatch``:
+
+- ``B`` sequences, ``T`` positions (right-padded); ``mask_BT`` is 1 on tokens the policy
+  sampled and is trained on, 0 on prompt, tool, env and padding positions. Values at
+  masked positions never reach the loss or its gradient, whatever they are.
+- ``logprobs_BT`` are the current policy's log-probabilities of the sampled tokens (with
+  grad), ``old_logprobs_BT`` the behaviour policy's (no grad), ``ref_logprobs_BT`` the
+  frozen reference model's (no grad).
+
+GRPO, DAPO and Dr.GRPO are one function, ``policy_loss``, with different arguments:
+
+=========  =================================  ====================================
+recipe     advantages                         policy_loss arguments
+=========  =================================  ====================================
+GRPO       ``grouped_advantages``             ``aggregation="seq-mean-token-mean"``
+DAPO       ``grouped_advantages``             ``clip_high=0.28``, ``"token-mean"``
+Dr.GRPO    ``scale_by_std=False``             ``"seq-mean-token-sum-norm"``, ``max_seq_len``
+=========  =================================  ====================================
+
+The KL to the reference model goes either into the reward (``kl_penalized_rewards``, the
+default placement: the k1 estimate there gives an unbiased penalty on the sequence) or
+into the loss (``policy_loss(ref_logprobs_BT=..., kl_coef=...)``, GRPO paper's placement,
+usually with k3). This module does not compute log-probabilities, advantages
+(``advantages.py``) or value losses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import torch
+
+__all__ = [
+    "AGGREGATIONS",
+    "KL_ESTIMATORS",
+    "LOSSES",
+    "kl_estimate",
+    "kl_penalized_rewards",
+    "policy_loss",
+]
+
+KLEstimator = Literal["k1", "k2", "k3"]
+Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+KL_ESTIMATORS: tuple[str, ...] = ("k1", "k2", "k3")
+AGGREGATIONS: tuple[str, ...] = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+def kl_estimate(
+    logprobs_BT: torch.Tensor, ref_logprobs_BT: torch.Tensor, estimator: KLEstimator
+) -> torch.Tensor:
+    """Per-token sample estimate of ``KL(pi || pi_ref)`` from tokens sampled from ``pi``.
+
+    Schulman (2020), "Approximating KL Divergence", http://joschu.net/blog/kl-approx.html.
+    With ``log_ratio = log pi(x) - log pi_ref(x)`` (policy over reference, so positive where
+    the policy puts more mass than the reference):
+
+    - ``k1 = log_ratio``: unbiased, can be negative, high variance.
+    - ``k2 = 0.5 * log_ratio**2``: biased, never negative, low variance.
+    - ``k3 = exp(-log_ratio) + log_ratio - 1``: unbiased, never negative, low variance
+      (TRL's and the GRPO paper's per-token KL).
+
+    All three are 0 where ``pi(x) == pi_ref(x)``. Gradients flow through ``logprobs_BT``.
+
+    Args:
+        logprobs_BT: policy log-probs of the sampled tokens, shape ``(B, T)`` (any shape).
+        ref_logprobs_BT: reference log-probs of the same tokens, same shape.
+        estimator: ``"k1"``, ``"k2"`` or ``"k3"``.
+
+    Returns:
+        The per-token estimate, shape of ``logprobs_BT``, unmasked.
+    """
+    _check_choice("estimator", estimator, KL_ESTIMATORS)
+    _check_shape("ref_logprobs_BT", ref_logprobs_BT, logprobs_BT.shape)
+    log_ratio_BT = logprobs_BT - ref_logprobs_BT
+    if estimator == "k1":
+        return log_ratio_BT
+    if estimator == "k2":
+        return 0.5 * log_ratio_BT**2
+    return torch.exp(-log_ratio_BT) + log_ratio_BT - 1
+
+
+def kl_penalized_rewards(
+    rewards_B: torch.Tensor,
+    logprobs_BT: torch.Tensor,
+    ref_logprobs_BT: torch.Tensor,
+    mask_BT: torch.Tensor,
+    *,
+    beta: float,
+    estimator: KLEstimator = "k1",
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Rewards with the KL to the reference model subtracted (KL in the reward).
+
+    ``r'_i = r_i - beta * sum_t mask_it * kl_t`` with ``kl_t = kl_estimate(..., estimator)``
+    (Ziegler et al. 2019; InstructGPT). The sum over the sequence's sampled tokens estimates
+    the sequence-level ``KL(pi || pi_ref)``, so k1 (the default) makes the penalty unbiased.
+    Computed without grad: the penalty shapes the advantage, it is not differentiated.
+
+    Args:
+        rewards_B: one scalar reward per sequence, shape ``(B,)``.
+        logprobs_BT: log-probs of the sampled tokens under the policy that sampled them.
+        ref_logprobs_BT: log-probs of the same tokens under the reference model.
+        mask_BT: 1 on sampled tokens, 0 elsewhere (bool or numeric).
+        beta: KL coefficient, ``>= 0``.
+        estimator: ``"k1"``, ``"k2"`` or ``"k3"`` (see ``kl_estimate``).
+
+    Returns:
+        ``(penalized_rewards_B, {"kl_per_seq": mean over sequences of sum_t mask * kl_t})``.
+    """
+    _check_token_tensors(logprobs_BT, mask_BT=mask_BT, ref_logprobs_BT=ref_logprobs_BT)
+    _check_shape("rewards_B", rewards_B, logprobs_BT.shape[:1])
+    if beta < 0:
+        raise ValueError(f"beta must be >= 0, got {beta}.")
+    with torch.no_grad():
+        keep_BT = mask_BT.bool()
+        kl_BT = kl_estimate(logprobs_BT, ref_logprobs_BT, estimator)
+        kl_B = torch.where(keep_BT, kl_BT, 0.0).sum(dim=-1)
+        penalized_B = rewards_B - beta * kl_B
+    return penalized_B, {"kl_per_seq": kl_B.mean().item()}
+
+
+def policy_loss(
+    logprobs_BT: torch.Tensor,
+    old_logprobs_BT: torch.Tensor,
+    advantages_B: torch.Tensor,
+    mask_BT: torch.Tensor,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    aggregation: Aggregation = "token-mean",
+    ref_logprobs_BT: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: KLEstimator = "k3",
+    num_tokens: float | None = None,
+    num_seqs: float | None = None,
+    max_seq_len: int | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Token-level clipped surrogate: the GRPO / DAPO / Dr.GRPO policy loss.
+
+    PPO-clip (Schulman et al. 2017, arXiv:1707.06347) applied per token as in GRPO (Shao et
+    al. 2024, arXiv:2402.03300), with DAPO's asymmetric "clip-higher" range (Yu et al. 2025,
+    arXiv:2503.14476)::
+
+        ratio_it = exp(logprobs_it - old_logprobs_it)
+        l_it     = -min(ratio_it * A_i, clip(ratio_it, 1 - clip_low, 1 + clip_high) * A_i)
+                   [+ kl_coef * kl_it   when ref_logprobs_BT is given and kl_coef > 0]
+
+    A token is clipped (no surrogate gradient) when ``A > 0`` and ratio > 1 + clip_high
+    ("clip_frac_high") or ``A < 0`` and ratio < 1 - clip_low ("clip_frac_low"); on the other
+    side of each bound the unclipped term is the minimum and the gradient flows.
+
+    Aggregation over the ``mask_BT == 1`` tokens (``n_i`` = tokens of sequence i):
+
+    - ``"token-mean"`` (DAPO; TRL "dapo"/"bnpo"): ``sum_it l_it / num_tokens``.
+    - ``"seq-mean-token-mean"`` (GRPO; TRL "grpo"): ``sum_i (sum_t l_it / n_i) / num_seqs``.
+    - ``"seq-mean-token-sum-norm"`` (Dr.GRPO; TRL "dr_grpo"):
+      ``sum_i (sum_t l_it / max_seq_len) / num_seqs``.
+
+    Micro-batching: ``num_tokens`` and ``num_seqs`` default to this batch's counts (mask sum,
+    ``B``). When one optimizer step's batch is split into micro-batches, pass the counts of
+    the WHOLE step: every term is then a sum over this micro-batch divided by a global
+    constant, so summing the micro-batch losses (backward on each, no further scaling) gives
+    exactly the full-batch loss and gradient. Sequences are never split, so ``n_i`` is local.
+
+    Args:
+        logprobs_BT: current policy log-probs of the sampled tokens, shape ``(B, T)``, grad.
+        old_logprobs_BT: behaviour-policy log-probs, ``(B, T)``.
+        advantages_B: one advantage per sequence, ``(B,)``.
+        mask_BT: 1 on trained tokens, 0 elsewhere, ``(B, T)``, bool or numeric.
+        clip_low, clip_high: clip range ``[1 - clip_low, 1 + clip_high]``; DAPO uses 0.2/0.28.
+        aggregation: one of ``AGGREGATIONS``.
+        ref_logprobs_BT: reference log-probs ``(B, T)``; with ``kl_coef > 0`` adds KL in the loss.
+        kl_coef: coefficient of the per-token KL term; 0 means no KL in the loss.
+        kl_estimator: ``"k1"``, ``"k2"`` or ``"k3"`` for the KL term (see ``kl_estimate``).
+        num_tokens: token count the ``"token-mean"`` loss divides by (global step count).
+        num_seqs: sequence count the ``"seq-mean-*"`` losses divide by (global step count).
+        max_seq_len: the constant length of Dr.GRPO; required for ``"seq-mean-token-sum-norm"``.
+
+    Returns:
+        ``(loss, metrics)``: the scalar loss, and python floats describing THIS batch on its
+        own (normalised by its own counts, not by ``num_tokens`` / ``num_seqs``, so a learner
+        averages them over micro-batches): ``loss``, ``policy_loss`` (the surrogate without
+        the KL term), ``clip_frac_low``, ``clip_frac_high``, ``ratio_mean`` (mean over tokens)
+        and, with KL in the loss, ``kl`` (mean per-token estimate).
+    """
+    _check_token_tensors(logprobs_BT, mask_BT=mask_BT, old_logprobs_BT=old_logprobs_BT)
+    _check_shape("advantages_B", advantages_B, logprobs_BT.shape[:1])
+    _check_choice("aggregation", aggregation, AGGREGATIONS)
+    _check_choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
+    _check_clip_range(clip_low, clip_high)
+    _check_kl_args(ref_logprobs_BT, logprobs_BT, kl_coef)
+    _check_positive(num_tokens=num_tokens, num_seqs=num_seqs, max_seq_len=max_seq_len)
+    if aggregation == "seq-mean-token-sum-norm" and max_seq_len is None:
+        raise ValueError(
+            "max_seq_len is required for aggregation='seq-mean-token-sum-norm' (Dr.GRPO divides "
+            "each sequence's token sum by this constant, e.g. the max completion length)."
+        )
+
+    keep_BT = mask_BT.bool()
+    maskf_BT = keep_BT.to(logprobs_BT.dtype)
+    # Masked positions get log-ratio 0 (ratio 1, zero grad) whatever they hold: no inf * 0.
+    ratio_BT = torch.exp(torch.where(keep_BT, logprobs_BT - old_logprobs_BT, 0.0))
+    adv_B1 = advantages_B.to(logprobs_BT.dtype).unsqueeze(-1)
+    clipped_ratio_BT = ratio_BT.clamp(1 - clip_low, 1 + clip_high)
+    surrogate_BT = -torch.minimum(ratio_BT * adv_B1, clipped_ratio_BT * adv_B1)
+    loss_BT = surrogate_BT
+
+    kl_BT = None
+    if ref_logprobs_BT is not None and kl_coef > 0:
+        kl_BT = kl_estimate(
+            torch.where(keep_BT, logprobs_BT, 0.0),
+            torch.where(keep_BT, ref_logprobs_BT, 0.0),
+            kl_estimator,
+        )
+        loss_BT = loss_BT + kl_coef * kl_BT
+    loss = _aggregate(loss_BT, maskf_BT, aggregation, num_tokens, num_seqs, max_seq_len)
+
+    with torch.no_grad():
+        local_tokens = maskf_BT.sum().clamp(min=1)
+        adv_BT = adv_B1.expand_as(ratio_BT)
+        clipped_low_BT = (ratio_BT < 1 - clip_low) & (adv_BT < 0) & keep_BT
+        clipped_high_BT = (ratio_BT > 1 + clip_high) & (adv_BT > 0) & keep_BT
+        metrics = {
+            "loss": _aggregate(loss_BT, maskf_BT, aggregation, None, None, max_seq_len).item(),
+            "policy_loss": _aggregate(
+                surrogate_BT, maskf_BT, aggregation, None, None, max_seq_len
+            ).item(),
+            "clip_frac_low": float(clipped_low_BT.sum() / local_tokens),
+            "clip_frac_high": float(clipped_high_BT.sum() / local_tokens),
+            "ratio_mean": float((ratio_BT * maskf_BT).sum() / local_tokens),
+        }
+        if kl_BT is not None:
+            metrics["kl"] = float((kl_BT * maskf_BT).sum() / local_tokens)
+    return loss, metrics
+
+
+LOSSES: dict[str, Callable[..., tuple[torch.Tensor, dict[str, float]]]] = {
+    "grpo": policy_loss,
+}
+"""Losses by name, as configs spell them. GRPO, DAPO and Dr.GRPO all use ``"grpo"``."""
+
+
+def _aggregate(
+    loss_BT: torch.Tensor,
+    maskf_BT: torch.Tensor,
+    aggregation: str,
+    num_tokens: float | None,
+    num_seqs: float | None,
+    max_seq_len: int | None,
+) -> torch.Tensor:
+    """Reduce masked per-token losses to a scalar; see ``policy_loss`` for the formulas.
+
+    ``num_tokens`` / ``num_seqs`` of None mean this batch's own counts.
+    """
+    masked_BT = loss_BT * maskf_BT
+    if aggregation == "token-mean":
+        token_count = maskf_BT.sum().clamp(min=1) if num_tokens is None else num_tokens
+        return masked_BT.sum() / token_count
+    seq_count = loss_BT.shape[0] if num_seqs is None else num_seqs
+    if aggregation == "seq-mean-token-mean":
+        tokens_B = maskf_BT.sum(dim=-1).clamp(min=1)
+        return (masked_BT.sum(dim=-1) / tokens_B).sum() / seq_count
+    return (masked_BT.sum(dim=-1) / max_seq_len).sum() / seq_count
+
+
+def _check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}.")
+
+
+def _check_shape(name: str, tensor: torch.Tensor, expected: torch.Size | tuple[int, ...]) -> None:
+    if tuple(tensor.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {tuple(expected)}, got {tuple(tensor.shape)}.")
+
+
+def _check_token_tensors(logprobs_BT: torch.Tensor, **others_BT: torch.Tensor) -> None:
+    if logprobs_BT.dim() != 2:
+        raise ValueError(
+            f"logprobs_BT must be 2-D (batch, tokens), got shape {tuple(logprobs_BT.shape)}."
+        )
+    for name, tensor in others_BT.items():
+        _check_shape(name, tensor, logprobs_BT.shape)
+
+
+def _check_clip_range(clip_low: float, clip_high: float) -> None:
+    if not 0 <= clip_low < 1:
+        raise ValueError(f"clip_low must be in [0, 1) so that 1 - clip_low > 0, got {clip_low}.")
+    if clip_high < 0:
+        raise ValueError(f"clip_high must be >= 0, got {clip_high}.")
+
+
+def _check_kl_args(
+    ref_logprobs_BT: torch.Tensor | None, logprobs_BT: torch.Tensor, kl_coef: float
+) -> None:
+    if kl_coef < 0:
+        raise ValueError(f"kl_coef must be >= 0, got {kl_coef}.")
+    if ref_logprobs_BT is not None:
+        _check_shape("ref_logprobs_BT", ref_logprobs_BT, logprobs_BT.shape)
+    if kl_coef > 0 and ref_logprobs_BT is None:
+        raise ValueError("kl_coef > 0 puts KL in the loss and needs ref_logprobs_BT; pass it.")
+
+
+def _check_positive(**counts: float | None) -> None:
+    for name, value in counts.items():
+        if value is not None and not value > 0:
+            raise ValueError(f"{name} must be > 0 (or None for this batch's count), got {value}.")

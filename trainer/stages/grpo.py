@@ -1,0 +1,299 @@
+"""GRPO stage: sample groups, score them relative to each other, take a clipped step.
+
+One step, top to bottom:
+
+1. **collect**: play ``tasks_per_step`` groups of ``group_size`` episodes on the current
+   engine weights (concurrently; the engine batches them).
+2. **filter**: drop infrastructure failures (engine or env errors): they say nothing about
+   the policy and are counted, never trained as reward 0.
+3. **rewards**: with a KL coefficient and ``kl_placement: reward``, subtract
+   ``beta * KL(policy || reference)`` from each episode's reward.
+4. **advantages**: centre rewards within each group (and divide by the group's std unless
+   Dr.GRPO's ``scale_by_std: false``).
+5. **learner.step**: token-level clipped surrogate over the sampled tokens.
+6. **sync**: copy the new weights into the engine, stamped with the next policy version.
+7. **log / checkpoint**.
+
+Evaluation on the env's held-out split runs before and after training.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import dataclasses
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from palaestra.agent.engines.base import SamplingParams
+from palaestra.agent.engines.transformers import TransformersEngine
+from palaestra.agent.evaluate import EvalResult, evaluate
+from palaestra.agent.render import ChatRenderer
+from palaestra.agent.rollout import EnvPool, EpisodeRequest, generate_groups
+from palaestra.agent.trajectory import Trajectory
+from palaestra.trainer.advantages import grouped_advantages
+from palaestra.trainer.batch import TokenBatch, collate
+from palaestra.trainer.checkpoint import save_checkpoint
+from palaestra.trainer.learner import Learner
+from palaestra.trainer.losses import kl_penalized_rewards, policy_loss
+from tqdm import tqdm
+
+from palaestra import envs
+from palaestra.config import TrainConfig
+from palaestra.models import load_model, resolve_model
+from palaestra.rundir import RunDir
+
+
+@dataclass(frozen=True)
+class GRPOResult:
+    """What a GRPO run produced."""
+
+    before: EvalResult | None
+    """Held-out evaluation before training (if enabled)."""
+    after: EvalResult | None
+    """Held-out evaluation after training (if enabled)."""
+    checkpoint: str
+    """Path of the final checkpoint."""
+
+
+def run_grpo(config: TrainConfig, run: RunDir) -> GRPOResult:
+    """Run a GRPO stage as configured, writing into ``run``."""
+    return asyncio.run(_run(config, run))
+
+
+async def _run(cfg: TrainConfig, run: RunDir) -> GRPOResult:
+    torch.manual_seed(cfg.seed)
+    model_path = resolve_model(cfg.model)
+    model, tokenizer = load_model(model_path, device=cfg.device)
+    reference = _frozen_copy(model) if cfg.grpo.kl_coef > 0 else None
+    engine = TransformersEngine(
+        _frozen_copy(model),
+        eos_token_ids=_eos_ids(tokenizer, model),
+        pad_token_id=tokenizer.pad_token_id,
+        max_batch_size=cfg.rollout.tasks_per_step * cfg.rollout.group_size,
+        dtype=cfg.engine_dtype,
+        seed=cfg.seed,
+    )
+    renderer = ChatRenderer(tokenizer)
+    t = cfg.trainer
+    learner = Learner(
+        model,
+        lr=t.lr,
+        betas=t.betas,
+        weight_decay=t.weight_decay,
+        warmup_steps=t.warmup_steps,
+        max_grad_norm=t.max_grad_norm,
+        micro_batch_size=t.micro_batch_size,
+        dtype=t.dtype,
+        temperature=cfg.rollout.temperature,
+        gradient_checkpointing=t.gradient_checkpointing,
+    )
+    episodes = cfg.rollout.tasks_per_step * cfg.rollout.group_size
+    train_pool = EnvPool(lambda: envs.make(cfg.env.id, **cfg.env.kwargs, split="train"), episodes)
+    sampling = SamplingParams(
+        max_tokens=cfg.rollout.max_tokens,
+        temperature=cfg.rollout.temperature,
+        top_p=cfg.rollout.top_p,
+    )
+    rng = np.random.default_rng(cfg.seed)
+
+    before = await _evaluate(cfg, engine, renderer, run, step=0) if cfg.eval.before else None
+    bar = tqdm(range(1, t.steps + 1), desc="grpo", disable=not cfg.run.progress, file=sys.stderr)
+    for step in bar:
+        started = time.perf_counter()
+        # 1. collect
+        requests = _group_requests(rng, cfg, first_group_id=(step - 1) * cfg.rollout.tasks_per_step)
+        groups = [
+            g
+            async for g in generate_groups(
+                train_pool,
+                engine,
+                renderer,
+                sampling,
+                requests,
+                env_id=cfg.env.id,
+                max_turns=cfg.rollout.max_turns,
+            )
+        ]
+        rollout_s = time.perf_counter() - started
+        # 2. filter infrastructure failures; longest first so micro-batches pad little
+        trajectories = [tr for g in groups for tr in g if not tr.stop_reason.is_infra_failure]
+        infra_failures = sum(len(g) for g in groups) - len(trajectories)
+        if not trajectories:
+            raise RuntimeError(
+                f"step {step}: every episode failed for infrastructure reasons; first error: "
+                f"{groups[0][0].info.get('error')}"
+            )
+        trajectories.sort(key=lambda tr: -len(tr.token_ids))
+        batch = collate(trajectories, [0.0] * len(trajectories), pad_id=tokenizer.pad_token_id)
+        # 3. rewards, KL-penalised when the KL goes in the reward
+        rewards = torch.tensor([tr.reward for tr in trajectories])
+        kl_metrics: dict[str, float] = {}
+        if reference is not None:
+            batch = batch.with_ref_logprobs(learner.score(reference, batch))
+            if cfg.grpo.kl_placement == "reward":
+                rewards, kl_metrics = kl_penalized_rewards(
+                    rewards,
+                    batch.old_logprobs_BT,
+                    batch.ref_logprobs_BT,
+                    batch.loss_mask_BT,
+                    beta=cfg.grpo.kl_coef,
+                    estimator=cfg.grpo.kl_estimator,
+                )
+        # 4. advantages within each group
+        group_ids = torch.tensor([tr.group_id for tr in trajectories])
+        advantages = grouped_advantages(rewards, group_ids, scale_by_std=cfg.grpo.scale_by_std)
+        batch = dataclasses.replace(batch, advantages_B=advantages)
+        # 5. learner step
+        train_started = time.perf_counter()
+        metrics = learner.step(batch, _loss_fn(cfg))
+        train_s = time.perf_counter() - train_started
+        # 6. sync weights
+        sync_started = time.perf_counter()
+        await engine.update_weights(learner.named_weights(), version=step)
+        sync_s = time.perf_counter() - sync_started
+        # 7. log and checkpoint
+        metrics |= kl_metrics | _rollout_metrics(trajectories, infra_failures)
+        metrics |= {
+            "time/rollout_s": rollout_s,
+            "time/train_s": train_s,
+            "time/sync_s": sync_s,
+            "time/step_s": time.perf_counter() - started,
+        }
+        run.log(step, metrics)
+        if cfg.run.log_trajectories:
+            run.log_trajectories(step, trajectories[: cfg.run.log_trajectories], renderer.decode)
+        bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", loss=f"{metrics['loss']:.4f}")
+        if cfg.run.save_every and step % cfg.run.save_every == 0 and step < t.steps:
+            save_checkpoint(model, tokenizer, run.checkpoints / f"step-{step}")
+    bar.close()
+    train_pool.close()
+
+    after = await _evaluate(cfg, engine, renderer, run, step=t.steps) if cfg.eval.after else None
+    final = save_checkpoint(model, tokenizer, run.checkpoints / "final")
+    run.plot()
+    return GRPOResult(before=before, after=after, checkpoint=str(final))
+
+
+def _group_requests(
+    rng: np.random.Generator, cfg: TrainConfig, *, first_group_id: int
+) -> list[list[EpisodeRequest]]:
+    """One reset seed per group, so all its episodes get the same task; distinct sampling seeds."""
+    groups = []
+    for g in range(cfg.rollout.tasks_per_step):
+        reset_seed = int(rng.integers(2**31))
+        groups.append(
+            [
+                EpisodeRequest(
+                    group_id=first_group_id + g,
+                    reset_seed=reset_seed,
+                    sampling_seed=int(rng.integers(2**31)),
+                )
+                for _ in range(cfg.rollout.group_size)
+            ]
+        )
+    return groups
+
+
+def _loss_fn(cfg: TrainConfig) -> Any:
+    g = cfg.grpo
+    in_loss = g.kl_coef > 0 and g.kl_placement == "loss"
+
+    def loss(batch: TokenBatch, logprobs_BT: torch.Tensor, *, num_tokens: float, num_seqs: float):
+        return policy_loss(
+            logprobs_BT,
+            batch.old_logprobs_BT,
+            batch.advantages_B,
+            batch.loss_mask_BT,
+            clip_low=g.clip_low,
+            clip_high=g.clip_high,
+            aggregation=g.aggregation,
+            ref_logprobs_BT=batch.ref_logprobs_BT if in_loss else None,
+            kl_coef=g.kl_coef if in_loss else 0.0,
+            kl_estimator=g.kl_estimator,
+            num_tokens=num_tokens,
+            num_seqs=num_seqs,
+            max_seq_len=cfg.rollout.max_tokens * cfg.rollout.max_turns,
+        )
+
+    return loss
+
+
+def _rollout_metrics(trajectories: list[Trajectory], infra_failures: int) -> dict[str, float]:
+    rewards = np.array([tr.reward for tr in trajectories])
+    lengths = np.array([tr.num_sampled_tokens for tr in trajectories])
+    by_group: dict[int, list[float]] = {}
+    for tr in trajectories:
+        by_group.setdefault(tr.group_id, []).append(tr.reward)
+    solved_all = sum(min(r) > 0 for r in by_group.values())
+    uniform = sum(max(r) == min(r) for r in by_group.values())
+    components: dict[str, list[float]] = {}
+    for tr in trajectories:
+        for name, value in tr.reward_components.items():
+            components.setdefault(name, []).append(value)
+    return {
+        "reward_mean": float(rewards.mean()),
+        "reward_std": float(rewards.std()),
+        "tokens_mean": float(lengths.mean()),
+        "truncated_frac": float(
+            np.mean([tr.stop_reason.value == "max_tokens" for tr in trajectories])
+        ),
+        "groups_uniform_frac": uniform / len(by_group),
+        "groups_all_solved_frac": solved_all / len(by_group),
+        "infra_failures": float(infra_failures),
+        **{f"reward/{k}": float(np.mean(v)) for k, v in components.items()},
+    }
+
+
+async def _evaluate(
+    cfg: TrainConfig, engine: TransformersEngine, renderer: ChatRenderer, run: RunDir, *, step: int
+) -> EvalResult:
+    e = cfg.eval
+    pool = EnvPool(lambda: envs.make(cfg.env.id, **cfg.env.kwargs, split="test"), 64)
+    sampling = SamplingParams(
+        max_tokens=e.max_tokens or cfg.rollout.max_tokens, temperature=e.temperature
+    )
+    try:
+        result, episodes = await evaluate(
+            pool,
+            engine,
+            renderer,
+            sampling,
+            env_id=cfg.env.id,
+            num_tasks=e.num_tasks,
+            samples=e.samples,
+            max_turns=cfg.rollout.max_turns,
+            seed=cfg.seed,
+        )
+    finally:
+        pool.close()
+    run.log(
+        step,
+        {
+            "accuracy": result.accuracy,
+            "mean_tokens": result.mean_tokens,
+            **{f"pass@{k}": v for k, v in result.pass_at.items()},
+        },
+        kind="eval",
+    )
+    run.log_trajectories(step, episodes[: cfg.run.log_trajectories], renderer.decode, kind="eval")
+    print(f"[eval @ step {step}] {result.summary()}", file=sys.stderr)
+    return result
+
+
+def _frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    clone = copy.deepcopy(model)
+    clone.requires_grad_(False)
+    return clone.eval()
+
+
+def _eos_ids(tokenizer: Any, model: torch.nn.Module) -> list[int]:
+    ids = model.generation_config.eos_token_id  # type: ignore[union-attr]
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
