@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import gymnasium as gym
+
 from palaestra.agent.engines.base import Completion, Engine, SamplingParams
 from palaestra.agent.render import ChatRenderer
 from palaestra.agent.trajectory import StopReason, Trajectory, Turn

@@ -75,9 +75,13 @@ class TextEnv(gym.Env[Messages, str]):
     ``TextSpace`` (any string), so gymnasium's passive checker accepts them.
     """
 
-    metadata: dict[str, Any] = {"render_modes": []}
+    metadata: dict[str, Any] = {"render_modes": []}  # noqa: RUF012 (gymnasium's own convention)
     observation_space: gym.Space[Messages] = MessagesSpace()
     action_space: gym.Space[str] = TextSpace()
+
+    def step(self, action: str) -> tuple[Messages, float, bool, bool, dict[str, Any]]:
+        """Play the assistant reply ``action``; see the module docstring for the 5-tuple."""
+        raise NotImplementedError
 
     async def areset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None

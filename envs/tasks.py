@@ -18,6 +18,7 @@ What this module does not do: prompt formatting or answer checking (see ``math.p
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 from collections.abc import Mapping
@@ -120,9 +121,11 @@ class ReasoningGymSource:
         self.test_size = test_size
         self.size = _resolve_size(size, self.split, test_size)
         self._datasets: dict[int, Any] = {}
-        test_count = self.size if self.split == "test" else test_size
-        self._test_tasks = [self._task_from(self._dataset("test", 0), i) for i in range(test_count)]
-        self._test_questions = frozenset(task.question for task in self._test_tasks)
+        held_out = self._dataset("test", 0)
+        if self.split == "test":
+            self._test_tasks = [self._task_from(held_out, i) for i in range(self.size)]
+        else:
+            self._test_questions = frozenset(held_out[i]["question"] for i in range(test_size))
 
     def __len__(self) -> int:
         return self.size
@@ -183,9 +186,11 @@ def _create_dataset(name: str, seed: int, size: int, config: dict[str, Any]) -> 
     from reasoning_gym.factory import DATASETS
 
     if name not in DATASETS:
+        close = difflib.get_close_matches(name, list(DATASETS), n=3)
+        hint = f"Did you mean {' or '.join(map(repr, close))}? " if close else ""
         raise TaskSourceError(
-            f"reasoning_gym has no dataset {name!r}. Known datasets include: "
-            f"{', '.join(sorted(DATASETS)[:40])}, ..."
+            f"reasoning_gym has no dataset {name!r}. {hint}"
+            "reasoning_gym.factory.DATASETS lists all of them."
         )
     try:
         return reasoning_gym.create_dataset(name, seed=seed, size=size, **config)
@@ -348,7 +353,9 @@ def _split_spec(spec: object) -> tuple[str, str]:
         )
     kind, target = spec.split(":", 1)
     if kind not in SOURCE_KINDS:
-        raise TaskSourceError(f"unknown source kind {kind!r} in {spec!r}; allowed kinds: {allowed}.")
+        raise TaskSourceError(
+            f"unknown source kind {kind!r} in {spec!r}; allowed kinds: {allowed}."
+        )
     if not target:
         raise TaskSourceError(f"the source spec {spec!r} names no dataset or file after the colon.")
     return kind, target

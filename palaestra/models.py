@@ -108,8 +108,8 @@ def load_tokenizer(name_or_path: str | os.PathLike[str]) -> PreTrainedTokenizerB
 
 def load_model(
     name_or_path: str | os.PathLike[str], *, dtype: str = "float32", device: str = "cpu"
-) -> PreTrainedModel:
-    """Load a causal LM in eval mode; ``dtype`` is ``"float32"`` or ``"bfloat16"``.
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM in eval mode and its tokenizer; ``dtype`` is float32 or bfloat16.
 
     Raises ``ModelLoadError`` when the config is unreadable or weights are missing.
     """
@@ -128,7 +128,7 @@ def load_model(
             f"cannot load the model in {path}: its weights lack {len(missing)} tensors "
             f"(first: {missing[0]})"
         )
-    return model.to(device).eval()
+    return model.to(device).eval(), load_tokenizer(path)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -240,7 +240,6 @@ def _build_tiny_random(gguf: Path, out: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
     config.update(_TINY_SHAPE)
-    config.name_or_path = "tiny-random-smollm2"
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     generator = torch.Generator().manual_seed(_TINY_SEED)
     with torch.no_grad():

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
+
 from palaestra.agent.trajectory import Trajectory
 
 

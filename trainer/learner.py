@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from typing import Protocol
 
 import torch
+
 from palaestra.trainer.batch import TokenBatch
 
 

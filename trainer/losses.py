@@ -30,7 +30,7 @@ usually with k3). This module does not compute log-probabilities, advantages
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
@@ -45,8 +45,8 @@ __all__ = [
 
 KLEstimator = Literal["k1", "k2", "k3"]
 Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
-KL_ESTIMATORS: tuple[str, ...] = ("k1", "k2", "k3")
-AGGREGATIONS: tuple[str, ...] = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+KL_ESTIMATORS: tuple[str, ...] = get_args(KLEstimator)
+AGGREGATIONS: tuple[str, ...] = get_args(Aggregation)
 
 
 def kl_estimate(
@@ -193,11 +193,6 @@ def policy_loss(
     _check_clip_range(clip_low, clip_high)
     _check_kl_args(ref_logprobs_BT, logprobs_BT, kl_coef)
     _check_positive(num_tokens=num_tokens, num_seqs=num_seqs, max_seq_len=max_seq_len)
-    if aggregation == "seq-mean-token-sum-norm" and max_seq_len is None:
-        raise ValueError(
-            "max_seq_len is required for aggregation='seq-mean-token-sum-norm' (Dr.GRPO divides "
-            "each sequence's token sum by this constant, e.g. the max completion length)."
-        )
 
     keep_BT = mask_BT.bool()
     maskf_BT = keep_BT.to(logprobs_BT.dtype)
@@ -263,6 +258,11 @@ def _aggregate(
     if aggregation == "seq-mean-token-mean":
         tokens_B = maskf_BT.sum(dim=-1).clamp(min=1)
         return (masked_BT.sum(dim=-1) / tokens_B).sum() / seq_count
+    if max_seq_len is None:
+        raise ValueError(
+            "max_seq_len is required for aggregation='seq-mean-token-sum-norm' (Dr.GRPO divides "
+            "each sequence's token sum by this constant, e.g. the max completion length)."
+        )
     return (masked_BT.sum(dim=-1) / max_seq_len).sum() / seq_count
 
 

@@ -29,23 +29,23 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
+
+from palaestra import envs
 from palaestra.agent.engines.base import SamplingParams
 from palaestra.agent.engines.transformers import TransformersEngine
 from palaestra.agent.evaluate import EvalResult, evaluate
 from palaestra.agent.render import ChatRenderer
 from palaestra.agent.rollout import EnvPool, EpisodeRequest, generate_groups
 from palaestra.agent.trajectory import Trajectory
+from palaestra.config import TrainConfig
+from palaestra.models import load_model, resolve_model
+from palaestra.rundir import RunDir
 from palaestra.trainer.advantages import grouped_advantages
 from palaestra.trainer.batch import TokenBatch, collate
 from palaestra.trainer.checkpoint import save_checkpoint
 from palaestra.trainer.learner import Learner
 from palaestra.trainer.losses import kl_penalized_rewards, policy_loss
-from tqdm import tqdm
-
-from palaestra import envs
-from palaestra.config import TrainConfig
-from palaestra.models import load_model, resolve_model
-from palaestra.rundir import RunDir
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,205 @@
+"""``MathEnv``: single-turn math questions scored by answer equivalence.
+
+One episode is one question: ``reset`` returns the prompt messages (an optional system
+message and the user question), ``step`` takes the model's whole reply, pulls out the
+final answer (last ``\\boxed{...}``, else the configured fallback), checks it against the
+gold answer with ``MathVerifier`` and ends the episode. The reward is 1 for a correct
+answer plus ``format_reward`` when the answer was boxed; ``info["reward_components"]``
+holds the two parts.
+
+What this env does not do: multi-turn dialogue, tools, partial credit, or judging the
+reasoning; only the final answer is scored. Prompts are kept short on purpose (the
+default model has 135M parameters).
+"""
+
+from __future__ import annotations
+
+import numbers
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+from palaestra.envs.core import Message, Messages, TextEnv
+from palaestra.envs.errors import EnvConfigError, ResetNeededError
+from palaestra.envs.tasks import Split, Task, TaskSource, check_split, parse_source
+from palaestra.envs.verify import MathVerifier, extract_answer, last_boxed, parse_fallback
+
+DEFAULT_SYSTEM_PROMPT = "Reason briefly, then give the final answer in \\boxed{}."
+"""The default system message."""
+
+DEFAULT_PROMPT_TEMPLATE = "{question}\nPut the final answer in \\boxed{{}}."
+"""The default user message; ``{question}`` is replaced by the task's question."""
+
+
+class MathEnv(TextEnv):
+    """Answer a math question; reward 1 when the final answer matches the gold answer."""
+
+    def __init__(
+        self,
+        source: str | Mapping[str, Any] | TaskSource = "reasoning_gym:basic_arithmetic",
+        split: Split = "train",
+        seed: int = 0,
+        system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+        prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
+        answer_fallback: str = "last_number",
+        format_reward: float = 0.0,
+        verify_timeout: float = 2.0,
+        verifier: MathVerifier | None = None,
+        **source_options: Any,
+    ) -> None:
+        """Args:
+        source: a source spec (``"reasoning_gym:chain_sum"``, ``"jsonl:tasks.jsonl"``, or a
+            mapping with a ``"source"`` key; see ``parse_source``) or a ``TaskSource``.
+        split: ``"train"`` or ``"test"``; must match the split of a ``TaskSource`` passed in.
+        seed: the seed the task source derives its splits from (not the episode seed;
+            pass that to ``reset``).
+        system_prompt: the system message, or None for none.
+        prompt_template: the user message; ``{question}`` is replaced by the question.
+        answer_fallback: what counts as the answer when the reply has no ``\\boxed{}``:
+            ``"last_number"`` or ``"none"``.
+        format_reward: added to the reward when the answer is inside ``\\boxed{}``.
+        verify_timeout: wall-time limit in seconds for checking one answer.
+        verifier: the ``MathVerifier`` to use; the env will not close it. By default all
+            MathEnvs with the same ``verify_timeout`` share one (its worker processes are
+            stopped when the last of them closes), so a pool of 64 envs does not start
+            64 math-verify processes.
+        **source_options: passed to the task source (``size``, ``test_size``, ``config``
+            for reasoning_gym; ``test_fraction`` for jsonl).
+        """
+        self.split = check_split(split)
+        self.source = self._resolve_source(source, self.split, seed, source_options)
+        _check_template(prompt_template)
+        self.system_prompt = system_prompt
+        self.prompt_template = prompt_template
+        self.answer_fallback = parse_fallback(answer_fallback)
+        self.format_reward = float(format_reward)
+        self._leases_verifier = verifier is None
+        self.verifier = verifier if verifier is not None else _SHARED.acquire(verify_timeout)
+        self._task: Task | None = None
+
+    @property
+    def num_tasks(self) -> int:
+        """How many tasks the split holds."""
+        return len(self.source)
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[Messages, dict[str, Any]]:
+        """Start an episode on one task: ``options={"task_index": i}`` picks task ``i``,
+        otherwise a task is drawn from ``self.np_random``."""
+        super().reset(seed=seed)
+        index = self._task_index(options or {})
+        self._task = self.source[index]
+        messages: Messages = []
+        if self.system_prompt is not None:
+            messages.append(Message(role="system", content=self.system_prompt))
+        question = self.prompt_template.format(question=self._task.question)
+        messages.append(Message(role="user", content=question))
+        info = {"task_id": self._task.task_id, "answer": self._task.answer, "split": self.split}
+        return messages, info
+
+    def step(self, action: str) -> tuple[Messages, float, bool, bool, dict[str, Any]]:
+        """Score the reply ``action`` and end the episode."""
+        if self._task is None:
+            raise ResetNeededError(
+                "MathEnv.step() was called without an open episode: call reset() first "
+                "(each episode takes exactly one step)."
+            )
+        task, self._task = self._task, None
+        boxed = last_boxed(action)
+        answer = boxed if boxed is not None else extract_answer(action, self.answer_fallback)
+        verdict = None if answer is None else self.verifier.check(answer, task.answer)
+        components = {
+            "correct": 1.0 if verdict is not None and verdict.correct else 0.0,
+            "format": self.format_reward if boxed else 0.0,  # an empty box earns nothing
+        }
+        info = {
+            "task_id": task.task_id,
+            "answer": task.answer,
+            "extracted_answer": answer,
+            "reward_components": components,
+            "verify_timed_out": verdict is not None and verdict.timed_out,
+        }
+        return [], sum(components.values()), True, False, info
+
+    def close(self) -> None:
+        """Give back the shared verifier (an injected one stays open). Idempotent."""
+        if self._leases_verifier:
+            self._leases_verifier = False
+            _SHARED.release(self.verifier)
+
+    def _task_index(self, options: dict[str, Any]) -> int:
+        if "task_index" not in options:
+            return int(self.np_random.integers(self.num_tasks))
+        index = options["task_index"]
+        if not isinstance(index, numbers.Integral) or not 0 <= int(index) < self.num_tasks:
+            raise EnvConfigError(
+                f"options['task_index'] must be an integer in [0, {self.num_tasks}), got {index!r}."
+            )
+        return int(index)
+
+    @staticmethod
+    def _resolve_source(
+        source: str | Mapping[str, Any] | TaskSource,
+        split: Split,
+        seed: int,
+        options: dict[str, Any],
+    ) -> TaskSource:
+        if isinstance(source, (str, Mapping)):
+            return parse_source(source, split=split, seed=seed, **options)
+        if options:
+            raise EnvConfigError(
+                f"source options {sorted(options)} only apply to a source spec; this source "
+                f"is already built ({source!r}). Pass them to its constructor instead."
+            )
+        if source.split != split:
+            raise EnvConfigError(
+                f"the task source serves split {source.split!r} but the env was asked for "
+                f"split={split!r}. Pass split={source.split!r}."
+            )
+        return source
+
+
+def _check_template(prompt_template: str) -> None:
+    """Refuse a template that lacks ``{question}`` or that ``str.format`` cannot fill."""
+    try:
+        filled = prompt_template.format(question="\x00")
+    except (KeyError, IndexError, ValueError) as error:
+        raise EnvConfigError(
+            f"prompt_template {prompt_template!r} cannot be filled ({error!r}). It is a "
+            "str.format template: write literal braces doubled, e.g. '\\boxed{{}}'."
+        ) from None
+    if "\x00" not in filled:
+        raise EnvConfigError(
+            f"prompt_template must contain '{{question}}', got {prompt_template!r}."
+        )
+
+
+class _SharedVerifiers:
+    """One ``MathVerifier`` per timeout, shared by the envs using it, closed with the last."""
+
+    WORKERS = 2
+    """Worker processes per shared verifier; most answers never reach one (fast path)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._verifiers: dict[float, MathVerifier] = {}
+        self._users: dict[float, int] = {}
+
+    def acquire(self, timeout: float) -> MathVerifier:
+        with self._lock:
+            if timeout not in self._verifiers:
+                self._verifiers[timeout] = MathVerifier(timeout=timeout, workers=self.WORKERS)
+                self._users[timeout] = 0
+            self._users[timeout] += 1
+            return self._verifiers[timeout]
+
+    def release(self, verifier: MathVerifier) -> None:
+        with self._lock:
+            self._users[verifier.timeout] -= 1
+            if self._users[verifier.timeout] == 0:
+                del self._verifiers[verifier.timeout], self._users[verifier.timeout]
+                verifier.close()
+
+
+_SHARED = _SharedVerifiers()

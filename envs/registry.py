@@ -1,0 +1,74 @@
+"""Versioned ids for palaestra environments: ``register``, ``make``, ``registered_ids``.
+
+This is a thin layer over gymnasium's registry, so ``gymnasium.make("palaestra/Math-v0")``
+works as well once ``palaestra.envs`` is imported. palaestra envs are registered without
+gymnasium's passive checker and order-enforcing wrappers: ``make`` returns the bare env,
+with its ``areset`` / ``astep`` in reach. Contract checks live in ``check_env`` instead.
+
+The built-in ids are registered at the bottom of this module. Register your own env with
+``register("myproject/Puzzle-v0", "myproject.envs:PuzzleEnv")`` before calling ``make``.
+
+What this module does not do: wrap envs (time limits, logging); compose them yourself.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+
+from palaestra.envs.core import TextEnv
+from palaestra.envs.errors import UnknownEnvError
+
+_IDS: list[str] = []
+
+
+def register(env_id: str, entry_point: str, **kwargs: Any) -> None:
+    """Register ``entry_point`` (``"module:Class"``) as ``env_id`` with default ``kwargs``.
+
+    Registering the same id again replaces its entry point and defaults.
+    """
+    gym.register(
+        id=env_id,
+        entry_point=entry_point,
+        disable_env_checker=True,
+        order_enforce=False,
+        kwargs=kwargs,
+    )
+    if env_id not in _IDS:
+        _IDS.append(env_id)
+
+
+def registered_ids() -> list[str]:
+    """The ids registered through ``register``, in registration order."""
+    return list(_IDS)
+
+
+def make(env_id: str, **kwargs: Any) -> TextEnv:
+    """Build the env registered as ``env_id``; ``kwargs`` override its registered defaults."""
+    if env_id not in _IDS:
+        raise UnknownEnvError(env_id, registered_ids())
+    return gym.make(env_id, **kwargs)
+
+
+MATH_ENTRY_POINT = "palaestra.envs.math:MathEnv"
+
+SMALL_ARITHMETIC = {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 2}
+"""reasoning_gym config for the arithmetic ids: 2-3 terms of 1-2 digits, a level where a
+135M model starts with some successes. It also keeps generation fast: reasoning_gym's
+basic_arithmetic finds divisors by trial division, and at its default of up to 6 terms of
+4 digits an occasional task takes tens of seconds to generate. Pass ``config=`` to change."""
+
+register(
+    "palaestra/Math-v0",
+    MATH_ENTRY_POINT,
+    source="reasoning_gym:basic_arithmetic",
+    config=SMALL_ARITHMETIC,
+)
+register(
+    "palaestra/ChainSum-v0",
+    MATH_ENTRY_POINT,
+    source="reasoning_gym:chain_sum",
+    config=SMALL_ARITHMETIC,
+)
+register("palaestra/GSMSymbolic-v0", MATH_ENTRY_POINT, source="reasoning_gym:gsm_symbolic")

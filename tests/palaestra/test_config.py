@@ -1,0 +1,52 @@
+"""Config loading: typed defaults, dotted overrides, and errors that name the field."""
+
+import pytest
+
+from palaestra.config import load_config
+from palaestra.errors import ConfigError
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_yaml_and_overrides_are_applied(tmp_path):
+    path = write(tmp_path, "model: tiny-random\nrollout:\n  group_size: 4\n")
+    cfg = load_config(path, ["trainer.lr=3e-6", "grpo.scale_by_std=false", "env.kwargs.size=50"])
+    assert cfg.model == "tiny-random"
+    assert cfg.rollout.group_size == 4
+    assert cfg.trainer.lr == pytest.approx(3e-6)
+    assert cfg.grpo.scale_by_std is False
+    assert cfg.env.kwargs == {"size": 50}
+
+
+def test_unknown_key_names_its_dotted_path(tmp_path):
+    path = write(tmp_path, "rollout:\n  group_sise: 4\n")
+    with pytest.raises(ConfigError, match=r"rollout\.group_sise: unknown key"):
+        load_config(path)
+
+
+def test_out_of_range_value_names_field_and_bound(tmp_path):
+    with pytest.raises(ConfigError, match=r"rollout\.group_size: .*greater than or equal to 2"):
+        load_config(None, ["rollout.group_size=1"])
+
+
+def test_bad_choice_lists_allowed_values():
+    with pytest.raises(ConfigError, match=r"grpo\.aggregation: .*'token-mean'"):
+        load_config(None, ["grpo.aggregation=mean"])
+
+
+def test_malformed_override_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"dotted\.key=value"):
+        load_config(None, ["trainer.lr"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(write(tmp_path, "- a\n- b\n"))
+
+
+def test_bad_device_is_rejected():
+    with pytest.raises(ConfigError, match="device"):
+        load_config(None, ["device=tpu"])

