@@ -33,11 +33,18 @@ train: setup
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# mypy and import-linter read packages from disk, so they run on the installed layout
+# (palaestra/ with envs/, agent/, trainer/, sandboxes/ inside), assembled in build/layout.
+LAYOUT := build/layout
+
 check: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy
-	$(BIN)/lint-imports
+	rm -rf $(LAYOUT) && mkdir -p $(LAYOUT)
+	cp -r palaestra $(LAYOUT)/palaestra
+	for d in envs agent trainer sandboxes; do cp -r $$d $(LAYOUT)/palaestra/$$d; done
+	cd $(LAYOUT) && ../../$(BIN)/mypy --config-file ../../pyproject.toml -p palaestra
+	PYTHONPATH=$(LAYOUT) $(BIN)/lint-imports
 
 format: setup
 	$(BIN)/ruff check --fix .

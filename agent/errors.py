@@ -1,8 +1,8 @@
 """Errors raised on the policy side: rendering, engines and rollouts.
 
-    AgentError
-    ├── TemplateDriftError   the chat template cannot extend an episode token-exactly
-    └── EngineError          an engine failed to generate or to load weights
+AgentError
+├── TemplateDriftError   the chat template cannot extend an episode token-exactly
+└── EngineError          an engine failed to generate or to load weights
 """
 
 

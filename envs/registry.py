@@ -57,18 +57,17 @@ SMALL_ARITHMETIC = {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits
 """reasoning_gym config for the arithmetic ids: 2-3 terms of 1-2 digits, a level where a
 135M model starts with some successes. It also keeps generation fast: reasoning_gym's
 basic_arithmetic finds divisors by trial division, and at its default of up to 6 terms of
-4 digits an occasional task takes tens of seconds to generate. Pass ``config=`` to change."""
+4 digits an occasional task takes tens of seconds to generate. The default ``source`` is a
+mapping, so passing another ``source`` replaces it whole; ``config=`` alone changes the level."""
 
 register(
     "palaestra/Math-v0",
     MATH_ENTRY_POINT,
-    source="reasoning_gym:basic_arithmetic",
-    config=SMALL_ARITHMETIC,
+    source={"source": "reasoning_gym:basic_arithmetic", "config": SMALL_ARITHMETIC},
 )
 register(
     "palaestra/ChainSum-v0",
     MATH_ENTRY_POINT,
-    source="reasoning_gym:chain_sum",
-    config=SMALL_ARITHMETIC,
+    source={"source": "reasoning_gym:chain_sum", "config": SMALL_ARITHMETIC},
 )
 register("palaestra/GSMSymbolic-v0", MATH_ENTRY_POINT, source="reasoning_gym:gsm_symbolic")

@@ -19,7 +19,12 @@ import sys
 import time
 from pathlib import Path
 
+from palaestra.agent.errors import AgentError
+from palaestra.envs.errors import EnvError
 from palaestra.errors import PalaestraError
+
+USER_ERRORS = (PalaestraError, EnvError, AgentError)
+"""Errors that describe a user's mistake: printed as one line, no traceback."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.run(args) or 0)
-    except PalaestraError as exc:
+    except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

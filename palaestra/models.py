@@ -39,6 +39,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from transformers import (
@@ -117,9 +118,10 @@ def load_model(
         raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
     path = resolve_model(name_or_path)
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(
+        loaded = AutoModelForCausalLM.from_pretrained(
             path, dtype=_DTYPES[dtype], output_loading_info=True
         )
+        model, info = cast(tuple[PreTrainedModel, dict[str, Any]], loaded)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
         raise ModelLoadError(f"cannot load the model in {path}: {_one_line(exc)}") from exc
     missing = sorted(info["missing_keys"])
@@ -128,7 +130,8 @@ def load_model(
             f"cannot load the model in {path}: its weights lack {len(missing)} tensors "
             f"(first: {missing[0]})"
         )
-    return model.to(device).eval(), load_tokenizer(path)
+    model = model.to(device).eval()  # type: ignore[arg-type]  # transformers' decorated ``to``
+    return model, load_tokenizer(path)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -178,8 +181,10 @@ def _cache_is_valid(target: Path, source: dict) -> bool:
         marker = json.loads((target / _MARKER).read_text())
     except (OSError, ValueError):
         return False
-    files = marker.get("files") if isinstance(marker, dict) else None
-    if marker.get("source") != source or not isinstance(files, dict) or not files:
+    if not isinstance(marker, dict) or marker.get("source") != source:
+        return False
+    files = marker.get("files")
+    if not isinstance(files, dict) or not files:
         return False
     return all(
         (target / rel).is_file() and (target / rel).stat().st_size == size
@@ -218,7 +223,11 @@ def _save_generation_config(model: PreTrainedModel, config: PretrainedConfig) ->
 
 
 def _convert_embedded(gguf: Path, out: Path) -> None:
-    """Dequantize the GGUF into a fresh float32 model and save it with its tokenizer."""
+    """Dequantize the GGUF into a fresh float32 model and save it with its tokenizer.
+
+    The GGUF-loaded model refuses ``save_pretrained``; a model built from its config and
+    given its state dict does not, and stores the tied ``lm_head`` once.
+    """
     print(
         "palaestra: converting the embedded SmolLM2-135M-Instruct GGUF to safetensors "
         "(once, ~20 s)…",

@@ -69,8 +69,10 @@ class TransformersEngine:
     The engine owns ``model``: it moves it to ``device``, casts it to ``dtype``
     (``"bfloat16"`` or ``"float32"``; the softmax over logits is always float32) and
     overwrites its weights on ``update_weights``. Give it a copy if you train another.
-    ``seed`` seeds the generator that requests without ``sampling.seed`` draw from. Use
-    one engine from one event loop at a time.
+    ``seed`` seeds the generator that requests without ``sampling.seed`` draw from.
+    ``max_batch_size`` caps the rows of one decode; ``batch_window_s`` is how long the
+    batcher waits for more requests before it starts one. Use one engine from one event
+    loop at a time.
     """
 
     def __init__(
@@ -89,7 +91,8 @@ class TransformersEngine:
             raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
-        self.model = model.to(device=device, dtype=_DTYPES[dtype]).eval()
+        # transformers' decorated ``to`` hides its signature from type checkers
+        self.model = model.to(device=device, dtype=_DTYPES[dtype]).eval()  # type: ignore[call-arg]
         self.eos_token_ids = frozenset(eos_token_ids)
         if not self.eos_token_ids:
             raise ValueError("eos_token_ids is empty: pass the id(s) that end a turn")
@@ -99,7 +102,7 @@ class TransformersEngine:
         self.batch_window_s = batch_window_s
         self.num_batches = 0
         """How many batched decodes have run (for logs and tests)."""
-        self._vocab_size = model.get_input_embeddings().num_embeddings
+        self._vocab_size = int(model.config.vocab_size)
         self._generator = torch.Generator().manual_seed(seed)
         self._policy_version = 0
         self._model_lock = threading.Lock()  # a decode and a weight update never overlap

@@ -243,7 +243,10 @@ def test_sample_tokens_greedy_takes_the_argmax_with_its_temperature_one_logprob(
     logits_BV = torch.tensor([[0.0, 2.0, 1.0], [3.0, 0.0, 1.0]])
 
     tokens_B, logprobs_B = sample_tokens(
-        logits_BV, temperatures=[0.0, 0.0], top_ps=[1.0, 1.0], generators=[None, None]
+        logits_BV,
+        temperatures=[0.0, 0.0],
+        top_ps=[1.0, 1.0],
+        generators=[torch.Generator(), torch.Generator()],
     )
 
     assert tokens_B.tolist() == [1, 0]
@@ -275,7 +278,9 @@ def test_sample_tokens_at_temperature_two_flattens_the_distribution():
     )
 
     expected_B = torch.log_softmax(torch.tensor([1.0, 0.0]), -1)
-    assert (tokens_B == 0).float().mean().item() == pytest.approx(expected_B[0].exp().item(), abs=0.03)
+    assert (tokens_B == 0).float().mean().item() == pytest.approx(
+        expected_B[0].exp().item(), abs=0.03
+    )
     assert torch.allclose(logprobs_B, expected_B[tokens_B])
 
 

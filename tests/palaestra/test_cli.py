@@ -1,0 +1,105 @@
+"""The command line, run as a user runs it: a subprocess of the installed ``palaestra``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+TINY_OVERRIDES = [
+    "model=tiny-random",
+    "env.kwargs.source=reasoning_gym:chain_sum",
+    "rollout.tasks_per_step=2",
+    "rollout.group_size=2",
+    "rollout.max_tokens=8",
+    "trainer.steps=2",
+    "trainer.micro_batch_size=2",
+    "eval.num_tasks=4",
+    "run.progress=false",
+]
+
+
+def palaestra(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "palaestra", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=600,
+    )
+
+
+def test_envs_lists_the_registered_math_envs():
+    out = palaestra("envs")
+    assert out.returncode == 0, out.stderr
+    assert "palaestra/Math-v0" in out.stdout.split()
+
+
+@pytest.mark.slow
+def test_two_grpo_steps_on_tiny_random_write_a_complete_run(tmp_path):
+    out = palaestra(
+        "train",
+        "examples/math_grpo.yaml",
+        *TINY_OVERRIDES,
+        f"run.output_dir={tmp_path}",
+        "run.name=smoke",
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "held-out accuracy:" in out.stdout
+    run = tmp_path / "smoke"
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"] == "tiny-random"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2]
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [0, 2]
+    assert all("reward_mean" in r and "loss" in r for r in records if r["kind"] == "train")
+    assert list(run.glob("events.out.tfevents.*"))
+    assert (run / "trajectories.jsonl").read_text().strip()
+    assert (run / "curves.png").stat().st_size > 1000
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(run / "checkpoints" / "final")
+    assert model.config.num_hidden_layers >= 1
+
+
+def test_bad_config_fails_before_any_work_naming_the_field(tmp_path):
+    out = palaestra(
+        "train", "examples/math_grpo.yaml", "rollout.group_size=1", f"run.output_dir={tmp_path}"
+    )
+    assert out.returncode == 2
+    assert "rollout.group_size" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not any(tmp_path.iterdir())  # no run directory was created
+
+
+def test_unknown_model_is_one_line_error():
+    out = palaestra("eval", "--model", "no-such-model", "--num-tasks", "1")
+    assert out.returncode == 2
+    assert out.stderr.strip().count("\n") == 0 and "no-such-model" in out.stderr
+
+
+def test_eval_reports_accuracy_on_tiny_random():
+    out = palaestra(
+        "eval",
+        "--model",
+        "tiny-random",
+        "--env",
+        "palaestra/ChainSum-v0",
+        "--num-tasks",
+        "3",
+        "--samples",
+        "2",
+        "--temperature",
+        "1.0",
+        "--max-tokens",
+        "4",
+        "--json",
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout)
+    assert result["num_tasks"] == 3 and result["samples"] == 2
+    assert set(result["pass_at"]) == {"1", "2"}
+    assert 0.0 <= result["accuracy"] <= 1.0
