@@ -16,26 +16,19 @@ What this module does not do: tool-call parsing or tool schemas in prompts.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from palaestra.agent.errors import TemplateDriftError
 from palaestra.envs.core import Messages
 
-
-class ChatTokenizer(Protocol):
-    """The slice of a Hugging Face tokenizer the renderer uses."""
-
-    def apply_chat_template(self, conversation: Any, **kwargs: Any) -> Any: ...
-
-    def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
-
-    def decode(self, token_ids: Any, skip_special_tokens: bool = ...) -> str: ...
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 class ChatRenderer:
     """Turns chat messages into token ids with a tokenizer's chat template."""
 
-    def __init__(self, tokenizer: ChatTokenizer) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
         self.tokenizer = tokenizer
 
     def prompt_ids(
@@ -60,7 +53,7 @@ class ChatRenderer:
         are whatever the template renders after that: the end of the assistant turn if the
         model did not close it, the new messages, and the next generation prompt.
         """
-        sampled_text = self.tokenizer.decode(sampled_ids, skip_special_tokens=False)
+        sampled_text = str(self.tokenizer.decode(sampled_ids, skip_special_tokens=False))
         before = self._render(history[:-1], tools, add_generation_prompt=True) + sampled_text
         after = self._render([*history, *new_messages], tools, add_generation_prompt=True)
         if not after.startswith(before):
@@ -73,12 +66,16 @@ class ChatRenderer:
 
     def decode(self, token_ids: list[int]) -> str:
         """The text of sampled ids with special tokens removed (what the env receives)."""
-        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        return str(self.tokenizer.decode(token_ids, skip_special_tokens=True))
 
     def _render(
         self, messages: Messages, tools: list[dict[str, Any]] | None, *, add_generation_prompt: bool
     ) -> str:
+        conversation: list[dict[str, Any]] = [dict(m) for m in messages]  # plain dicts for jinja
         text = self.tokenizer.apply_chat_template(
-            list(messages), tools=tools, add_generation_prompt=add_generation_prompt, tokenize=False
+            conversation,
+            tools=list(tools) if tools is not None else None,
+            add_generation_prompt=add_generation_prompt,
+            tokenize=False,
         )
         return str(text)

@@ -77,7 +77,8 @@ async def _reset(env: gym.Env, seed: int, options: dict[str, Any] | None) -> tup
 async def _step(env: gym.Env, action: str) -> tuple[Messages, float, bool, bool, dict]:
     if isinstance(env, TextEnv):
         return await env.astep(action)
-    return await asyncio.to_thread(env.step, action)
+    observation, reward, terminated, truncated, info = await asyncio.to_thread(env.step, action)
+    return observation, float(reward), terminated, truncated, info
 
 
 async def run_episode(

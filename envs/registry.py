@@ -17,7 +17,6 @@ from typing import Any
 
 import gymnasium as gym
 
-from palaestra.envs.core import TextEnv
 from palaestra.envs.errors import UnknownEnvError
 
 _IDS: list[str] = []
@@ -44,7 +43,7 @@ def registered_ids() -> list[str]:
     return list(_IDS)
 
 
-def make(env_id: str, **kwargs: Any) -> TextEnv:
+def make(env_id: str, **kwargs: Any) -> gym.Env:
     """Build the env registered as ``env_id``; ``kwargs`` override its registered defaults."""
     if env_id not in _IDS:
         raise UnknownEnvError(env_id, registered_ids())

@@ -40,6 +40,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _quiet_libraries() -> None:
+    """Hide per-file loading and saving bars; palaestra prints its own progress."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="palaestra", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
@@ -75,6 +82,7 @@ def _train(args: argparse.Namespace) -> int:
     from palaestra.rundir import RunDir
 
     config = load_config(args.config, args.overrides)
+    _quiet_libraries()
     name = config.run.name or f"{args.config.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     run = RunDir.create(config.run.output_dir, name, config.model_dump(mode="json"))
     print(f"run directory: {run.root}", file=sys.stderr)
@@ -102,17 +110,19 @@ def _eval(args: argparse.Namespace) -> int:
     from palaestra.agent.render import ChatRenderer
     from palaestra.agent.rollout import EnvPool
     from palaestra.errors import ConfigError
-    from palaestra.models import load_model, resolve_model
+    from palaestra.models import load_model, resolve_model, turn_end_ids
 
     try:
         env_kwargs = json.loads(args.env_kwargs)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"--env-kwargs is not valid JSON: {exc}") from None
+    _quiet_libraries()
     model, tokenizer = load_model(resolve_model(args.model), device=args.device)
     engine = TransformersEngine(
         model,
-        eos_token_ids=[tokenizer.eos_token_id],
+        eos_token_ids=turn_end_ids(model, tokenizer),
         pad_token_id=tokenizer.pad_token_id,
+        device=args.device,
         dtype=args.dtype,
         seed=args.seed,
     )

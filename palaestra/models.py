@@ -134,6 +134,15 @@ def load_model(
     return model, load_tokenizer(path)
 
 
+def turn_end_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Every id that ends an assistant turn: the generation config's and the tokenizer's eos."""
+    configured = model.generation_config.eos_token_id if model.generation_config else None
+    ids = [configured] if isinstance(configured, int) else list(configured or [])
+    if isinstance(tokenizer.eos_token_id, int) and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__

@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from palaestra.trainer.batch import TokenBatch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 class LossFn(Protocol):
@@ -32,7 +35,7 @@ class LossFn(Protocol):
 
 
 def token_logprobs(
-    model: torch.nn.Module, batch: TokenBatch, *, temperature: float = 1.0
+    model: PreTrainedModel, batch: TokenBatch, *, temperature: float = 1.0
 ) -> torch.Tensor:
     """Logprob of each token under ``model`` where ``batch.loss_mask_BT`` is 1, else 0."""
     hidden_BTH = model.base_model(
@@ -54,7 +57,7 @@ class Learner:
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: PreTrainedModel,
         *,
         lr: float,
         betas: tuple[float, float] = (0.9, 0.99),
@@ -110,11 +113,11 @@ class Learner:
         self.scheduler.step()
         self.steps += 1
         totals["grad_norm"] = float(grad_norm)
-        totals["lr"] = self.scheduler.get_last_lr()[0]
+        totals["lr"] = float(self.scheduler.get_last_lr()[0])
         return totals
 
     @torch.no_grad()
-    def score(self, model: torch.nn.Module, batch: TokenBatch) -> torch.Tensor:
+    def score(self, model: PreTrainedModel, batch: TokenBatch) -> torch.Tensor:
         """Per-token logprobs of ``batch`` under ``model`` (e.g. the reference), no grad."""
         model.eval()
         parts = []

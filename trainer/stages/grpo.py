@@ -22,10 +22,12 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
+import os
+import resource
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -39,12 +41,15 @@ from palaestra.agent.render import ChatRenderer
 from palaestra.agent.rollout import EnvPool, EpisodeRequest, generate_groups
 from palaestra.agent.trajectory import Trajectory
 from palaestra.config import TrainConfig
-from palaestra.models import load_model, resolve_model
+from palaestra.models import load_model, resolve_model, turn_end_ids
 from palaestra.rundir import RunDir
 from palaestra.trainer.advantages import grouped_advantages
 from palaestra.trainer.batch import TokenBatch, collate
 from palaestra.trainer.checkpoint import save_checkpoint
 from palaestra.trainer.learner import Learner
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 from palaestra.trainer.losses import kl_penalized_rewards, policy_loss
 
 
@@ -72,9 +77,10 @@ async def _run(cfg: TrainConfig, run: RunDir) -> GRPOResult:
     reference = _frozen_copy(model) if cfg.grpo.kl_coef > 0 else None
     engine = TransformersEngine(
         _frozen_copy(model),
-        eos_token_ids=_eos_ids(tokenizer, model),
+        eos_token_ids=turn_end_ids(model, tokenizer),
         pad_token_id=tokenizer.pad_token_id,
         max_batch_size=cfg.rollout.tasks_per_step * cfg.rollout.group_size,
+        device=cfg.device,
         dtype=cfg.engine_dtype,
         seed=cfg.seed,
     )
@@ -134,12 +140,13 @@ async def _run(cfg: TrainConfig, run: RunDir) -> GRPOResult:
         rewards = torch.tensor([tr.reward for tr in trajectories])
         kl_metrics: dict[str, float] = {}
         if reference is not None:
-            batch = batch.with_ref_logprobs(learner.score(reference, batch))
+            ref_BT = learner.score(reference, batch)
+            batch = batch.with_ref_logprobs(ref_BT)
             if cfg.grpo.kl_placement == "reward":
                 rewards, kl_metrics = kl_penalized_rewards(
                     rewards,
                     batch.old_logprobs_BT,
-                    batch.ref_logprobs_BT,
+                    ref_BT,
                     batch.loss_mask_BT,
                     beta=cfg.grpo.kl_coef,
                     estimator=cfg.grpo.kl_estimator,
@@ -163,6 +170,8 @@ async def _run(cfg: TrainConfig, run: RunDir) -> GRPOResult:
             "time/train_s": train_s,
             "time/sync_s": sync_s,
             "time/step_s": time.perf_counter() - started,
+            "memory/rss_gb": _rss_gb(),
+            "memory/peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         }
         run.log(step, metrics)
         if cfg.run.log_trajectories:
@@ -285,15 +294,13 @@ async def _evaluate(
     return result
 
 
-def _frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+def _frozen_copy(model: PreTrainedModel) -> PreTrainedModel:
     clone = copy.deepcopy(model)
     clone.requires_grad_(False)
     return clone.eval()
 
 
-def _eos_ids(tokenizer: Any, model: torch.nn.Module) -> list[int]:
-    ids = model.generation_config.eos_token_id  # type: ignore[union-attr]
-    ids = [ids] if isinstance(ids, int) else list(ids or [])
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    return ids
+def _rss_gb() -> float:
+    """Resident memory of this process now, in GiB."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
