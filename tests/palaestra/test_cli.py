@@ -65,6 +65,32 @@ def test_two_grpo_steps_on_tiny_random_write_a_complete_run(tmp_path):
     assert model.config.num_hidden_layers >= 1
 
 
+@pytest.mark.slow
+def test_the_main_job_config_runs_on_the_embedded_model(tmp_path):
+    """The README's main job, cut to two small steps: real weights, bf16 engine and learner."""
+    out = palaestra(
+        "train",
+        "examples/math_grpo.yaml",
+        "rollout.tasks_per_step=2",
+        "rollout.group_size=4",
+        "rollout.max_tokens=32",
+        "trainer.steps=2",
+        "eval.num_tasks=8",
+        "run.progress=false",
+        f"run.output_dir={tmp_path}",
+        "run.name=main",
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    records = [
+        json.loads(x) for x in (tmp_path / "main" / "metrics.jsonl").read_text().splitlines()
+    ]
+    train = [r for r in records if r["kind"] == "train"]
+    assert len(train) == 2
+    assert all(r["infra_failures"] == 0 and r["tokens_mean"] > 0 for r in train)
+    # bf16 engine vs bf16 learner on the same weights: ratios stay near 1 on the first step.
+    assert abs(train[0]["ratio_mean"] - 1.0) < 0.05
+
+
 def test_bad_config_fails_before_any_work_naming_the_field(tmp_path):
     out = palaestra(
         "train", "examples/math_grpo.yaml", "rollout.group_size=1", f"run.output_dir={tmp_path}"
