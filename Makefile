@@ -44,7 +44,7 @@ check: setup
 	cp -r palaestra $(LAYOUT)/palaestra
 	for d in envs agent trainer sandboxes; do cp -r $$d $(LAYOUT)/palaestra/$$d; done
 	cd $(LAYOUT) && ../../$(BIN)/mypy --config-file ../../pyproject.toml -p palaestra
-	PYTHONPATH=$(LAYOUT) $(BIN)/lint-imports
+	cd $(LAYOUT) && ../../$(BIN)/lint-imports --config ../../pyproject.toml
 
 format: setup
 	$(BIN)/ruff check --fix .
