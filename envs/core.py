@@ -10,6 +10,10 @@ so ``gymnasium.make``, ``gymnasium.register`` and gymnasium's wrappers all work 
 - ``step(action)`` returns the new messages to append (tool results, user turns; empty when
   the episode ends), the reward, ``terminated``, ``truncated`` and ``info``, where
   ``info["reward_components"]`` names the parts of the reward.
+- Envs with a task set take a ``split`` constructor argument (``"train"`` or ``"test"``):
+  the trainer builds its training envs with ``split="train"`` and evaluates on
+  ``split="test"``, which must hold tasks training never sees. ``reset`` accepts
+  ``options={"task_index": i}`` to pick task ``i`` of the split.
 - ``areset`` / ``astep`` are what the rollout calls. They default to running the sync method
   in a worker thread; envs that wait on I/O override them.
 

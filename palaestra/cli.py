@@ -22,9 +22,10 @@ from pathlib import Path
 from palaestra.agent.errors import AgentError
 from palaestra.envs.errors import EnvError
 from palaestra.errors import PalaestraError
+from palaestra.trainer.errors import TrainerError
 
-USER_ERRORS = (PalaestraError, EnvError, AgentError)
-"""Errors that describe a user's mistake: printed as one line, no traceback."""
+USER_ERRORS = (PalaestraError, EnvError, AgentError, TrainerError)
+"""Errors whose message says what to fix: printed as one line, no traceback."""
 
 
 def main(argv: list[str] | None = None) -> int:

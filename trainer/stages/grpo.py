@@ -46,11 +46,12 @@ from palaestra.rundir import RunDir
 from palaestra.trainer.advantages import grouped_advantages
 from palaestra.trainer.batch import TokenBatch, collate
 from palaestra.trainer.checkpoint import save_checkpoint
+from palaestra.trainer.errors import AllEpisodesFailedError
 from palaestra.trainer.learner import Learner
+from palaestra.trainer.losses import kl_penalized_rewards, policy_loss
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel
-from palaestra.trainer.losses import kl_penalized_rewards, policy_loss
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
@@ -70,11 +71,51 @@ def run_grpo(config: TrainConfig, run: RunDir) -> GRPOResult:
     return asyncio.run(_run(config, run))
 
 
+@dataclass
+class _Parts:
+    """What a GRPO run trains and samples with."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    reference: PreTrainedModel | None
+    engine: TransformersEngine
+    renderer: ChatRenderer
+    learner: Learner
+
+
 async def _run(cfg: TrainConfig, run: RunDir) -> GRPOResult:
     torch.manual_seed(cfg.seed)
-    model_path = resolve_model(cfg.model)
-    model, tokenizer = load_model(model_path, device=cfg.device)
-    reference = _frozen_copy(model) if cfg.grpo.kl_coef > 0 else None
+    parts = _build(cfg)
+    episodes = cfg.rollout.tasks_per_step * cfg.rollout.group_size
+    pool = EnvPool(lambda: envs.make(cfg.env.id, **cfg.env.kwargs, split="train"), episodes)
+    rng = np.random.default_rng(cfg.seed)
+    before = await _evaluate(cfg, parts, run, step=0) if cfg.eval.before else None
+    steps = cfg.trainer.steps
+    bar = tqdm(range(1, steps + 1), desc="grpo", disable=not cfg.run.progress, file=sys.stderr)
+    step = 0
+    try:
+        for step in bar:
+            metrics = await _train_step(cfg, parts, pool, rng, run, step)
+            bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", loss=f"{metrics['loss']:.4f}")
+            if cfg.run.save_every and step % cfg.run.save_every == 0 and step < steps:
+                save_checkpoint(parts.model, parts.tokenizer, run.checkpoints / f"step-{step}")
+    except BaseException:
+        if step > 1:  # keep what was trained so far
+            path = save_checkpoint(parts.model, parts.tokenizer, run.checkpoints / "interrupted")
+            print(f"training stopped at step {step}; weights saved to {path}", file=sys.stderr)
+        raise
+    finally:
+        bar.close()
+        pool.close()
+    after = await _evaluate(cfg, parts, run, step=steps) if cfg.eval.after else None
+    final = save_checkpoint(parts.model, parts.tokenizer, run.checkpoints / "final")
+    run.plot()
+    return GRPOResult(before=before, after=after, checkpoint=str(final))
+
+
+def _build(cfg: TrainConfig) -> _Parts:
+    """Load the policy (and a reference when the KL is on), the engine and the learner."""
+    model, tokenizer = load_model(resolve_model(cfg.model), device=cfg.device)
     engine = TransformersEngine(
         _frozen_copy(model),
         eos_token_ids=turn_end_ids(model, tokenizer),
@@ -84,7 +125,6 @@ async def _run(cfg: TrainConfig, run: RunDir) -> GRPOResult:
         dtype=cfg.engine_dtype,
         seed=cfg.seed,
     )
-    renderer = ChatRenderer(tokenizer)
     t = cfg.trainer
     learner = Learner(
         model,
@@ -98,94 +138,92 @@ async def _run(cfg: TrainConfig, run: RunDir) -> GRPOResult:
         temperature=cfg.rollout.temperature,
         gradient_checkpointing=t.gradient_checkpointing,
     )
-    episodes = cfg.rollout.tasks_per_step * cfg.rollout.group_size
-    train_pool = EnvPool(lambda: envs.make(cfg.env.id, **cfg.env.kwargs, split="train"), episodes)
+    reference = _frozen_copy(model) if cfg.grpo.kl_coef > 0 else None
+    return _Parts(model, tokenizer, reference, engine, ChatRenderer(tokenizer), learner)
+
+
+async def _train_step(
+    cfg: TrainConfig,
+    parts: _Parts,
+    pool: EnvPool,
+    rng: np.random.Generator,
+    run: RunDir,
+    step: int,
+) -> dict[str, float]:
+    """One GRPO step: collect, filter, reward, advantages, learn, sync, log."""
+    started = time.perf_counter()
+    # 1. collect
+    requests = _group_requests(rng, cfg, first_group_id=(step - 1) * cfg.rollout.tasks_per_step)
     sampling = SamplingParams(
         max_tokens=cfg.rollout.max_tokens,
         temperature=cfg.rollout.temperature,
         top_p=cfg.rollout.top_p,
     )
-    rng = np.random.default_rng(cfg.seed)
-
-    before = await _evaluate(cfg, engine, renderer, run, step=0) if cfg.eval.before else None
-    bar = tqdm(range(1, t.steps + 1), desc="grpo", disable=not cfg.run.progress, file=sys.stderr)
-    for step in bar:
-        started = time.perf_counter()
-        # 1. collect
-        requests = _group_requests(rng, cfg, first_group_id=(step - 1) * cfg.rollout.tasks_per_step)
-        groups = [
-            g
-            async for g in generate_groups(
-                train_pool,
-                engine,
-                renderer,
-                sampling,
-                requests,
-                env_id=cfg.env.id,
-                max_turns=cfg.rollout.max_turns,
+    groups = [
+        g
+        async for g in generate_groups(
+            pool,
+            parts.engine,
+            parts.renderer,
+            sampling,
+            requests,
+            env_id=cfg.env.id,
+            max_turns=cfg.rollout.max_turns,
+        )
+    ]
+    rollout_s = time.perf_counter() - started
+    # 2. filter infrastructure failures; longest first so micro-batches pad little
+    trajectories = [tr for g in groups for tr in g if not tr.stop_reason.is_infra_failure]
+    infra_failures = sum(len(g) for g in groups) - len(trajectories)
+    if not trajectories:
+        raise AllEpisodesFailedError(
+            f"step {step}: all {infra_failures} episodes failed for infrastructure reasons "
+            f"(engine or env errors); the first: {groups[0][0].info.get('error')}"
+        )
+    trajectories.sort(key=lambda tr: -len(tr.token_ids))
+    pad_id = parts.tokenizer.pad_token_id
+    batch = collate(trajectories, [0.0] * len(trajectories), pad_id=pad_id)
+    # 3. rewards, KL-penalised when the KL goes in the reward
+    rewards = torch.tensor([tr.reward for tr in trajectories])
+    kl_metrics: dict[str, float] = {}
+    if parts.reference is not None:
+        ref_BT = parts.learner.score(parts.reference, batch)
+        batch = batch.with_ref_logprobs(ref_BT)
+        if cfg.grpo.kl_placement == "reward":
+            rewards, kl_metrics = kl_penalized_rewards(
+                rewards,
+                batch.old_logprobs_BT,
+                ref_BT,
+                batch.loss_mask_BT,
+                beta=cfg.grpo.kl_coef,
+                estimator=cfg.grpo.kl_estimator,
             )
-        ]
-        rollout_s = time.perf_counter() - started
-        # 2. filter infrastructure failures; longest first so micro-batches pad little
-        trajectories = [tr for g in groups for tr in g if not tr.stop_reason.is_infra_failure]
-        infra_failures = sum(len(g) for g in groups) - len(trajectories)
-        if not trajectories:
-            raise RuntimeError(
-                f"step {step}: every episode failed for infrastructure reasons; first error: "
-                f"{groups[0][0].info.get('error')}"
-            )
-        trajectories.sort(key=lambda tr: -len(tr.token_ids))
-        batch = collate(trajectories, [0.0] * len(trajectories), pad_id=tokenizer.pad_token_id)
-        # 3. rewards, KL-penalised when the KL goes in the reward
-        rewards = torch.tensor([tr.reward for tr in trajectories])
-        kl_metrics: dict[str, float] = {}
-        if reference is not None:
-            ref_BT = learner.score(reference, batch)
-            batch = batch.with_ref_logprobs(ref_BT)
-            if cfg.grpo.kl_placement == "reward":
-                rewards, kl_metrics = kl_penalized_rewards(
-                    rewards,
-                    batch.old_logprobs_BT,
-                    ref_BT,
-                    batch.loss_mask_BT,
-                    beta=cfg.grpo.kl_coef,
-                    estimator=cfg.grpo.kl_estimator,
-                )
-        # 4. advantages within each group
-        group_ids = torch.tensor([tr.group_id for tr in trajectories])
-        advantages = grouped_advantages(rewards, group_ids, scale_by_std=cfg.grpo.scale_by_std)
-        batch = dataclasses.replace(batch, advantages_B=advantages)
-        # 5. learner step
-        train_started = time.perf_counter()
-        metrics = learner.step(batch, _loss_fn(cfg))
-        train_s = time.perf_counter() - train_started
-        # 6. sync weights
-        sync_started = time.perf_counter()
-        await engine.update_weights(learner.named_weights(), version=step)
-        sync_s = time.perf_counter() - sync_started
-        # 7. log and checkpoint
-        metrics |= kl_metrics | _rollout_metrics(trajectories, infra_failures)
-        metrics |= {
-            "time/rollout_s": rollout_s,
-            "time/train_s": train_s,
-            "time/sync_s": sync_s,
-            "time/step_s": time.perf_counter() - started,
-            "memory/rss_gb": _rss_gb(),
-            "memory/peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-        }
-        run.log(step, metrics)
-        if cfg.run.log_trajectories:
-            run.log_trajectories(step, trajectories[: cfg.run.log_trajectories], renderer.decode)
-        bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", loss=f"{metrics['loss']:.4f}")
-        if cfg.run.save_every and step % cfg.run.save_every == 0 and step < t.steps:
-            save_checkpoint(model, tokenizer, run.checkpoints / f"step-{step}")
-    bar.close()
-    train_pool.close()
-
-    after = await _evaluate(cfg, engine, renderer, run, step=t.steps) if cfg.eval.after else None
-    final = save_checkpoint(model, tokenizer, run.checkpoints / "final")
-    run.plot()
-    return GRPOResult(before=before, after=after, checkpoint=str(final))
+    # 4. advantages within each group
+    group_ids = torch.tensor([tr.group_id for tr in trajectories])
+    advantages = grouped_advantages(rewards, group_ids, scale_by_std=cfg.grpo.scale_by_std)
+    batch = dataclasses.replace(batch, advantages_B=advantages)
+    # 5. learner step
+    train_started = time.perf_counter()
+    metrics = parts.learner.step(batch, _loss_fn(cfg))
+    train_s = time.perf_counter() - train_started
+    # 6. sync weights
+    sync_started = time.perf_counter()
+    await parts.engine.update_weights(parts.learner.named_weights(), version=step)
+    sync_s = time.perf_counter() - sync_started
+    # 7. log
+    metrics |= kl_metrics | _rollout_metrics(trajectories, infra_failures)
+    metrics |= {
+        "time/rollout_s": rollout_s,
+        "time/train_s": train_s,
+        "time/sync_s": sync_s,
+        "time/step_s": time.perf_counter() - started,
+        "memory/rss_gb": _rss_gb(),
+        "memory/peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    }
+    run.log(step, metrics)
+    if cfg.run.log_trajectories:
+        run.log_trajectories(step, trajectories[: cfg.run.log_trajectories], parts.renderer.decode)
+    return metrics
 
 
 def _group_requests(
@@ -258,9 +296,7 @@ def _rollout_metrics(trajectories: list[Trajectory], infra_failures: int) -> dic
     }
 
 
-async def _evaluate(
-    cfg: TrainConfig, engine: TransformersEngine, renderer: ChatRenderer, run: RunDir, *, step: int
-) -> EvalResult:
+async def _evaluate(cfg: TrainConfig, parts: _Parts, run: RunDir, *, step: int) -> EvalResult:
     e = cfg.eval
     pool = EnvPool(lambda: envs.make(cfg.env.id, **cfg.env.kwargs, split="test"), 64)
     sampling = SamplingParams(
@@ -269,8 +305,8 @@ async def _evaluate(
     try:
         result, episodes = await evaluate(
             pool,
-            engine,
-            renderer,
+            parts.engine,
+            parts.renderer,
             sampling,
             env_id=cfg.env.id,
             num_tasks=e.num_tasks,
@@ -289,7 +325,9 @@ async def _evaluate(
         },
         kind="eval",
     )
-    run.log_trajectories(step, episodes[: cfg.run.log_trajectories], renderer.decode, kind="eval")
+    run.log_trajectories(
+        step, episodes[: cfg.run.log_trajectories], parts.renderer.decode, kind="eval"
+    )
     print(f"[eval @ step {step}] {result.summary()}", file=sys.stderr)
     return result
 

@@ -1,0 +1,58 @@
+"""The GRPO stage loop in process: infrastructure failures never become training data."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from palaestra.config import load_config
+from palaestra.envs import register
+from palaestra.envs.core import TextEnv
+from palaestra.rundir import RunDir
+from palaestra.trainer.errors import AllEpisodesFailedError
+from palaestra.trainer.stages.grpo import run_grpo
+
+EPISODES_PER_STEP = 4
+_steps_taken = itertools.count()
+
+
+class FlakyToolEnv(TextEnv):
+    """Answers correctly-formatted replies for one training step, then its backend dies."""
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return [{"role": "user", "content": "Say anything."}], {"task_id": f"t{seed}"}
+
+    def step(self, action):
+        if next(_steps_taken) >= EPISODES_PER_STEP:
+            raise ConnectionError("tool backend unreachable")
+        reward = float(len(action) % 2)
+        return [], reward, True, False, {"reward_components": {"parity": reward}}
+
+
+register("palaestra-test/Flaky-v0", lambda **kwargs: FlakyToolEnv())
+
+
+def test_a_dead_env_stops_training_with_a_named_error_and_keeps_the_weights(tmp_path):
+    config = load_config(
+        None,
+        [
+            "model=tiny-random",
+            "env.id=palaestra-test/Flaky-v0",
+            "rollout.tasks_per_step=2",
+            "rollout.group_size=2",
+            "rollout.max_tokens=4",
+            "trainer.steps=3",
+            "eval.before=false",
+            "eval.after=false",
+            "run.progress=false",
+        ],
+    )
+    run = RunDir(tmp_path / "run", config.model_dump(mode="json"))
+    with pytest.raises(AllEpisodesFailedError, match="tool backend unreachable"):
+        run_grpo(config, run)
+    run.close()
+    steps = [line for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(steps) == 1  # step 1 trained; step 2 had nothing to train on
+    assert (tmp_path / "run" / "checkpoints" / "interrupted" / "model.safetensors").exists()
