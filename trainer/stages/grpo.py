@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import ctypes
+import ctypes.util
 import dataclasses
 import os
 import resource
@@ -96,6 +98,7 @@ async def _run(cfg: TrainConfig, run: RunDir) -> GRPOResult:
     try:
         for step in bar:
             metrics = await _train_step(cfg, parts, pool, rng, run, step)
+            _return_freed_memory()
             bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", loss=f"{metrics['loss']:.4f}")
             if cfg.run.save_every and step % cfg.run.save_every == 0 and step < steps:
                 save_checkpoint(parts.model, parts.tokenizer, run.checkpoints / f"step-{step}")
@@ -342,3 +345,18 @@ def _rss_gb() -> float:
     """Resident memory of this process now, in GiB."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+
+
+def _return_freed_memory() -> None:
+    """Hand freed heap pages back to the OS, where the C library can (glibc's malloc_trim).
+
+    Rollouts decode on a worker thread and learning runs on the main thread, so their
+    allocations land in different malloc arenas; without trimming, each arena keeps its
+    high-water mark and peak memory becomes the sum of the two phases instead of the larger.
+    """
+    trim = getattr(_LIBC, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
