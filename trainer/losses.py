@@ -137,6 +137,7 @@ def policy_loss(
     num_tokens: float | None = None,
     num_seqs: float | None = None,
     max_seq_len: int | None = None,
+    is_weights_BT: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Token-level clipped surrogate: the GRPO / DAPO / Dr.GRPO policy loss.
 
@@ -178,6 +179,10 @@ def policy_loss(
         num_tokens: token count the ``"token-mean"`` loss divides by (global step count).
         num_seqs: sequence count the ``"seq-mean-*"`` losses divide by (global step count).
         max_seq_len: the constant length of Dr.GRPO; required for ``"seq-mean-token-sum-norm"``.
+        is_weights_BT: per-token importance weights (no grad) multiplying the surrogate, from
+            ``behaviour_weights``: with them, ``old_logprobs_BT`` is the proximal policy (the
+            learner's weights before this step) and the weights correct for the engine that
+            sampled the tokens (decoupled PPO). ``None`` weighs every token 1.
 
     Returns:
         ``(loss, metrics)``: the scalar loss, and python floats describing THIS batch on its
@@ -201,6 +206,9 @@ def policy_loss(
     adv_B1 = advantages_B.to(logprobs_BT.dtype).unsqueeze(-1)
     clipped_ratio_BT = ratio_BT.clamp(1 - clip_low, 1 + clip_high)
     surrogate_BT = -torch.minimum(ratio_BT * adv_B1, clipped_ratio_BT * adv_B1)
+    if is_weights_BT is not None:
+        _check_shape("is_weights_BT", is_weights_BT, logprobs_BT.shape)
+        surrogate_BT = surrogate_BT * is_weights_BT.detach()
     loss_BT = surrogate_BT
 
     kl_BT = None
@@ -307,3 +315,65 @@ def _check_positive(**counts: float | None) -> None:
     for name, value in counts.items():
         if value is not None and not value > 0:
             raise ValueError(f"{name} must be > 0 (or None for this batch's count), got {value}.")
+
+
+ISLevel = Literal["token", "sequence"]
+IS_LEVELS: tuple[str, ...] = get_args(ISLevel)
+
+
+def behaviour_weights(
+    proximal_logprobs_BT: torch.Tensor,
+    behaviour_logprobs_BT: torch.Tensor,
+    mask_BT: torch.Tensor,
+    *,
+    cap: float = 2.0,
+    level: ISLevel = "token",
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Truncated importance weights from the sampling engine to the learner, and mismatch metrics.
+
+    The engine that sampled a token (the behaviour policy ``mu``, possibly some versions old,
+    possibly in another precision or kernel) is not the learner's policy before this step
+    (the proximal policy ``pi_prox``). Truncated importance sampling (Ionides 2008; as used
+    for RL on LLMs with asynchronous or mismatched inference) weighs each token by::
+
+        token:     w_it = min(pi_prox(y_it) / mu(y_it), cap)
+        sequence:  w_i  = min(prod_t pi_prox(y_it) / mu(y_it), cap)   (same for all t of i)
+
+    computed without grad. Metrics over the ``mask_BT == 1`` tokens: ``mismatch/abs_dlogprob``
+    (mean ``|log pi_prox - log mu|``), ``mismatch/ess`` (normalised effective sample size of
+    the untruncated weights, ``(sum w)^2 / (n sum w^2)``, 1 when the two policies agree) and
+    ``mismatch/capped_frac`` (share of weights the cap truncated).
+
+    Args:
+        proximal_logprobs_BT: the learner's log-probs before the step, ``(B, T)``.
+        behaviour_logprobs_BT: the engine's log-probs of the same tokens, ``(B, T)``.
+        mask_BT: 1 on sampled tokens.
+        cap: truncation level ``C >= 1``.
+        level: ``"token"`` or ``"sequence"``.
+    """
+    _check_token_tensors(
+        proximal_logprobs_BT, mask_BT=mask_BT, behaviour_logprobs_BT=behaviour_logprobs_BT
+    )
+    _check_choice("level", level, IS_LEVELS)
+    if cap < 1:
+        raise ValueError(
+            f"cap must be >= 1 (a weight cap below 1 down-weights agreement), got {cap}"
+        )
+    with torch.no_grad():
+        keep_BT = mask_BT.bool()
+        maskf_BT = keep_BT.to(proximal_logprobs_BT.dtype)
+        delta_BT = torch.where(keep_BT, proximal_logprobs_BT - behaviour_logprobs_BT, 0.0)
+        log_w_BT = delta_BT
+        if level == "sequence":
+            log_w_BT = delta_BT.sum(dim=1, keepdim=True).expand_as(delta_BT)
+        raw_BT = torch.exp(log_w_BT)
+        weights_BT = raw_BT.clamp(max=cap) * maskf_BT
+        n = maskf_BT.sum().clamp(min=1)
+        raw = raw_BT[keep_BT]
+        ess = (raw.sum() ** 2 / (n * (raw**2).sum())).item() if raw.numel() else 1.0
+        metrics = {
+            "mismatch/abs_dlogprob": (delta_BT.abs().sum() / n).item(),
+            "mismatch/ess": ess,
+            "mismatch/capped_frac": ((raw_BT > cap) & keep_BT).sum().item() / n.item(),
+        }
+    return weights_BT, metrics

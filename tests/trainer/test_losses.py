@@ -534,3 +534,65 @@ def test_trl_bnpo_under_accumulation_averages_micro_batch_token_means(trl_grpo_t
         )
         torch.testing.assert_close(theirs, local_mean / 2)
         assert not torch.isclose(theirs, global_mean)
+
+
+# --- truncated importance sampling from the engine to the learner -----------------------
+
+
+def test_token_level_behaviour_weights_by_hand():
+    from palaestra.trainer.losses import behaviour_weights
+
+    # log pi_prox - log mu per token: row 0 = [ln 0.5, ln 3], row 1 = [ln 1.5, (masked)]
+    prox = torch.tensor([[math.log(0.5), math.log(3.0)], [math.log(1.5), 9.0]])
+    mu = torch.zeros(2, 2)
+    mask = torch.tensor([[1, 1], [1, 0]])
+    w, m = behaviour_weights(prox, mu, mask, cap=2.0, level="token")
+    assert torch.allclose(w, torch.tensor([[0.5, 2.0], [1.5, 0.0]]))  # 3 capped at 2
+    assert m["mismatch/capped_frac"] == pytest.approx(1 / 3)
+    assert m["mismatch/abs_dlogprob"] == pytest.approx(
+        (math.log(2) + math.log(3) + math.log(1.5)) / 3
+    )
+    raw = [0.5, 3.0, 1.5]  # ESS of the untruncated weights: (sum w)^2 / (n sum w^2)
+    assert m["mismatch/ess"] == pytest.approx(sum(raw) ** 2 / (3 * sum(x * x for x in raw)))
+
+
+def test_sequence_level_weights_multiply_token_ratios():
+    from palaestra.trainer.losses import behaviour_weights
+
+    prox = torch.tensor([[math.log(0.5), math.log(3.0)], [math.log(1.5), 0.0]])
+    mask = torch.tensor([[1, 1], [1, 0]])
+    w, _ = behaviour_weights(prox, torch.zeros(2, 2), mask, cap=2.0, level="sequence")
+    # row 0: 0.5 * 3 = 1.5 on both tokens; row 1: 1.5 on its one token
+    assert torch.allclose(w, torch.tensor([[1.5, 1.5], [1.5, 0.0]]))
+
+
+def test_agreeing_policies_give_unit_weights_and_full_ess():
+    from palaestra.trainer.losses import behaviour_weights
+
+    lp = torch.tensor([[-1.0, -2.0, -0.5]])
+    w, m = behaviour_weights(lp, lp.clone(), torch.ones(1, 3))
+    assert torch.equal(w, torch.ones(1, 3))
+    assert m["mismatch/ess"] == pytest.approx(1.0) and m["mismatch/abs_dlogprob"] == 0.0
+
+
+def test_is_weights_scale_each_tokens_surrogate_and_gradient():
+    from palaestra.trainer.losses import policy_loss
+
+    lp = torch.zeros(1, 2, requires_grad=True)
+    old = torch.zeros(1, 2)
+    weights = torch.tensor([[0.5, 2.0]])
+    loss, _ = policy_loss(lp, old, torch.tensor([1.0]), torch.ones(1, 2), is_weights_BT=weights)
+    # ratio 1, A = 1: per-token surrogate -1 scaled by the weights, token-mean over 2 tokens
+    assert loss.item() == pytest.approx(-(0.5 + 2.0) / 2)
+    loss.backward()
+    assert torch.allclose(lp.grad, torch.tensor([[-0.25, -1.0]]))
+
+
+def test_behaviour_weight_arguments_are_checked():
+    from palaestra.trainer.losses import behaviour_weights
+
+    lp = torch.zeros(1, 2)
+    with pytest.raises(ValueError, match="cap"):
+        behaviour_weights(lp, lp, torch.ones(1, 2), cap=0.5)
+    with pytest.raises(ValueError, match="level"):
+        behaviour_weights(lp, lp, torch.ones(1, 2), level="batch")
