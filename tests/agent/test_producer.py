@@ -1,0 +1,119 @@
+"""Asynchronous rollouts: the staleness bound, dropping stale groups, and the sync schedule."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from palaestra.agent.engines import FakeEngine
+from palaestra.agent.engines.base import SamplingParams
+from palaestra.agent.producer import RolloutProducer
+from palaestra.agent.render import ChatRenderer
+from palaestra.agent.rollout import EnvPool, EpisodeRequest, generate_groups
+from palaestra.envs import make
+
+GROUPS, SIZE = 2, 2
+
+
+def requests_for_step(step: int) -> list[list[EpisodeRequest]]:
+    first = (step - 1) * GROUPS
+    return [
+        [EpisodeRequest(first + g, reset_seed=100 * step + g, sampling_seed=j) for j in range(SIZE)]
+        for g in range(GROUPS)
+    ]
+
+
+@pytest.fixture
+def parts(tokenizer, math_tasks):
+    pool = EnvPool(lambda: make("palaestra/Math-v0", source=f"jsonl:{math_tasks}"), size=4)
+    answer = [*tokenizer.encode("\\boxed{4}", add_special_tokens=False), tokenizer.eos_token_id]
+    engine = FakeEngine(lambda prompt: answer)
+    yield pool, engine, ChatRenderer(tokenizer)
+    pool.close()
+
+
+def producer(parts, max_staleness: int) -> RolloutProducer:
+    pool, engine, renderer = parts
+    return RolloutProducer(
+        pool,
+        engine,
+        renderer,
+        SamplingParams(),
+        requests_for_step,
+        env_id="m",
+        max_staleness=max_staleness,
+    )
+
+
+async def learner_step(engine: FakeEngine, p: RolloutProducer, version: int) -> None:
+    await engine.update_weights([], version=version)
+    await p.weights_updated()
+
+
+async def test_staleness_zero_waits_for_the_new_weights(parts):
+    p = producer(parts, max_staleness=0)
+    p.start()
+    first = await p.next_batch(step=1, num_groups=GROUPS)
+    assert {t.group_id for g in first for t in g} == {0, 1}
+    with pytest.raises(TimeoutError):  # step 2 must not be sampled on version 0
+        await asyncio.wait_for(p.next_batch(step=2, num_groups=1), timeout=0.5)
+    await learner_step(parts[1], p, version=1)
+    second = await p.next_batch(step=2, num_groups=GROUPS - 1)  # one group was taken above
+    assert all(t.policy_version == 1 for g in second for t in g)
+    assert p.stats.staleness == {0: 2 + 1} and p.stats.groups_dropped_stale == 0
+    await p.stop()
+
+
+async def test_staleness_one_samples_the_next_step_while_the_learner_trains(parts):
+    p = producer(parts, max_staleness=1)
+    p.start()
+    await p.next_batch(step=1, num_groups=GROUPS)
+    ahead = await p.next_batch(step=2, num_groups=GROUPS)  # no weight update yet
+    assert all(t.policy_version == 0 for g in ahead for t in g)
+    assert p.stats.staleness == {0: GROUPS, 1: GROUPS}
+    await p.stop()
+
+
+async def test_groups_older_than_the_bound_are_dropped_and_replaced(parts):
+    engine = parts[1]
+    p = producer(parts, max_staleness=1)
+    p.start()
+    await p.next_batch(step=1, num_groups=GROUPS)
+    await p.wait_produced(2)  # step 2's groups are sampled on version 0, ahead of time
+    await learner_step(engine, p, version=1)  # ...then the learner moves on twice
+    await learner_step(engine, p, version=2)
+    fresh = await p.next_batch(step=3, num_groups=GROUPS)
+    assert p.stats.groups_dropped_stale == GROUPS  # all of step 2: (3 - 1) - 0 > 1
+    assert all((3 - 1) - t.policy_version <= 1 for g in fresh for t in g)
+    await p.stop()
+
+
+async def test_staleness_zero_reproduces_the_synchronous_batches(parts):
+    pool, engine, renderer = parts
+    sync = []
+    for step in (1, 2):
+        groups = [
+            g
+            async for g in generate_groups(
+                pool, engine, renderer, SamplingParams(), requests_for_step(step), env_id="m"
+            )
+        ]
+        sync.append(sorted(groups, key=lambda g: g[0].group_id))
+        await engine.update_weights([], version=step)
+
+    engine2 = FakeEngine(engine._complete)
+    p = RolloutProducer(
+        pool, engine2, renderer, SamplingParams(), requests_for_step, env_id="m", max_staleness=0
+    )
+    p.start()
+    produced = []
+    for step in (1, 2):
+        groups = await p.next_batch(step=step, num_groups=GROUPS)
+        produced.append(sorted(groups, key=lambda g: g[0].group_id))
+        await learner_step(engine2, p, version=step)
+    await p.stop()
+    assert [[t.token_ids for g in s for t in g] for s in produced] == [
+        [t.token_ids for g in s for t in g] for s in sync
+    ]
+    assert [[t.policy_version for g in s for t in g] for s in produced] == [[0] * 4, [1] * 4]
