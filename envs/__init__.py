@@ -10,11 +10,18 @@ work. The pieces:
 - ``tasks``: task sources (reasoning_gym generators, JSON-lines files) with disjoint splits.
 - ``verify``: answer extraction and time-limited math answer checking.
 - ``math``: ``MathEnv``, single-turn math questions.
+- ``tools``: ``Tool``, tools built from typed Python functions (schema, validation, timeouts).
+- ``tool_calls``: ``ToolCallFormat``s (Hermes ``<tool_call>``, plain JSON) that read calls
+  out of assistant text and write tool results back as messages.
+- ``tool_env``: ``ToolEnv``, the multi-turn tool-use base (tasks + tools + a verifier).
+- ``tool_lookup``: ``ToolLookupEnv``, catalog questions that need ``lookup`` + ``calculator``.
+- ``bfcl``: ``BFCLEnv``, the Berkeley Function Calling Leaderboard's single-turn categories.
 - ``errors``: the ``EnvError`` hierarchy.
 
 This package imports no torch and never sees token ids.
 """
 
+from palaestra.envs.bfcl import BFCLEnv
 from palaestra.envs.checker import check_env
 from palaestra.envs.core import Message, Messages, MessagesSpace, TextEnv, TextSpace
 from palaestra.envs.errors import (
@@ -23,25 +30,48 @@ from palaestra.envs.errors import (
     EnvError,
     ResetNeededError,
     TaskSourceError,
+    ToolArgumentError,
+    ToolCallError,
+    ToolDefinitionError,
+    ToolExecutionError,
+    ToolTimeoutError,
     UnknownEnvError,
     VerifierError,
 )
 from palaestra.envs.math import MathEnv
 from palaestra.envs.registry import make, register, registered_ids
 from palaestra.envs.tasks import JsonlSource, ReasoningGymSource, Task, TaskSource, parse_source
+from palaestra.envs.tool_calls import (
+    HermesFormat,
+    JsonFormat,
+    ParsedTurn,
+    ToolCall,
+    ToolCallFormat,
+    ToolResult,
+    get_format,
+)
+from palaestra.envs.tool_env import EpisodeStats, ToolEnv
+from palaestra.envs.tool_lookup import LookupTasks, ToolLookupEnv, calculator
+from palaestra.envs.tools import Tool, tool
 from palaestra.envs.verify import AnswerFallback, MathVerifier, Verdict, extract_answer
 
 __all__ = [
     "AnswerFallback",
+    "BFCLEnv",
     "EnvCheckError",
     "EnvConfigError",
     "EnvError",
+    "EpisodeStats",
+    "HermesFormat",
+    "JsonFormat",
     "JsonlSource",
+    "LookupTasks",
     "MathEnv",
     "MathVerifier",
     "Message",
     "Messages",
     "MessagesSpace",
+    "ParsedTurn",
     "ReasoningGymSource",
     "ResetNeededError",
     "Task",
@@ -49,13 +79,27 @@ __all__ = [
     "TaskSourceError",
     "TextEnv",
     "TextSpace",
+    "Tool",
+    "ToolArgumentError",
+    "ToolCall",
+    "ToolCallError",
+    "ToolCallFormat",
+    "ToolDefinitionError",
+    "ToolEnv",
+    "ToolExecutionError",
+    "ToolLookupEnv",
+    "ToolResult",
+    "ToolTimeoutError",
     "UnknownEnvError",
     "Verdict",
     "VerifierError",
+    "calculator",
     "check_env",
     "extract_answer",
+    "get_format",
     "make",
     "parse_source",
     "register",
     "registered_ids",
+    "tool",
 ]

@@ -9,7 +9,15 @@ Catch ``EnvError`` to catch them all::
     ├── TaskSourceError       a task source spec or data file is malformed
     ├── ResetNeededError      step() before reset() or after the episode ended
     ├── EnvCheckError         check_env() found a broken contract (names the check)
-    └── VerifierError         the answer-checking worker process could not run
+    ├── VerifierError         the answer-checking worker process could not run
+    ├── ToolDefinitionError   a Python function cannot become a tool (untyped parameter, ...)
+    └── ToolCallError         one tool call failed; its message is written for the model
+        ├── ToolArgumentError     the arguments do not match the tool's schema
+        ├── ToolTimeoutError      the call ran past the tool's time limit
+        └── ToolExecutionError    the tool's function raised
+
+``ToolCallError`` is not a crash: tool envs turn it into an observation the model reads
+(and count it in ``info["tool_errors"]``); it reaches user code only from ``Tool.call``.
 
 ``ResetNeededError`` also subclasses gymnasium's ``ResetNeeded`` so code written against
 gymnasium's error catches it too.
@@ -64,3 +72,23 @@ class EnvCheckError(EnvError):
 
 class VerifierError(EnvError, RuntimeError):
     """The answer-verification worker process could not be started or talked to."""
+
+
+class ToolDefinitionError(EnvError, TypeError):
+    """A function that cannot be described to a model as a tool."""
+
+
+class ToolCallError(EnvError):
+    """A tool call that failed; ``str(error)`` is the text the model is shown."""
+
+
+class ToolArgumentError(ToolCallError, ValueError):
+    """Tool arguments that do not match the tool's JSON schema (every problem listed)."""
+
+
+class ToolTimeoutError(ToolCallError, TimeoutError):
+    """A tool call that did not finish within the tool's time limit."""
+
+
+class ToolExecutionError(ToolCallError):
+    """The tool's function raised; the original exception is the ``__cause__``."""

@@ -70,3 +70,5 @@ register(
     source={"source": "reasoning_gym:chain_sum", "config": SMALL_ARITHMETIC},
 )
 register("palaestra/GSMSymbolic-v0", MATH_ENTRY_POINT, source="reasoning_gym:gsm_symbolic")
+register("palaestra/ToolLookup-v0", "palaestra.envs.tool_lookup:ToolLookupEnv")
+register("palaestra/BFCL-v0", "palaestra.envs.bfcl:BFCLEnv")

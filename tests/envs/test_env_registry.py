@@ -2,30 +2,63 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import gymnasium as gym
 import pytest
 
 import palaestra.envs
 from palaestra.envs import MathEnv, TextEnv, UnknownEnvError, check_env, make, registered_ids
+from palaestra.envs.bfcl import BFCLEnv, gold_calls
+
+NEEDS_PACKAGE = {"palaestra/BFCL-v0": "bfcl_eval"}
+"""Envs whose data ships in an optional package: skipped, saying why, when it is missing."""
+
+
+def _registered_ids() -> list:
+    return [
+        pytest.param(
+            env_id,
+            marks=pytest.mark.skipif(
+                importlib.util.find_spec(NEEDS_PACKAGE[env_id]) is None,
+                reason=f"{env_id} needs the {NEEDS_PACKAGE[env_id]} package",
+            ),
+        )
+        if env_id in NEEDS_PACKAGE
+        else env_id
+        for env_id in registered_ids()
+    ]
+
+
+def _gold_reply(env: gym.Env, info: dict) -> str:
+    """A reply that answers the opened task correctly: the gold calls for BFCL, else boxed."""
+    if isinstance(env, BFCLEnv):  # the answer is a set of calls
+        item = next(item for item in env.items if item.item_id == info["task_id"])
+        return env.format.render(gold_calls(item)) or "No function fits."
+    return f"\\boxed{{{info['answer']}}}"
 
 
 def test_builtin_ids_are_registered() -> None:
-    assert {"palaestra/Math-v0", "palaestra/ChainSum-v0", "palaestra/GSMSymbolic-v0"} <= set(
-        registered_ids()
-    )
+    assert {
+        "palaestra/Math-v0",
+        "palaestra/ChainSum-v0",
+        "palaestra/GSMSymbolic-v0",
+        "palaestra/ToolLookup-v0",
+        "palaestra/BFCL-v0",
+    } <= set(registered_ids())
 
 
-@pytest.mark.parametrize("env_id", registered_ids())
+@pytest.mark.parametrize("env_id", _registered_ids())
 def test_registered_env_passes_check_env(env_id: str) -> None:
     check_env(make(env_id))
 
 
-@pytest.mark.parametrize("env_id", registered_ids())
+@pytest.mark.parametrize("env_id", _registered_ids())
 def test_registered_env_scores_its_own_gold_answer(env_id: str) -> None:
     env = make(env_id, split="test")
     _, info = env.reset(seed=3)
 
-    _, reward, terminated, _, step_info = env.step(f"\\boxed{{{info['answer']}}}")
+    _, reward, terminated, _, step_info = env.step(_gold_reply(env, info))
 
     assert reward == 1.0 and terminated
     assert step_info["reward_components"]["correct"] == 1.0
