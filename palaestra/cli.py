@@ -5,6 +5,7 @@
     palaestra train CONFIG.yaml [dotted.key=value ...]
     palaestra eval --model smollm2-135m --env palaestra/Math-v0 [--num-tasks 200 --samples 8]
     palaestra envs
+    palaestra audit-template smollm2-135m
 
 User errors (a bad config, an unknown model or env) print one ``error:`` message and exit
 with status 2; nothing is started before the config has been validated.
@@ -72,6 +73,12 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--json", action="store_true", help="print the result as JSON")
     ev.set_defaults(run=_eval)
+
+    audit = sub.add_parser(
+        "audit-template", help="check a model's chat template for multi-turn use"
+    )
+    audit.add_argument("model", help="model name or local HF directory")
+    audit.set_defaults(run=_audit_template)
 
     ls = sub.add_parser("envs", help="list registered environments")
     ls.set_defaults(run=_envs)
@@ -149,6 +156,15 @@ def _eval(args: argparse.Namespace) -> int:
         print(json.dumps(result.__dict__, indent=2))
     else:
         print(f"{args.model} on {args.env} [{args.split}]: {result.summary()}")
+    return 0
+
+
+def _audit_template(args: argparse.Namespace) -> int:
+    from palaestra.agent.template_audit import audit_template, format_report
+    from palaestra.models import load_tokenizer, resolve_model
+
+    tokenizer = load_tokenizer(resolve_model(args.model))
+    print(format_report(args.model, audit_template(tokenizer)))
     return 0
 
 
