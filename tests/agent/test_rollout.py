@@ -180,3 +180,30 @@ async def test_groups_share_a_task_and_arrive_complete(tokenizer, math_tasks):
         assert len({t.group_id for t in group}) == 1
     assert len({g[0].task_id for g in seen}) > 1
     pool.close()
+
+
+async def test_tool_episode_keeps_tool_results_out_of_the_loss(tokenizer):
+    """A scripted agent calls ``lookup``, reads the result, then answers (two sampled turns)."""
+    env = make("palaestra/ToolLookup-v0", split="train")
+    env.reset(seed=7)  # the same seed run_episode uses: learn the task to script the agent
+    task = env.unwrapped.task
+    item = next(iter(task.metadata["catalog"]))
+    args = f'{{"item": "{item}", "field": "price"}}'
+    call = f'<tool_call>{{"name": "lookup", "arguments": {args}}}</tool_call>'
+    turns = [reply(tokenizer, call), reply(tokenizer, f"\\boxed{{{task.answer}}}")]
+    engine = FakeEngine(turns)
+    renderer = ChatRenderer(tokenizer)
+
+    t = await run_episode(
+        env, engine, renderer, SamplingParams(), EpisodeRequest(0, 7), env_id="tl", max_turns=8
+    )
+
+    assert [list(t.token_ids[turn.start : turn.end]) for turn in t.turns] == turns
+    assert t.sampled_token_ids == turns[0] + turns[1]
+    between = t.token_ids[t.turns[0].end : t.turns[1].start]
+    assert between and all(m == 0 for m in t.loss_mask[t.turns[0].end : t.turns[1].start])
+    tool_text = tokenizer.decode(list(between))  # the tool's answer, as env tokens
+    assert str(task.metadata["catalog"][item]["price"]) in tool_text and "Error" not in tool_text
+    assert engine.prompts[1] == list(t.token_ids[: t.turns[1].start])
+    assert t.reward == 1.0 and t.stop_reason is StopReason.ANSWERED
+    env.close()
