@@ -53,13 +53,17 @@ class EvalResult:
     """Episodes that failed for infrastructure reasons and were not scored."""
     stop_reasons: dict[str, int]
     """How many episodes ended for each reason."""
+    by_category: dict[str, float]
+    """Mean success per ``info["category"]``, for envs whose tasks carry one (e.g. BFCL)."""
 
     def summary(self) -> str:
         ks = ", ".join(f"pass@{k}={v:.3f}" for k, v in sorted(self.pass_at.items()))
-        return (
+        line = (
             f"accuracy={self.accuracy:.3f} ({self.num_tasks} tasks x {self.samples}), {ks}, "
             f"mean_tokens={self.mean_tokens:.1f}, infra_failures={self.infra_failures}"
         )
+        categories = "".join(f"\n  {c}: {a:.3f}" for c, a in sorted(self.by_category.items()))
+        return line + categories
 
 
 async def evaluate(
@@ -103,6 +107,10 @@ def summarize(trajectories: list[Trajectory], *, num_tasks: int, samples: int) -
     by_task: dict[int, list[Trajectory]] = {}
     for t in scored:
         by_task.setdefault(t.group_id, []).append(t)
+    categories: dict[str, list[float]] = {}
+    for t in scored:
+        if "category" in t.info:
+            categories.setdefault(str(t.info["category"]), []).append(float(is_success(t)))
     ks = sorted({1, samples})
     pass_at = {
         k: _mean(
@@ -119,6 +127,7 @@ def summarize(trajectories: list[Trajectory], *, num_tasks: int, samples: int) -
         mean_tokens=_mean([float(t.num_sampled_tokens) for t in trajectories]),
         infra_failures=len(trajectories) - len(scored),
         stop_reasons=dict(Counter(t.stop_reason.value for t in trajectories)),
+        by_category={name: _mean(values) for name, values in categories.items()},
     )
 
 

@@ -40,3 +40,14 @@ def test_summary_counts_successes_and_leaves_out_infra_failures():
     assert result.pass_at[2] == pytest.approx(0.5)  # task 0 solved, task 1 not
     assert result.infra_failures == 1
     assert result.stop_reasons == {"answered": 4, "engine_error": 1}
+    assert result.by_category == {}
+
+
+def test_accuracy_is_broken_down_by_category_when_tasks_carry_one():
+    runs = [episode(0, 1.0), episode(1, 0.0), episode(2, 1.0)]
+    runs = [
+        Trajectory(**{**r.__dict__, "info": {"category": c}})
+        for r, c in zip(runs, ["simple", "simple", "parallel"], strict=True)
+    ]
+    result = summarize(runs, num_tasks=3, samples=1)
+    assert result.by_category == {"simple": 0.5, "parallel": 1.0}
