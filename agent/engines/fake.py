@@ -76,6 +76,13 @@ class FakeEngine:
         self.weight_updates.append((version, [name for name, _ in named_tensors]))
         self._policy_version = version
 
+    async def score(self, token_ids: list[int]) -> list[float]:
+        """The scripted logprobs of ``token_ids[1:]``, as if sampled after ``token_ids[:1]``."""
+        prompt, rest = list(token_ids[:1]), list(token_ids[1:])
+        if callable(self._logprobs):
+            return list(self._logprobs(prompt, rest))
+        return [self._logprobs] * len(rest)
+
 
 def _in_order(scripted: list[Sequence[int]]) -> Callable[[list[int]], Sequence[int]]:
     """Serve the scripted completions one per call, whatever the prompt."""

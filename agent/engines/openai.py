@@ -20,8 +20,6 @@ default directory, ``/dev/shm``, works for a server on the same machine.
 from __future__ import annotations
 
 import asyncio
-import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from palaestra.agent.engines.base import Completion, SamplingParams
+from palaestra.agent.engines.vllm_worker import default_weights_dir, write_weights_file
 from palaestra.agent.errors import EngineError
 
 if TYPE_CHECKING:
@@ -77,7 +76,7 @@ class OpenAIEngine:
         self.stop_token_ids = list(stop_token_ids)
         self.max_retries = max_retries
         self.backoff_s = backoff_s
-        self.weights_dir = Path(weights_dir) if weights_dir else _default_weights_dir()
+        self.weights_dir = Path(weights_dir) if weights_dir else default_weights_dir()
         self._client = httpx.AsyncClient(
             base_url=self.base_url,
             headers=headers,
@@ -125,11 +124,27 @@ class OpenAIEngine:
         finish = "length" if choice.get("finish_reason") == "length" else "stop"
         return Completion(tuple(token_ids), tuple(float(x) for x in logprobs), finish, version)
 
+    async def score(self, token_ids: list[int]) -> list[float]:
+        """Logprob of each of ``token_ids[1:]`` under the server's weights, at temperature 1.
+
+        Uses vLLM's ``prompt_logprobs`` extension; raises ``EngineError`` when the server
+        returns none.
+        """
+        body = {"model": self.model, "prompt": list(token_ids), "max_tokens": 1}
+        choice = (await self._post("/v1/completions", {**body, "prompt_logprobs": 0}))["choices"][0]
+        positions = choice.get("prompt_logprobs")
+        if positions is None or len(positions) != len(token_ids):
+            raise EngineError(
+                f"the server at {self.base_url} returned no prompt logprobs for the "
+                f"{len(token_ids)} tokens to score; scoring needs vLLM's `prompt_logprobs`"
+            )
+        return [float(positions[i][str(t)]["logprob"]) for i, t in enumerate(token_ids) if i]
+
     async def update_weights(
         self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int
     ) -> None:
         """Send new weights through a shared file; the server reloads them in place."""
-        path = await asyncio.to_thread(_write_weights, named_tensors, self.weights_dir)
+        path = await asyncio.to_thread(write_weights_file, named_tensors, self.weights_dir)
         try:
             await self._post(
                 "/collective_rpc", {"method": "palaestra_reload_weights", "args": [str(path)]}
@@ -165,19 +180,3 @@ class OpenAIEngine:
         raise EngineError(
             f"{self.base_url}{route} failed after {self.max_retries + 1} attempts: {failure}"
         )
-
-
-def _default_weights_dir() -> Path:
-    shm = Path("/dev/shm")
-    return shm if shm.is_dir() else Path(tempfile.gettempdir())
-
-
-def _write_weights(named_tensors: Iterable[tuple[str, torch.Tensor]], directory: Path) -> Path:
-    """Save tensors to a fresh safetensors file (tied tensors cloned: safetensors refuses sharing)."""
-    from safetensors.torch import save_file
-
-    tensors = {name: t.detach().to("cpu").clone().contiguous() for name, t in named_tensors}
-    fd, name = tempfile.mkstemp(prefix="palaestra-weights-", suffix=".safetensors", dir=directory)
-    os.close(fd)
-    save_file(tensors, name)
-    return Path(name)

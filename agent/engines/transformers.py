@@ -133,6 +133,14 @@ class TransformersEngine:
         """
         await asyncio.to_thread(self._load_weights, list(named_tensors), version)
 
+    async def score(self, token_ids: list[int]) -> list[float]:
+        """Logprob of each of ``token_ids[1:]`` under the loaded weights, at temperature 1.
+
+        One teacher-forced forward, between batches. Raises ``EngineError`` on bad ids.
+        """
+        self._check_prompt(token_ids)
+        return await asyncio.to_thread(self._score, list(token_ids))
+
     # --- batching, on the event loop ----------------------------------------------------
 
     def _check_prompt(self, prompt_ids: list[int]) -> None:
@@ -272,6 +280,13 @@ class TransformersEngine:
             elif len(row.token_ids) >= row.sampling.max_tokens:
                 row.finish_reason = "length"
         return tokens_B
+
+    def _score(self, token_ids: list[int]) -> list[float]:
+        input_ids_1T = torch.tensor([token_ids], device=self.device)
+        with self._model_lock, torch.inference_mode():
+            logits_TV = self.model(input_ids=input_ids_1T).logits[0, :-1].float()
+        logprobs_TV = torch.log_softmax(logits_TV, -1)
+        return logprobs_TV.gather(-1, input_ids_1T[0, 1:, None]).squeeze(-1).tolist()
 
     # --- weights --------------------------------------------------------------------------
 

@@ -1,4 +1,8 @@
-"""A vLLM worker extension that reloads weights from a safetensors file.
+"""Weights for vLLM through a safetensors file: written by the trainer, reloaded by the worker.
+
+``write_weights_file`` saves a state dict for the worker to read; ``WeightReloadExtension``
+is the worker's side. Both ``VLLMEngine`` (vLLM in process) and ``OpenAIEngine`` (a
+``vllm serve`` process) use them.
 
 Start a vLLM server with::
 
@@ -12,13 +16,55 @@ on the same machine, shared storage otherwise). ``OpenAIEngine.update_weights`` 
 ``reload_weights(is_checkpoint_format=True)`` is used rather than ``model.load_weights``:
 it loads checkpoint-format tensors and redoes the processing done after the first load
 (on CPU, vLLM repacks linear weights, and a plain load into repacked parameters fails).
+Send every tensor of the state dict, a tied ``lm_head.weight`` included: on CPU the output
+layer keeps its own packed copy of the tied embedding, which is rebuilt only when a weight
+is loaded under its name; without it the engine samples from the old output layer.
 
-This module runs inside vLLM's worker processes; it imports vLLM nothing at import time.
+The extension runs inside vLLM's worker processes; this module imports no vLLM.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+
+def default_weights_dir() -> Path:
+    """``/dev/shm`` (memory, no disk) where there is one, else the temporary directory."""
+    shm = Path("/dev/shm")
+    return shm if shm.is_dir() else Path(tempfile.gettempdir())
+
+
+def write_weights_file(
+    named_tensors: Iterable[tuple[str, torch.Tensor]], directory: Path | None = None
+) -> Path:
+    """Save tensors, moved to the CPU, to a fresh safetensors file in ``directory``.
+
+    safetensors refuses tensors that share storage (tied embeddings): any tensor whose
+    storage was already written is cloned; the others are written without a copy.
+    """
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    storages: set[int] = set()
+    for name, tensor in named_tensors:
+        cpu = tensor.detach().to("cpu").contiguous()
+        if cpu.untyped_storage().data_ptr() in storages:
+            cpu = cpu.clone()
+        storages.add(cpu.untyped_storage().data_ptr())
+        tensors[name] = cpu
+    fd, name = tempfile.mkstemp(
+        prefix="palaestra-weights-", suffix=".safetensors", dir=directory or default_weights_dir()
+    )
+    os.close(fd)
+    save_file(tensors, name)
+    return Path(name)
 
 
 class WeightReloadExtension:

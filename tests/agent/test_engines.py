@@ -366,3 +366,20 @@ async def test_fake_engine_update_weights_records_names_and_bumps_the_version():
     assert engine.policy_version == completion.policy_version == 4
     assert engine.weight_updates == [(4, ["a.weight", "b.bias"])]
     assert completion.logprobs == (-0.25,)
+
+
+async def test_score_is_a_teacher_forced_forward_at_temperature_one(make_engine, tiny_model):
+    engine = make_engine()
+    sequence = PROMPTS[1] + PROMPTS[3]
+
+    scores = await engine.score(sequence)
+
+    expected = teacher_forced_logprobs(tiny_model, sequence[:1], sequence[1:], 1.0)
+    assert scores == pytest.approx(expected, abs=1e-5)
+
+
+async def test_fake_engine_scores_with_its_scripted_logprobs():
+    engine = FakeEngine([], logprobs=lambda prompt, rest: [-0.5] * len(rest))
+
+    assert await engine.score([1, 2, 3]) == [-0.5, -0.5]
+    assert await FakeEngine([]).score([1, 2]) == [-1.0]

@@ -10,6 +10,7 @@ in the middle of a rollout.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import signal
 import socket
@@ -54,6 +55,22 @@ async def test_token_ids_and_logprobs_come_back_verbatim():
     body = __import__("json").loads(sent[0].content)
     assert body["prompt"] == [1, 2, 3] and body["return_token_ids"] is True
     assert body["seed"] == 1 and body["max_tokens"] == 4
+
+
+async def test_score_reads_the_prompt_logprobs_of_each_token_after_the_first():
+    def handler(request):
+        body = json.loads(request.content)
+        assert body["prompt"] == [1, 7, 9] and body["prompt_logprobs"] == 0
+        positions = [None, {"7": {"logprob": -0.5, "rank": 1}}, {"9": {"logprob": -2.0}}]
+        return httpx.Response(200, json={"choices": [{"prompt_logprobs": positions}]})
+
+    assert await server(handler).score([1, 7, 9]) == [-0.5, -2.0]
+
+    def without(request):
+        return httpx.Response(200, json={"choices": [{"text": ""}]})
+
+    with pytest.raises(EngineError, match="prompt logprobs"):
+        await server(without).score([1, 7, 9])
 
 
 async def test_a_server_without_token_ids_is_refused_with_the_reason():
@@ -248,6 +265,21 @@ async def test_real_server_logprobs_match_the_learner_before_and_after_a_weight_
     assert (stale - after).abs().max() > 1e-2
     print(f"weight sync over HTTP: {sync_s:.2f} s")
     await engine.update_weights(model.state_dict().items(), version=2)  # restore for later tests
+    await engine.aclose()
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+async def test_real_server_scores_a_sequence_as_the_learner_does(embedded, vllm_server):
+    from palaestra.trainer.weight_sync import verify_engine_weights
+
+    _, model, tokenizer = embedded
+    engine = OpenAIEngine(vllm_server, "policy", stop_token_ids=[tokenizer.eos_token_id])
+    probe = tokenizer.encode("The sum of 2 and 3 is 5, and the sum of 5 and 7 is 12.")
+
+    check = await verify_engine_weights(engine, model, probe, tolerance=1e-3)
+
+    assert check.num_tokens == len(probe) - 1
     await engine.aclose()
 
 

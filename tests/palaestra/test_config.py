@@ -50,3 +50,11 @@ def test_malformed_override_and_missing_file(tmp_path):
 def test_bad_device_is_rejected():
     with pytest.raises(ConfigError, match="device"):
         load_config(None, ["device=tpu"])
+
+
+def test_engine_choice_and_the_vllm_engine_refuses_top_p():
+    assert load_config(None, ["engine=vllm", "verify_every=1"]).engine == "vllm"
+    with pytest.raises(ConfigError, match=r"engine: .*'transformers'"):
+        load_config(None, ["engine=sglang"])
+    with pytest.raises(ConfigError, match="top_p"):
+        load_config(None, ["engine=vllm", "rollout.top_p=0.9"])

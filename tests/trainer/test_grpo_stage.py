@@ -1,8 +1,11 @@
-"""The GRPO stage loop in process: infrastructure failures never become training data."""
+"""The GRPO stage loop in process: infrastructure failures never become training data, and
+weight syncs are verified when asked."""
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
+import json
 
 import pytest
 
@@ -56,3 +59,58 @@ def test_a_dead_env_stops_training_with_a_named_error_and_keeps_the_weights(tmp_
     steps = [line for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(steps) == 1  # step 1 trained; step 2 had nothing to train on
     assert (tmp_path / "run" / "checkpoints" / "interrupted" / "model.safetensors").exists()
+
+
+class ParityEnv(TextEnv):
+    """One turn; reward 1 for a reply of odd length."""
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return [{"role": "user", "content": "Say anything."}], {"task_id": f"t{seed}"}
+
+    def step(self, action):
+        reward = float(len(action) % 2)
+        return [], reward, True, False, {"reward_components": {"parity": reward}}
+
+
+register("palaestra-test/Parity-v0", lambda **kwargs: ParityEnv())
+
+TWO_STEPS = [
+    "env.id=palaestra-test/Parity-v0",
+    "rollout.tasks_per_step=2",
+    "rollout.group_size=2",
+    "rollout.max_tokens=6",
+    "trainer.steps=2",
+    "trainer.lr=1e-3",
+    "eval.before=false",
+    "eval.after=false",
+    "run.progress=false",
+    "engine_dtype=float32",
+    "verify_every=1",
+]
+
+
+def train_records(tmp_path, overrides):
+    config = load_config(None, overrides)
+    run = RunDir(tmp_path / "run", config.model_dump(mode="json"))
+    run_grpo(config, run)
+    run.close()
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == "train"]
+
+
+def test_verify_every_checks_the_engine_after_each_sync_and_logs_the_gap(tmp_path):
+    records = train_records(tmp_path, ["model=tiny-random", *TWO_STEPS])
+
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(r["sync/max_abs_dlogprob"] < 1e-3 for r in records)
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
+def test_grpo_on_the_vllm_engine_syncs_verified_weights(tmp_path, vllm_tiny_model_dir):
+    records = train_records(tmp_path, [f"model={vllm_tiny_model_dir}", "engine=vllm", *TWO_STEPS])
+
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(r["sync/max_abs_dlogprob"] < 1e-3 for r in records)
+    assert all(r["time/sync_s"] > 0 for r in records)

