@@ -62,6 +62,12 @@ class GRPOConfig(_Section):
     """Per-token KL estimator (Schulman's k1, k2, k3)."""
     kl_placement: Literal["reward", "loss"] = "reward"
     """Subtract the KL from the reward (default) or add it to the loss."""
+    importance_sampling: Literal["off", "token", "sequence"] = "off"
+    """Correct for the engine that sampled (decoupled PPO): clip against the learner's own
+    logprobs before the step and weigh tokens by the truncated ratio learner / engine, per
+    token or per sequence. Costs one extra forward pass; logs the mismatch (|dlogprob|, ESS)."""
+    is_cap: float = Field(2.0, ge=1)
+    """Truncation level of the importance weights."""
 
 
 class TrainerConfig(_Section):

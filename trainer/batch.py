@@ -9,7 +9,7 @@ logits at ``t - 1``, so position 0 never carries loss (it is always prompt).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -32,6 +32,8 @@ class TokenBatch:
     """One advantage per sequence, broadcast over its sampled tokens."""
     ref_logprobs_BT: torch.Tensor | None = None
     """Reference-model logprobs, when a KL term in the loss needs them."""
+    is_weights_BT: torch.Tensor | None = None
+    """Truncated importance weights from the sampling engine to the learner, when on."""
 
     def __len__(self) -> int:
         return self.input_ids_BT.shape[0]
@@ -55,9 +57,8 @@ class TokenBatch:
                     loss_mask_BT=self.loss_mask_BT[rows, cols],
                     old_logprobs_BT=self.old_logprobs_BT[rows, cols],
                     advantages_B=self.advantages_B[rows],
-                    ref_logprobs_BT=None
-                    if self.ref_logprobs_BT is None
-                    else self.ref_logprobs_BT[rows, cols],
+                    ref_logprobs_BT=_slice(self.ref_logprobs_BT, rows, cols),
+                    is_weights_BT=_slice(self.is_weights_BT, rows, cols),
                 )
             )
         return out
@@ -66,15 +67,15 @@ class TokenBatch:
         return replace(self, ref_logprobs_BT=ref_logprobs_BT)
 
     def to(self, device: torch.device | str) -> TokenBatch:
-        ref = None if self.ref_logprobs_BT is None else self.ref_logprobs_BT.to(device)
-        return TokenBatch(
-            self.input_ids_BT.to(device),
-            self.attention_mask_BT.to(device),
-            self.loss_mask_BT.to(device),
-            self.old_logprobs_BT.to(device),
-            self.advantages_B.to(device),
-            ref,
-        )
+        moved = {
+            f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
+            for f in fields(self)
+        }
+        return TokenBatch(**moved)
+
+
+def _slice(tensor_BT: torch.Tensor | None, rows: slice, cols: slice) -> torch.Tensor | None:
+    return None if tensor_BT is None else tensor_BT[rows, cols]
 
 
 def collate(

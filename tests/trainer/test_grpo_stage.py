@@ -114,3 +114,33 @@ def test_grpo_on_the_vllm_engine_syncs_verified_weights(tmp_path, vllm_tiny_mode
     assert [r["step"] for r in records] == [1, 2]
     assert all(r["sync/max_abs_dlogprob"] < 1e-3 for r in records)
     assert all(r["time/sync_s"] > 0 for r in records)
+
+
+def test_importance_sampling_logs_a_near_zero_mismatch_when_engine_and_learner_agree(tmp_path):
+    """fp32 engine and fp32 learner on the same weights: proximal == behaviour, ESS == 1."""
+    config = load_config(
+        None,
+        [
+            "model=tiny-random",
+            "env.kwargs.source=reasoning_gym:chain_sum",
+            "engine_dtype=float32",
+            "trainer.dtype=float32",
+            "grpo.importance_sampling=token",
+            "rollout.tasks_per_step=2",
+            "rollout.group_size=2",
+            "rollout.max_tokens=6",
+            "trainer.steps=2",
+            "eval.before=false",
+            "eval.after=false",
+            "run.progress=false",
+        ],
+    )
+    run = RunDir(tmp_path / "run", config.model_dump(mode="json"))
+    run_grpo(config, run)
+    run.close()
+    steps = [r for r in run.history if r["kind"] == "train"]
+    assert len(steps) == 2
+    for record in steps:
+        assert record["mismatch/abs_dlogprob"] < 1e-4
+        assert record["mismatch/ess"] == pytest.approx(1.0, abs=1e-4)
+        assert record["mismatch/capped_frac"] == 0.0

@@ -53,7 +53,7 @@ from palaestra.trainer.batch import TokenBatch, collate
 from palaestra.trainer.checkpoint import save_checkpoint
 from palaestra.trainer.errors import AllEpisodesFailedError
 from palaestra.trainer.learner import Learner
-from palaestra.trainer.losses import kl_penalized_rewards, policy_loss
+from palaestra.trainer.losses import behaviour_weights, kl_penalized_rewards, policy_loss
 from palaestra.trainer.weight_sync import default_tolerance, verify_engine_weights
 
 if TYPE_CHECKING:
@@ -231,9 +231,10 @@ async def _train_step(
     group_ids = torch.tensor([tr.group_id for tr in trajectories])
     advantages = grouped_advantages(rewards, group_ids, scale_by_std=cfg.grpo.scale_by_std)
     batch = dataclasses.replace(batch, advantages_B=advantages)
-    # 5. learner step
+    # 5. learner step (with the engine's logprobs corrected towards the learner's if asked)
     train_started = time.perf_counter()
-    metrics = parts.learner.step(batch, _loss_fn(cfg))
+    batch, mismatch = _behaviour_correction(cfg, parts.learner, batch)
+    metrics = parts.learner.step(batch, _loss_fn(cfg)) | mismatch
     train_s = time.perf_counter() - train_started
     # 6. sync weights
     sync_started = time.perf_counter()
@@ -284,6 +285,26 @@ def _group_requests(
     return groups
 
 
+def _behaviour_correction(
+    cfg: TrainConfig, learner: Learner, batch: TokenBatch
+) -> tuple[TokenBatch, dict[str, float]]:
+    """With importance sampling on: clip against the learner's logprobs before this step
+    (the proximal policy) and weigh tokens by the truncated ratio learner / engine."""
+    if cfg.grpo.importance_sampling == "off":
+        return batch, {}
+    proximal_BT = learner.score(learner.model, batch)
+    weights_BT, metrics = behaviour_weights(
+        proximal_BT,
+        batch.old_logprobs_BT,
+        batch.loss_mask_BT,
+        cap=cfg.grpo.is_cap,
+        level=cfg.grpo.importance_sampling,
+    )
+    return dataclasses.replace(
+        batch, old_logprobs_BT=proximal_BT, is_weights_BT=weights_BT
+    ), metrics
+
+
 def _loss_fn(cfg: TrainConfig) -> Any:
     g = cfg.grpo
     in_loss = g.kl_coef > 0 and g.kl_placement == "loss"
@@ -298,6 +319,7 @@ def _loss_fn(cfg: TrainConfig) -> Any:
             clip_high=g.clip_high,
             aggregation=g.aggregation,
             ref_logprobs_BT=batch.ref_logprobs_BT if in_loss else None,
+            is_weights_BT=batch.is_weights_BT,
             kl_coef=g.kl_coef if in_loss else 0.0,
             kl_estimator=g.kl_estimator,
             num_tokens=num_tokens,
