@@ -9,7 +9,7 @@ logits at ``t - 1``, so position 0 never carries loss (it is always prompt).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -67,11 +67,18 @@ class TokenBatch:
         return replace(self, ref_logprobs_BT=ref_logprobs_BT)
 
     def to(self, device: torch.device | str) -> TokenBatch:
-        moved = {
-            f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
-            for f in fields(self)
-        }
-        return TokenBatch(**moved)
+        def move(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor.to(device)
+
+        return TokenBatch(
+            self.input_ids_BT.to(device),
+            self.attention_mask_BT.to(device),
+            self.loss_mask_BT.to(device),
+            self.old_logprobs_BT.to(device),
+            self.advantages_B.to(device),
+            ref_logprobs_BT=move(self.ref_logprobs_BT),
+            is_weights_BT=move(self.is_weights_BT),
+        )
 
 
 def _slice(tensor_BT: torch.Tensor | None, rows: slice, cols: slice) -> torch.Tensor | None:
