@@ -19,7 +19,7 @@ VLLM_TINY_SHAPE = {
     "num_key_value_heads": 1,
     "head_dim": 32,
 }
-"""``tiny-random`` has head_dim 8; vLLM's CPU attention takes head sizes from 32 up."""
+"""``tiny-random`` has head_dim 4; vLLM's CPU attention takes head sizes from 32 up."""
 
 
 @pytest.fixture(scope="session")

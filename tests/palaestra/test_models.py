@@ -20,6 +20,7 @@ def test_tiny_random_is_a_small_llama_with_the_smollm2_tokenizer():
     model, tokenizer = load_model(path)
 
     assert sum(p.numel() for p in model.parameters()) < 1_000_000
+    assert (path / "model.safetensors").stat().st_size < 1_000_000  # a few hundred KB
     assert not model.training
     assert model.config.tie_word_embeddings
     assert tokenizer.eos_token == "<|im_end|>"

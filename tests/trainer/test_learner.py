@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -97,14 +98,16 @@ def test_micro_batching_gives_the_full_batch_update(tiny):
         assert torch.allclose(a, b, atol=1e-6), name
 
 
-def test_a_step_raises_the_logprob_of_positively_advantaged_tokens(tiny):
-    batch = collate(TRAJECTORIES[:2], [1.0, -1.0], pad_id=PAD)
+@pytest.mark.parametrize("advantage", [1.0, -1.0])
+def test_a_step_moves_the_logprob_of_sampled_tokens_with_the_advantage_sign(tiny, advantage):
     model = copy.deepcopy(tiny)
-    before = token_logprobs(model, batch).detach()
-    learner(model, 2).step(batch, grpo_loss)
-    after = token_logprobs(model, batch).detach()
-    assert after[0].sum() > before[0].sum()  # advantage +1: more likely
-    assert after[1].sum() < before[1].sum()  # advantage -1: less likely
+    batch = collate(TRAJECTORIES[:1], [advantage], pad_id=PAD)
+    on_policy = token_logprobs(model, batch).detach()  # ratio 1: nothing is clipped
+    batch = dataclasses.replace(batch, old_logprobs_BT=on_policy)
+    before = on_policy.sum()
+    learner(model, 1).step(batch, grpo_loss)
+    after = token_logprobs(model, batch).detach().sum()
+    assert (after - before) * advantage > 0  # +1: more likely; -1: less likely
 
 
 def test_named_weights_round_trip_into_an_engine_copy(tiny):
