@@ -16,6 +16,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+from palaestra.agent.errors import EngineError
+
 if TYPE_CHECKING:
     import torch
 
@@ -56,6 +58,21 @@ class Completion:
     """``"stop"`` when an end token was sampled, ``"length"`` when ``max_tokens`` was hit."""
     policy_version: int
     """The weight version that produced this completion."""
+
+
+def check_token_ids(token_ids: list[int], vocab_size: int) -> None:
+    """Refuse empty id lists and ids outside ``[0, vocab_size)`` with an ``EngineError``.
+
+    Engines call this per request, before batching, so one bad request cannot fail others.
+    """
+    if not token_ids:
+        raise EngineError("token ids are empty: render at least one token to prompt with")
+    bad = [t for t in token_ids if not 0 <= t < vocab_size]
+    if bad:
+        raise EngineError(
+            f"{len(bad)} ids lie outside the vocabulary [0, {vocab_size}) (first: {bad[0]}): "
+            "were they tokenized for another model?"
+        )
 
 
 @runtime_checkable

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from palaestra.agent.engines.base import Completion, SamplingParams
+from palaestra.agent.engines.base import Completion, SamplingParams, check_token_ids
 from palaestra.agent.errors import EngineError
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -117,7 +117,7 @@ class TransformersEngine:
 
     async def generate(self, prompt_ids: list[int], sampling: SamplingParams) -> Completion:
         """Queue one request; it is decoded in the next batch. Raises ``EngineError``."""
-        self._check_prompt(prompt_ids)
+        check_token_ids(prompt_ids, self._vocab_size)
         future: asyncio.Future[Completion] = asyncio.get_running_loop().create_future()
         self._request_queue().put_nowait(_Request(list(prompt_ids), sampling, future))
         return await future
@@ -138,20 +138,10 @@ class TransformersEngine:
 
         One teacher-forced forward, between batches. Raises ``EngineError`` on bad ids.
         """
-        self._check_prompt(token_ids)
+        check_token_ids(token_ids, self._vocab_size)
         return await asyncio.to_thread(self._score, list(token_ids))
 
     # --- batching, on the event loop ----------------------------------------------------
-
-    def _check_prompt(self, prompt_ids: list[int]) -> None:
-        if not prompt_ids:
-            raise EngineError("prompt_ids is empty: render at least one token to prompt with")
-        bad = [t for t in prompt_ids if not 0 <= t < self._vocab_size]
-        if bad:
-            raise EngineError(
-                f"prompt_ids holds {len(bad)} ids outside the vocabulary [0, "
-                f"{self._vocab_size}) (first: {bad[0]}): was it tokenized for another model?"
-            )
 
     def _request_queue(self) -> asyncio.Queue[_Request]:
         """The queue of the running loop, with its batching task (re)started if needed."""

@@ -49,7 +49,7 @@ from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from palaestra.agent.engines.base import Completion, SamplingParams
+from palaestra.agent.engines.base import Completion, SamplingParams, check_token_ids
 from palaestra.agent.engines.vllm_worker import WeightReloadExtension, write_weights_file
 from palaestra.agent.errors import EngineError
 
@@ -190,7 +190,7 @@ class VLLMEngine:
         logprobs would then be of the renormalised nucleus, not of ``logits / T``) and
         when vLLM fails or aborts the request.
         """
-        self._check_ids(prompt_ids)
+        check_token_ids(prompt_ids, self._vocab_size)
         if sampling.top_p < 1:
             raise EngineError(
                 f"the vllm engine samples with top_p = 1 only (got {sampling.top_p}): with "
@@ -226,7 +226,7 @@ class VLLMEngine:
         vLLM's prompt logprobs of the sequence (one prefill; the prefix cache is not read
         for it). Raises ``EngineError`` on bad ids.
         """
-        self._check_ids(token_ids)
+        check_token_ids(token_ids, self._vocab_size)
         params = self._vllm.SamplingParams(
             max_tokens=1,
             prompt_logprobs=0,
@@ -278,16 +278,6 @@ class VLLMEngine:
             llm.shutdown()
 
     # --- requests -----------------------------------------------------------------------
-
-    def _check_ids(self, token_ids: list[int]) -> None:
-        if not token_ids:
-            raise EngineError("token ids are empty: render at least one token")
-        bad = [t for t in token_ids if not 0 <= t < self._vocab_size]
-        if bad:
-            raise EngineError(
-                f"{len(bad)} ids lie outside the vocabulary [0, {self._vocab_size}) "
-                f"(first: {bad[0]}): were they tokenized for another model?"
-            )
 
     async def _final_output(self, token_ids: list[int], params: Any) -> Any:
         prompt = self._vllm.TokensPrompt(prompt_token_ids=list(token_ids))
