@@ -96,10 +96,7 @@ class RolloutProducer:
         """The next ``num_groups`` groups fresh enough for training step ``step``."""
         groups: list[list[Trajectory]] = []
         while len(groups) < num_groups:
-            if self._task is not None and self._task.done():
-                self._task.result()  # re-raise what stopped the producer
-                raise RuntimeError("the rollout producer stopped")
-            group = await self._queue.get()
+            group = await self._get()
             staleness = (step - 1) - min(t.policy_version for t in group)
             if staleness > self.max_staleness:
                 self.stats.groups_dropped_stale += 1
@@ -107,6 +104,19 @@ class RolloutProducer:
             self.stats.staleness[max(staleness, 0)] += 1
             groups.append(group)
         return groups
+
+    async def _get(self) -> list[Trajectory]:
+        """The next group on the queue; raises what stopped the producer if it stops first."""
+        if self._task is None:
+            raise RuntimeError("the rollout producer was not started: call start() first")
+        if not self._queue.empty() or not self._task.done():
+            get = asyncio.ensure_future(self._queue.get())
+            await asyncio.wait({get, self._task}, return_when=asyncio.FIRST_COMPLETED)
+            if get.done():
+                return get.result()
+            get.cancel()
+        self._task.result()  # re-raise what stopped the producer
+        raise RuntimeError("the rollout producer stopped")
 
     async def _produce(self) -> None:
         step = 1

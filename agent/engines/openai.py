@@ -13,8 +13,10 @@ request fails with ``EngineError``, which the rollout records as an infrastructu
 
 Weights: ``update_weights`` writes the tensors to a safetensors file and asks the server to
 reload them through ``/collective_rpc`` (vLLM's dev-mode route) with the worker extension in
-``palaestra.agent.engines.vllm_worker``. The file must be readable by the server: the
-default directory, ``/dev/shm``, works for a server on the same machine.
+``palaestra.agent.engines.vllm_worker``, then clears the server's prefix cache
+(``/reset_prefix_cache``), whose keys and values were computed with the old weights. The
+file must be readable by the server: the default directory, ``/dev/shm``, works for a
+server on the same machine.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from palaestra.agent.engines.base import Completion, SamplingParams
+from palaestra.agent.engines.base import Completion, SamplingParams, WeightGate
 from palaestra.agent.engines.vllm_worker import default_weights_dir, write_weights_file
 from palaestra.agent.errors import EngineError
 
@@ -36,6 +38,8 @@ if TYPE_CHECKING:
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 """HTTP statuses worth retrying: timeouts, rate limits and server-side failures."""
 
+_DEV_ROUTES = ("/collective_rpc", "/reset_prefix_cache")
+"""Routes a vLLM server has only in dev mode; weight updates need both."""
 SERVER_SETUP = (
     "start the server with VLLM_SERVER_DEV_MODE=1 and "
     "--worker-extension-cls palaestra.agent.engines.vllm_worker.WeightReloadExtension"
@@ -84,12 +88,12 @@ class OpenAIEngine:
             limits=httpx.Limits(max_connections=max_connections),
             transport=transport,
         )
-        self._policy_version = 0
+        self._gate = WeightGate()
 
     @property
     def policy_version(self) -> int:
         """Version of the weights last sent to the server; 0 for the weights it started with."""
-        return self._policy_version
+        return self._gate.version
 
     async def generate(self, prompt_ids: list[int], sampling: SamplingParams) -> Completion:
         """Sample one completion; raises ``EngineError`` when the server fails or lacks token ids."""
@@ -106,8 +110,8 @@ class OpenAIEngine:
         }
         if sampling.seed is not None:
             body["seed"] = sampling.seed
-        version = self._policy_version
-        choice = (await self._post("/v1/completions", body))["choices"][0]
+        async with self._gate.serving() as version:
+            choice = (await self._post("/v1/completions", body))["choices"][0]
         token_ids = choice.get("token_ids")
         if token_ids is None:
             raise EngineError(
@@ -131,7 +135,9 @@ class OpenAIEngine:
         returns none.
         """
         body = {"model": self.model, "prompt": list(token_ids), "max_tokens": 1}
-        choice = (await self._post("/v1/completions", {**body, "prompt_logprobs": 0}))["choices"][0]
+        async with self._gate.serving():
+            reply = await self._post("/v1/completions", {**body, "prompt_logprobs": 0})
+        choice = reply["choices"][0]
         positions = choice.get("prompt_logprobs")
         if positions is None or len(positions) != len(token_ids):
             raise EngineError(
@@ -143,15 +149,27 @@ class OpenAIEngine:
     async def update_weights(
         self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int
     ) -> None:
-        """Send new weights through a shared file; the server reloads them in place."""
-        path = await asyncio.to_thread(write_weights_file, named_tensors, self.weights_dir)
-        try:
-            await self._post(
-                "/collective_rpc", {"method": "palaestra_reload_weights", "args": [str(path)]}
-            )
-        finally:
-            path.unlink(missing_ok=True)
-        self._policy_version = version
+        """Send new weights through a shared file; the server reloads them in place.
+
+        This engine's new requests wait while the server loads, and its requests in flight
+        finish first, so every completion comes from one version (requests other clients
+        send to the same server are not held back).
+        """
+        async with self._gate.loading(version):
+            path = await asyncio.to_thread(write_weights_file, named_tensors, self.weights_dir)
+            try:
+                await self._post(
+                    "/collective_rpc", {"method": "palaestra_reload_weights", "args": [str(path)]}
+                )
+            finally:
+                path.unlink(missing_ok=True)
+            # cached prompt prefixes hold keys and values computed with the old weights
+            reset = await self._post("/reset_prefix_cache", {})
+            if not reset.get("success", False):
+                raise EngineError(
+                    f"{self.base_url} could not clear its prefix cache after a weight update; "
+                    "later completions would reuse keys and values of the old weights"
+                )
 
     async def aclose(self) -> None:
         """Close the connection pool."""
@@ -165,10 +183,8 @@ class OpenAIEngine:
             except httpx.TransportError as exc:
                 failure = f"{type(exc).__name__}: {exc}"
             else:
-                if response.status_code == 404 and route == "/collective_rpc":
-                    raise EngineError(
-                        f"{self.base_url} has no /collective_rpc route: {SERVER_SETUP}"
-                    )
+                if response.status_code == 404 and route in _DEV_ROUTES:
+                    raise EngineError(f"{self.base_url} has no {route} route: {SERVER_SETUP}")
                 if response.status_code < 400:
                     result: dict[str, Any] = response.json()
                     return result

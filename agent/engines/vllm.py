@@ -38,18 +38,22 @@ Not here: tensor or data parallelism, LoRA adapters, NCCL/IPC weight transfer on
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import json
 import logging
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from palaestra.agent.engines.base import Completion, SamplingParams, check_token_ids
+from palaestra.agent.engines.base import (
+    Completion,
+    SamplingParams,
+    WeightGate,
+    check_token_ids,
+)
 from palaestra.agent.engines.vllm_worker import WeightReloadExtension, write_weights_file
 from palaestra.agent.errors import EngineError
 
@@ -108,10 +112,7 @@ class VLLMEngine:
         self._weight_shapes = weight_shapes
         self._seeds = random.Random(seed)
         self._request_ids = itertools.count()
-        self._policy_version = 0
-        self._in_flight = 0
-        self._loading = False
-        self._condition: asyncio.Condition | None = None
+        self._gate = WeightGate()
 
     @classmethod
     def from_model_dir(
@@ -181,7 +182,7 @@ class VLLMEngine:
     @property
     def policy_version(self) -> int:
         """Version of the weights now loaded; 0 for the weights of the model directory."""
-        return self._policy_version
+        return self._gate.version
 
     async def generate(self, prompt_ids: list[int], sampling: SamplingParams) -> Completion:
         """Sample one completion; concurrent calls share vLLM's running batch.
@@ -209,7 +210,7 @@ class VLLMEngine:
             flat_logprobs=True,
             output_kind=self._vllm.sampling_params.RequestOutputKind.FINAL_ONLY,
         )
-        async with self._serving() as version:
+        async with self._gate.serving() as version:
             output = (await self._final_output(prompt_ids, params)).outputs[0]
         token_ids = tuple(output.token_ids)
         if output.finish_reason not in ("stop", "length") or output.logprobs is None:
@@ -234,7 +235,7 @@ class VLLMEngine:
             flat_logprobs=True,
             output_kind=self._vllm.sampling_params.RequestOutputKind.FINAL_ONLY,
         )
-        async with self._serving():
+        async with self._gate.serving():
             output = await self._final_output(token_ids, params)
         positions = output.prompt_logprobs
         return [positions[i][token].logprob for i, token in enumerate(token_ids) if i > 0]
@@ -253,7 +254,7 @@ class VLLMEngine:
         """
         started = time.perf_counter()
         tensors = self._checked(named_tensors)
-        async with self._loading_weights():
+        async with self._gate.loading(version):
             path = await asyncio.to_thread(write_weights_file, tensors)
             try:
                 await self._llm.collective_rpc("palaestra_reload_weights", args=(str(path),))
@@ -263,7 +264,6 @@ class VLLMEngine:
                 path.unlink(missing_ok=True)
             if not await self._llm.reset_prefix_cache():
                 raise EngineError("vLLM could not clear its prefix cache after a weight update")
-            self._policy_version = version
         self.last_sync_s = time.perf_counter() - started
         logger.info("vLLM weights v%d loaded in %.2f s", version, self.last_sync_s)
 
@@ -291,42 +291,6 @@ class VLLMEngine:
         if final is None or not final.finished:
             raise EngineError(f"vLLM returned no final output for request {request_id}")
         return final
-
-    # --- the gate between requests and weight loads ---------------------------------------
-
-    def _gate(self) -> asyncio.Condition:
-        if self._condition is None:
-            self._condition = asyncio.Condition()
-        return self._condition
-
-    @contextlib.asynccontextmanager
-    async def _serving(self) -> AsyncIterator[int]:
-        """Hold off weight loads while a request runs; yield the version it runs on."""
-        gate = self._gate()
-        async with gate:
-            await gate.wait_for(lambda: not self._loading)
-            self._in_flight += 1
-        try:
-            yield self._policy_version
-        finally:
-            async with gate:
-                self._in_flight -= 1
-                gate.notify_all()
-
-    @contextlib.asynccontextmanager
-    async def _loading_weights(self) -> AsyncIterator[None]:
-        """Stop new requests, wait for those in flight, and let them go again after."""
-        gate = self._gate()
-        async with gate:
-            await gate.wait_for(lambda: not self._loading)
-            self._loading = True
-            await gate.wait_for(lambda: self._in_flight == 0)
-        try:
-            yield
-        finally:
-            async with gate:
-                self._loading = False
-                gate.notify_all()
 
     # --- weights --------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ in the middle of a rollout.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import os
@@ -120,6 +121,63 @@ async def test_weight_update_without_the_rpc_route_says_how_to_start_the_server(
     with pytest.raises(EngineError, match="worker-extension-cls"):
         await engine.update_weights([("w", torch.zeros(2))], version=1)
     assert engine.policy_version == 0
+
+
+async def test_a_weight_update_reloads_then_clears_the_prefix_cache_before_new_requests():
+    routes = []
+
+    def handler(request):
+        routes.append(request.url.path)
+        if request.url.path == "/reset_prefix_cache":
+            return httpx.Response(200, json={"success": True})
+        if request.url.path == "/collective_rpc":
+            return httpx.Response(200, json={"results": [{"tensors": 1}]})
+        return completion([7], [-0.2])
+
+    engine = server(handler)
+    await engine.update_weights([("w", torch.zeros(2))], version=3)
+    after = await engine.generate([1], SAMPLING)
+
+    assert routes == ["/collective_rpc", "/reset_prefix_cache", "/v1/completions"]
+    assert after.policy_version == engine.policy_version == 3
+
+
+async def test_a_prefix_cache_that_cannot_be_cleared_fails_the_update():
+    def handler(request):
+        return httpx.Response(200, json={"success": False, "results": []})
+
+    engine = server(handler)
+    with pytest.raises(EngineError, match="prefix cache"):
+        await engine.update_weights([("w", torch.zeros(2))], version=1)
+    assert engine.policy_version == 0
+
+
+async def test_requests_in_flight_finish_on_the_old_version_before_weights_load():
+    release = asyncio.Event()
+    order = []
+
+    async def handler(request):
+        order.append(request.url.path)
+        if request.url.path == "/v1/completions" and len(order) == 1:
+            await release.wait()  # the first request is still running on the server
+        if request.url.path == "/reset_prefix_cache":
+            return httpx.Response(200, json={"success": True})
+        return completion([7], [-0.2])
+
+    engine = server(handler)
+    first = asyncio.create_task(engine.generate([1], SAMPLING))
+    while not order:
+        await asyncio.sleep(0)
+    update = asyncio.create_task(engine.update_weights([("w", torch.zeros(2))], version=1))
+    second = asyncio.create_task(engine.generate([1], SAMPLING))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert order == ["/v1/completions"]  # the update waits; the new request waits behind it
+    release.set()
+    done = await asyncio.gather(first, update, second)
+
+    assert order == ["/v1/completions", "/collective_rpc", "/reset_prefix_cache", "/v1/completions"]
+    assert done[0].policy_version == 0 and done[2].policy_version == 1
 
 
 # --- a real vLLM server -----------------------------------------------------------------
@@ -241,7 +299,11 @@ async def test_real_server_logprobs_match_the_learner_before_and_after_a_weight_
     engine = OpenAIEngine(vllm_server, "policy", stop_token_ids=[tokenizer.eos_token_id])
     from palaestra.agent.render import ChatRenderer
 
-    prompt = ChatRenderer(tokenizer).prompt_ids([{"role": "user", "content": "What is 2 + 3?"}])
+    # long enough to fill cached prefix blocks: a stale prefix cache would show after the update
+    context = " ".join(f"Item {i} costs {i % 7 + 1} coins." for i in range(40))
+    question = {"role": "user", "content": f"{context} What is 2 + 3?"}
+    prompt = ChatRenderer(tokenizer).prompt_ids([question])
+    assert len(prompt) > 300
     sampling = SamplingParams(max_tokens=16, temperature=0.7, seed=5)
 
     first = await engine.generate(prompt, sampling)
@@ -317,3 +379,41 @@ async def test_a_server_killed_mid_rollout_marks_episodes_as_infrastructure_fail
     assert failed, "the server was killed, yet no episode was marked as an engine failure"
     assert all(t.stop_reason.is_infra_failure and "attempts" in t.info["error"] for t in failed)
     assert all(t.num_sampled_tokens == 0 and t.reward == 0.0 for t in failed)
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_grpo_trains_through_a_real_server_with_verified_syncs(tmp_path, vllm_server):
+    """Runs last in this module: it moves the shared server's weights."""
+    from palaestra.config import load_config
+    from palaestra.rundir import RunDir
+    from palaestra.trainer.stages.grpo import run_grpo
+
+    config = load_config(
+        None,
+        [
+            "engine=openai",
+            f"server.url={vllm_server}",
+            "server.model_name=policy",
+            "engine_dtype=float32",  # the server runs float32: tolerance 0.01 nats
+            "verify_every=1",
+            "rollout.max_staleness=1",
+            "rollout.tasks_per_step=2",
+            "rollout.group_size=2",
+            "rollout.max_tokens=8",
+            "trainer.steps=2",
+            "trainer.lr=1e-4",
+            "eval.before=false",
+            "eval.after=false",
+            "run.progress=false",
+        ],
+    )
+    run = RunDir(tmp_path / "run", config.model_dump(mode="json"))
+    run_grpo(config, run)
+    run.close()
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    records = [r for r in map(json.loads, lines) if r["kind"] == "train"]
+
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(r["sync/max_abs_dlogprob"] < 1e-2 and r["staleness/max"] <= 1 for r in records)
+    assert all(r["infra_failures"] == 0 for r in records)

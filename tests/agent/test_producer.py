@@ -117,3 +117,22 @@ async def test_staleness_zero_reproduces_the_synchronous_batches(parts):
         [t.token_ids for g in s for t in g] for s in sync
     ]
     assert [[t.policy_version for g in s for t in g] for s in produced] == [[0] * 4, [1] * 4]
+
+
+async def test_a_producer_that_dies_raises_its_error_in_the_waiting_learner(parts):
+    pool, engine, renderer = parts
+
+    def broken(step: int) -> list[list[EpisodeRequest]]:
+        if step == 2:
+            raise ValueError("no tasks left for step 2")
+        return requests_for_step(step)
+
+    p = RolloutProducer(pool, engine, renderer, SamplingParams(), broken, env_id="m")
+    p.start()
+    await p.next_batch(step=1, num_groups=GROUPS)
+    waiting = asyncio.create_task(p.next_batch(step=2, num_groups=GROUPS))
+    await learner_step(engine, p, version=1)  # the producer moves on to step 2 and dies
+
+    with pytest.raises(ValueError, match="no tasks left"):
+        await asyncio.wait_for(waiting, timeout=5)
+    await p.stop()

@@ -116,6 +116,37 @@ def test_grpo_on_the_vllm_engine_syncs_verified_weights(tmp_path, vllm_tiny_mode
     assert all(r["time/sync_s"] > 0 for r in records)
 
 
+THREE_ASYNC_STEPS = [*TWO_STEPS, "trainer.steps=3", "rollout.max_staleness=1"]
+
+
+def assert_within_staleness_bound(records, bound: int, groups_per_step: int) -> None:
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for r in records:
+        assert 0 <= r["staleness/mean"] <= r["staleness/max"] <= bound
+        histogram = [r[f"staleness/groups_{k}"] for k in range(bound + 1)]
+        assert sum(histogram) == groups_per_step  # every trained group is counted once
+        assert r["sync/max_abs_dlogprob"] < 1e-3  # weights verified after every sync
+
+
+def test_async_grpo_steps_stay_within_the_staleness_bound(tmp_path):
+    records = train_records(tmp_path, ["model=tiny-random", *THREE_ASYNC_STEPS])
+
+    assert_within_staleness_bound(records, bound=1, groups_per_step=2)
+    assert records[0]["staleness/max"] == 0  # step 1 can only be sampled on the initial weights
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
+def test_async_grpo_on_the_vllm_engine_stays_within_the_staleness_bound(
+    tmp_path, vllm_tiny_model_dir
+):
+    records = train_records(
+        tmp_path, [f"model={vllm_tiny_model_dir}", "engine=vllm", *THREE_ASYNC_STEPS]
+    )
+
+    assert_within_staleness_bound(records, bound=1, groups_per_step=2)
+
+
 def test_importance_sampling_logs_a_near_zero_mismatch_when_engine_and_learner_agree(tmp_path):
     """fp32 engine and fp32 learner on the same weights: proximal == behaviour, ESS == 1."""
     config = load_config(

@@ -2,19 +2,26 @@
 
 One step, top to bottom:
 
-1. **collect**: play ``tasks_per_step`` groups of ``group_size`` episodes on the current
-   engine weights (concurrently; the engine batches them).
+1. **collect**: take ``tasks_per_step`` groups of ``group_size`` episodes from the rollout
+   producer (``agent.producer``), which samples them concurrently in the background, at
+   most ``rollout.max_staleness`` policy versions behind the learner (0: on exactly the
+   weights of the previous step). Groups over the bound are dropped and counted.
 2. **filter**: drop infrastructure failures (engine or env errors): they say nothing about
    the policy and are counted, never trained as reward 0.
 3. **rewards**: with a KL coefficient and ``kl_placement: reward``, subtract
    ``beta * KL(policy || reference)`` from each episode's reward.
 4. **advantages**: centre rewards within each group (and divide by the group's std unless
    Dr.GRPO's ``scale_by_std: false``).
-5. **learner.step**: token-level clipped surrogate over the sampled tokens.
+5. **learner.step**: token-level clipped surrogate over the sampled tokens; with
+   ``importance_sampling`` on (the default) it clips against the learner's own logprobs
+   before the step and weighs tokens by the truncated ratio learner / engine, which
+   corrects both for staleness and for engine numerics. It runs on a worker thread, so the
+   producer keeps sampling the next steps meanwhile.
 6. **sync**: copy the new weights into the engine, stamped with the next policy version;
-   every ``verify_every`` steps, check that the engine scores a sampled sequence as the
-   learner does (``trainer.weight_sync``).
-7. **log / checkpoint**.
+   every ``verify_every`` steps (and once before training), check that the engine scores a
+   sequence as the learner does (``trainer.weight_sync``).
+7. **log / checkpoint**: rewards, train/inference mismatch, staleness histogram, phase
+   times, memory.
 
 Evaluation on the env's held-out split runs before and after training.
 """
@@ -30,6 +37,7 @@ import os
 import resource
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -39,11 +47,13 @@ from tqdm import tqdm
 
 from palaestra import envs
 from palaestra.agent.engines.base import Engine, SamplingParams
+from palaestra.agent.engines.openai import OpenAIEngine
 from palaestra.agent.engines.transformers import TransformersEngine
 from palaestra.agent.engines.vllm import VLLMEngine
 from palaestra.agent.evaluate import EvalResult, evaluate
+from palaestra.agent.producer import RolloutProducer
 from palaestra.agent.render import ChatRenderer
-from palaestra.agent.rollout import EnvPool, EpisodeRequest, generate_groups
+from palaestra.agent.rollout import EnvPool, EpisodeRequest
 from palaestra.agent.trajectory import Trajectory
 from palaestra.config import TrainConfig
 from palaestra.models import load_model, resolve_model, turn_end_ids
@@ -88,10 +98,12 @@ class _Parts:
     renderer: ChatRenderer
     learner: Learner
 
-    def close(self) -> None:
-        """Stop the engine's processes (vLLM runs its own); the other engines hold none."""
+    async def aclose(self) -> None:
+        """Stop the engine's processes or connections (vLLM runs its own processes)."""
         if isinstance(self.engine, VLLMEngine):
             self.engine.close()
+        elif isinstance(self.engine, OpenAIEngine):
+            await self.engine.aclose()
 
 
 async def _run(cfg: TrainConfig, run: RunDir) -> GRPOResult:
@@ -100,20 +112,37 @@ async def _run(cfg: TrainConfig, run: RunDir) -> GRPOResult:
     try:
         return await _train(cfg, parts, run)
     finally:
-        parts.close()
+        await parts.aclose()
 
 
 async def _train(cfg: TrainConfig, parts: _Parts, run: RunDir) -> GRPOResult:
+    if cfg.verify_every:  # the engine must start from the learner's weights
+        await _verify_sync(cfg, parts, parts.renderer.prompt_ids(_PROBE))
+    before = await _evaluate(cfg, parts, run, step=0) if cfg.eval.before else None
     episodes = cfg.rollout.tasks_per_step * cfg.rollout.group_size
     pool = EnvPool(lambda: envs.make(cfg.env.id, **cfg.env.kwargs, split="train"), episodes)
-    rng = np.random.default_rng(cfg.seed)
-    before = await _evaluate(cfg, parts, run, step=0) if cfg.eval.before else None
+    producer = RolloutProducer(
+        pool,
+        parts.engine,
+        parts.renderer,
+        SamplingParams(
+            max_tokens=cfg.rollout.max_tokens,
+            temperature=cfg.rollout.temperature,
+            top_p=cfg.rollout.top_p,
+        ),
+        lambda step: _group_requests(cfg, step),
+        env_id=cfg.env.id,
+        max_turns=cfg.rollout.max_turns,
+        max_staleness=cfg.rollout.max_staleness,
+        queue_groups=cfg.rollout.tasks_per_step * (cfg.rollout.max_staleness + 1),
+    )
     steps = cfg.trainer.steps
     bar = tqdm(range(1, steps + 1), desc="grpo", disable=not cfg.run.progress, file=sys.stderr)
     step = 0
+    producer.start()
     try:
         for step in bar:
-            metrics = await _train_step(cfg, parts, pool, rng, run, step)
+            metrics = await _train_step(cfg, parts, producer, run, step)
             _return_freed_memory()
             bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", loss=f"{metrics['loss']:.4f}")
             if cfg.run.save_every and step % cfg.run.save_every == 0 and step < steps:
@@ -125,11 +154,16 @@ async def _train(cfg: TrainConfig, parts: _Parts, run: RunDir) -> GRPOResult:
         raise
     finally:
         bar.close()
+        await producer.stop()
         pool.close()
     after = await _evaluate(cfg, parts, run, step=steps) if cfg.eval.after else None
     final = save_checkpoint(parts.model, parts.tokenizer, run.checkpoints / "final")
     run.plot()
     return GRPOResult(before=before, after=after, checkpoint=str(final))
+
+
+_PROBE = [{"role": "user", "content": "Add 17 and 25, then explain the steps in one line."}]
+"""A conversation whose tokens probe the engine's weights before training starts."""
 
 
 def _build(cfg: TrainConfig) -> _Parts:
@@ -143,6 +177,16 @@ def _build(cfg: TrainConfig) -> _Parts:
             eos_token_ids=turn_end_ids(model, tokenizer),
             dtype=cfg.engine_dtype,
             seed=cfg.seed,
+        )
+    elif cfg.engine == "openai":  # a server started on the same model (checked before training)
+        server = cfg.server
+        engine = OpenAIEngine(
+            str(server.url),
+            server.model_name or cfg.model,
+            stop_token_ids=turn_end_ids(model, tokenizer),
+            api_key=os.environ.get(server.api_key_env) if server.api_key_env else None,
+            timeout_s=server.timeout_s,
+            max_retries=server.max_retries,
         )
     else:
         engine = TransformersEngine(
@@ -172,36 +216,15 @@ def _build(cfg: TrainConfig) -> _Parts:
 
 
 async def _train_step(
-    cfg: TrainConfig,
-    parts: _Parts,
-    pool: EnvPool,
-    rng: np.random.Generator,
-    run: RunDir,
-    step: int,
+    cfg: TrainConfig, parts: _Parts, producer: RolloutProducer, run: RunDir, step: int
 ) -> dict[str, float]:
     """One GRPO step: collect, filter, reward, advantages, learn, sync, log."""
     started = time.perf_counter()
-    # 1. collect
-    requests = _group_requests(rng, cfg, first_group_id=(step - 1) * cfg.rollout.tasks_per_step)
-    sampling = SamplingParams(
-        max_tokens=cfg.rollout.max_tokens,
-        temperature=cfg.rollout.temperature,
-        top_p=cfg.rollout.top_p,
-    )
-    groups = [
-        g
-        async for g in generate_groups(
-            pool,
-            parts.engine,
-            parts.renderer,
-            sampling,
-            requests,
-            env_id=cfg.env.id,
-            max_turns=cfg.rollout.max_turns,
-        )
-    ]
-    rollout_s = time.perf_counter() - started
-    # 2. filter infrastructure failures; longest first so micro-batches pad little
+    # 1. collect (the producer sampled these while the previous steps trained)
+    groups = await producer.next_batch(step, cfg.rollout.tasks_per_step)
+    rollout_wait_s = time.perf_counter() - started
+    staleness = [(step - 1) - min(tr.policy_version for tr in g) for g in groups]
+    # 2. filter infrastructure failures
     trajectories = [tr for g in groups for tr in g if not tr.stop_reason.is_infra_failure]
     infra_failures = sum(len(g) for g in groups) - len(trajectories)
     if not trajectories:
@@ -209,10 +232,38 @@ async def _train_step(
             f"step {step}: all {infra_failures} episodes failed for infrastructure reasons "
             f"(engine or env errors); the first: {groups[0][0].info.get('error')}"
         )
-    trajectories.sort(key=lambda tr: -len(tr.token_ids))
-    pad_id = parts.tokenizer.pad_token_id
-    batch = collate(trajectories, [0.0] * len(trajectories), pad_id=pad_id)
-    # 3. rewards, KL-penalised when the KL goes in the reward
+    # 3-5. rewards, advantages, learner step: on a worker thread, so sampling goes on
+    train_started = time.perf_counter()
+    metrics = await asyncio.to_thread(_learn, cfg, parts, trajectories)
+    train_s = time.perf_counter() - train_started
+    # 6. sync weights (waits for requests in flight to finish on the old weights)
+    sync_started = time.perf_counter()
+    await parts.engine.update_weights(parts.learner.named_weights(), version=step)
+    await producer.weights_updated()
+    sync_s = time.perf_counter() - sync_started
+    if cfg.verify_every and step % cfg.verify_every == 0:
+        metrics |= await _verify_sync(cfg, parts, trajectories[0].token_ids)
+    # 7. log
+    metrics |= _rollout_metrics(trajectories, infra_failures)
+    metrics |= _staleness_metrics(staleness, producer, cfg.rollout.max_staleness)
+    metrics |= {
+        "time/rollout_wait_s": rollout_wait_s,
+        "time/train_s": train_s,
+        "time/sync_s": sync_s,
+        "time/step_s": time.perf_counter() - started,
+        "memory/rss_gb": _rss_gb(),
+        "memory/peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    }
+    run.log(step, metrics)
+    if cfg.run.log_trajectories:
+        run.log_trajectories(step, trajectories[: cfg.run.log_trajectories], parts.renderer.decode)
+    return metrics
+
+
+def _learn(cfg: TrainConfig, parts: _Parts, trajectories: list[Trajectory]) -> dict[str, float]:
+    """Steps 3-5: rewards (KL-penalised if so configured), group advantages, learner step."""
+    trajectories = sorted(trajectories, key=lambda tr: -len(tr.token_ids))  # less padding
+    batch = collate(trajectories, [0.0] * len(trajectories), pad_id=parts.tokenizer.pad_token_id)
     rewards = torch.tensor([tr.reward for tr in trajectories])
     kl_metrics: dict[str, float] = {}
     if parts.reference is not None:
@@ -227,48 +278,35 @@ async def _train_step(
                 beta=cfg.grpo.kl_coef,
                 estimator=cfg.grpo.kl_estimator,
             )
-    # 4. advantages within each group
     group_ids = torch.tensor([tr.group_id for tr in trajectories])
     advantages = grouped_advantages(rewards, group_ids, scale_by_std=cfg.grpo.scale_by_std)
     batch = dataclasses.replace(batch, advantages_B=advantages)
-    # 5. learner step (with the engine's logprobs corrected towards the learner's if asked)
-    train_started = time.perf_counter()
     batch, mismatch = _behaviour_correction(cfg, parts.learner, batch)
-    metrics = parts.learner.step(batch, _loss_fn(cfg)) | mismatch
-    train_s = time.perf_counter() - train_started
-    # 6. sync weights
-    sync_started = time.perf_counter()
-    await parts.engine.update_weights(parts.learner.named_weights(), version=step)
-    sync_s = time.perf_counter() - sync_started
-    if cfg.verify_every and step % cfg.verify_every == 0:
-        check = await verify_engine_weights(
-            parts.engine,
-            parts.model,
-            trajectories[0].token_ids,
-            tolerance=cfg.verify_tolerance or default_tolerance(cfg.engine_dtype),
-        )
-        metrics["sync/max_abs_dlogprob"] = check.max_abs_dlogprob
-        metrics["sync/mean_abs_dlogprob"] = check.mean_abs_dlogprob
-    # 7. log
-    metrics |= kl_metrics | _rollout_metrics(trajectories, infra_failures)
-    metrics |= {
-        "time/rollout_s": rollout_s,
-        "time/train_s": train_s,
-        "time/sync_s": sync_s,
-        "time/step_s": time.perf_counter() - started,
-        "memory/rss_gb": _rss_gb(),
-        "memory/peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    return parts.learner.step(batch, _loss_fn(cfg)) | mismatch | kl_metrics
+
+
+async def _verify_sync(
+    cfg: TrainConfig, parts: _Parts, probe_ids: Sequence[int]
+) -> dict[str, float]:
+    """Check the engine scores ``probe_ids`` as the learner does; raises ``WeightSyncError``."""
+    check = await verify_engine_weights(
+        parts.engine,
+        parts.model,
+        probe_ids,
+        tolerance=cfg.verify_tolerance or default_tolerance(cfg.engine_dtype),
+    )
+    return {
+        "sync/max_abs_dlogprob": check.max_abs_dlogprob,
+        "sync/mean_abs_dlogprob": check.mean_abs_dlogprob,
     }
-    run.log(step, metrics)
-    if cfg.run.log_trajectories:
-        run.log_trajectories(step, trajectories[: cfg.run.log_trajectories], parts.renderer.decode)
-    return metrics
 
 
-def _group_requests(
-    rng: np.random.Generator, cfg: TrainConfig, *, first_group_id: int
-) -> list[list[EpisodeRequest]]:
-    """One reset seed per group, so all its episodes get the same task; distinct sampling seeds."""
+def _group_requests(cfg: TrainConfig, step: int) -> list[list[EpisodeRequest]]:
+    """The groups of training step ``step``: one reset seed per group, so all its episodes
+    get the same task, and distinct sampling seeds. A function of the seed and the step
+    only, so a step's tasks do not depend on when they are sampled."""
+    rng = np.random.default_rng([cfg.seed, step])
+    first_group_id = (step - 1) * cfg.rollout.tasks_per_step
     groups = []
     for g in range(cfg.rollout.tasks_per_step):
         reset_seed = int(rng.integers(2**31))
@@ -283,6 +321,18 @@ def _group_requests(
             ]
         )
     return groups
+
+
+def _staleness_metrics(
+    staleness: list[int], producer: RolloutProducer, max_staleness: int
+) -> dict[str, float]:
+    """This step's staleness histogram (groups per lag, in policy versions) and drop count."""
+    return {
+        "staleness/mean": float(np.mean(staleness)),
+        "staleness/max": float(max(staleness)),
+        **{f"staleness/groups_{k}": float(staleness.count(k)) for k in range(max_staleness + 1)},
+        "staleness/dropped_groups_total": float(producer.stats.groups_dropped_stale),
+    }
 
 
 def _behaviour_correction(
