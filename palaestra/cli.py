@@ -70,6 +70,14 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-turns", type=int, default=1)
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    ev.add_argument(
+        "--engine",
+        default="transformers",
+        choices=["transformers", "vllm", "openai"],
+        help="rollout engine (vllm needs `make setup-vllm`)",
+    )
+    ev.add_argument("--server-url", help="with --engine openai: the server's root URL")
+    ev.add_argument("--server-model", help="with --engine openai: the served model's name")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--json", action="store_true", help="print the result as JSON")
     ev.set_defaults(run=_eval)
@@ -113,8 +121,8 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from palaestra import envs
     from palaestra.agent.engines.base import SamplingParams
-    from palaestra.agent.engines.transformers import TransformersEngine
-    from palaestra.agent.evaluate import evaluate
+    from palaestra.agent.engines.build import ServerSettings, build_engine, close_engine
+    from palaestra.agent.evaluate import EvalResult, evaluate
     from palaestra.agent.render import ChatRenderer
     from palaestra.agent.rollout import EnvPool
     from palaestra.errors import ConfigError
@@ -125,20 +133,32 @@ def _eval(args: argparse.Namespace) -> int:
     except json.JSONDecodeError as exc:
         raise ConfigError(f"--env-kwargs is not valid JSON: {exc}") from None
     _quiet_libraries()
-    model, tokenizer = load_model(resolve_model(args.model), device=args.device)
-    engine = TransformersEngine(
-        model,
+    model_dir = resolve_model(args.model)
+    model, tokenizer = load_model(model_dir, device=args.device)
+    if args.engine == "openai" and not args.server_url:
+        raise ConfigError("--engine openai needs --server-url, the root of a running server")
+    server = (
+        ServerSettings(args.server_url, args.server_model or args.model)
+        if args.engine == "openai"
+        else None
+    )
+    engine = build_engine(
+        args.engine,
+        model=model,
+        model_dir=model_dir,
         eos_token_ids=turn_end_ids(model, tokenizer),
         pad_token_id=tokenizer.pad_token_id,
         device=args.device,
         dtype=args.dtype,
         seed=args.seed,
+        server=server,
     )
     pool = EnvPool(lambda: envs.make(args.env, **env_kwargs, split=args.split), 64)
     sampling = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
-    try:
-        result, _ = asyncio.run(
-            evaluate(
+
+    async def run() -> EvalResult:
+        try:
+            result, _ = await evaluate(
                 pool,
                 engine,
                 ChatRenderer(tokenizer),
@@ -149,7 +169,12 @@ def _eval(args: argparse.Namespace) -> int:
                 max_turns=args.max_turns,
                 seed=args.seed,
             )
-        )
+            return result
+        finally:
+            await close_engine(engine)
+
+    try:
+        result = asyncio.run(run())
     finally:
         pool.close()
     if args.json:

@@ -61,6 +61,7 @@ class OpenAIEngine:
         backoff_s: float = 0.5,
         max_connections: int = 64,
         weights_dir: str | Path | None = None,
+        dtype: str | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         """Args:
@@ -71,6 +72,8 @@ class OpenAIEngine:
         max_retries: retries after the first attempt, with delays ``backoff_s * 2**i``.
         max_connections: size of the connection pool (concurrent requests).
         weights_dir: where ``update_weights`` writes its file; default ``/dev/shm``.
+        dtype: the server's weight dtype (``bfloat16``, ``float32``); updates are cast to it
+            before they are sent. ``None`` sends them as they are.
         transport: an httpx transport to use instead of the network (``httpx.MockTransport``
             in tests).
         """
@@ -81,6 +84,7 @@ class OpenAIEngine:
         self.max_retries = max_retries
         self.backoff_s = backoff_s
         self.weights_dir = Path(weights_dir) if weights_dir else default_weights_dir()
+        self.dtype = dtype
         self._client = httpx.AsyncClient(
             base_url=self.base_url,
             headers=headers,
@@ -156,7 +160,9 @@ class OpenAIEngine:
         send to the same server are not held back).
         """
         async with self._gate.loading(version):
-            path = await asyncio.to_thread(write_weights_file, named_tensors, self.weights_dir)
+            path = await asyncio.to_thread(
+                write_weights_file, named_tensors, self.weights_dir, dtype=self.dtype
+            )
             try:
                 await self._post(
                     "/collective_rpc", {"method": "palaestra_reload_weights", "args": [str(path)]}

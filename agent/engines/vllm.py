@@ -100,6 +100,7 @@ class VLLMEngine:
         seed: int,
         vocab_size: int,
         weight_shapes: dict[str, tuple[int, ...]],
+        dtype: str,
     ) -> None:
         self._llm = llm
         self._vllm = import_vllm()
@@ -112,6 +113,8 @@ class VLLMEngine:
         self._weight_shapes = weight_shapes
         self._seeds = random.Random(seed)
         self._request_ids = itertools.count()
+        self.dtype = dtype
+        """Dtype of the engine's weights; updates are cast to it before they are written."""
         self._gate = WeightGate()
 
     @classmethod
@@ -172,6 +175,7 @@ class VLLMEngine:
             seed=seed,
             vocab_size=vocab_size,
             weight_shapes=weight_shapes,
+            dtype=dtype,
         )
         # vLLM keeps the traceback of an optional import that failed during start-up
         # (torchcodec), and with it this frame: without this ``del`` the AsyncLLM would
@@ -255,7 +259,7 @@ class VLLMEngine:
         started = time.perf_counter()
         tensors = self._checked(named_tensors)
         async with self._gate.loading(version):
-            path = await asyncio.to_thread(write_weights_file, tensors)
+            path = await asyncio.to_thread(write_weights_file, tensors, dtype=self.dtype)
             try:
                 await self._llm.collective_rpc("palaestra_reload_weights", args=(str(path),))
             except Exception as exc:

@@ -42,19 +42,28 @@ def default_weights_dir() -> Path:
 
 
 def write_weights_file(
-    named_tensors: Iterable[tuple[str, torch.Tensor]], directory: Path | None = None
+    named_tensors: Iterable[tuple[str, torch.Tensor]],
+    directory: Path | None = None,
+    *,
+    dtype: str | None = None,
 ) -> Path:
     """Save tensors, moved to the CPU, to a fresh safetensors file in ``directory``.
 
-    safetensors refuses tensors that share storage (tied embeddings): any tensor whose
-    storage was already written is cloned; the others are written without a copy.
+    With ``dtype`` (``"bfloat16"``, ``"float32"``), floating-point tensors are cast to it
+    first: the engine's own dtype, so the worker loads them without converting (and a
+    bfloat16 engine reads half the bytes). safetensors refuses tensors that share storage
+    (tied embeddings): any tensor whose storage was already written is cloned; the others
+    are written without a copy.
     """
+    import torch
     from safetensors.torch import save_file
 
+    target = getattr(torch, dtype) if dtype else None
     tensors: dict[str, torch.Tensor] = {}
     storages: set[int] = set()
     for name, tensor in named_tensors:
-        cpu = tensor.detach().to("cpu").contiguous()
+        cast = target if target is not None and tensor.is_floating_point() else tensor.dtype
+        cpu = tensor.detach().to("cpu", dtype=cast).contiguous()
         if cpu.untyped_storage().data_ptr() in storages:
             cpu = cpu.clone()
         storages.add(cpu.untyped_storage().data_ptr())

@@ -383,3 +383,24 @@ async def test_fake_engine_scores_with_its_scripted_logprobs():
 
     assert await engine.score([1, 2, 3]) == [-0.5, -0.5]
     assert await FakeEngine([]).score([1, 2]) == [-1.0]
+
+
+def test_weights_file_holds_tied_tensors_once_each_cast_to_the_engine_dtype(tmp_path):
+    from safetensors.torch import load_file
+
+    from palaestra.agent.engines.vllm_worker import write_weights_file
+
+    embedding = torch.randn(4, 3)
+    named = [
+        ("embed.weight", embedding),
+        ("lm_head.weight", embedding),
+        ("step", torch.ones(2, dtype=torch.int64)),
+    ]
+
+    path = write_weights_file(named, tmp_path, dtype="bfloat16")
+    loaded = load_file(path)
+
+    assert loaded["embed.weight"].dtype == loaded["lm_head.weight"].dtype == torch.bfloat16
+    assert torch.equal(loaded["lm_head.weight"], embedding.to(torch.bfloat16))
+    assert loaded["step"].dtype == torch.int64  # integers are not cast
+    assert load_file(write_weights_file(named[:1], tmp_path))["embed.weight"].dtype == torch.float32

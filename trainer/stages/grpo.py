@@ -47,9 +47,7 @@ from tqdm import tqdm
 
 from palaestra import envs
 from palaestra.agent.engines.base import Engine, SamplingParams
-from palaestra.agent.engines.openai import OpenAIEngine
-from palaestra.agent.engines.transformers import TransformersEngine
-from palaestra.agent.engines.vllm import VLLMEngine
+from palaestra.agent.engines.build import ServerSettings, build_engine, close_engine
 from palaestra.agent.evaluate import EvalResult, evaluate
 from palaestra.agent.producer import RolloutProducer
 from palaestra.agent.render import ChatRenderer
@@ -100,10 +98,7 @@ class _Parts:
 
     async def aclose(self) -> None:
         """Stop the engine's processes or connections (vLLM runs its own processes)."""
-        if isinstance(self.engine, VLLMEngine):
-            self.engine.close()
-        elif isinstance(self.engine, OpenAIEngine):
-            await self.engine.aclose()
+        await close_engine(self.engine)
 
 
 async def _run(cfg: TrainConfig, run: RunDir) -> GRPOResult:
@@ -170,34 +165,27 @@ def _build(cfg: TrainConfig) -> _Parts:
     """Load the policy (and a reference when the KL is on), the engine and the learner."""
     model_dir = resolve_model(cfg.model)
     model, tokenizer = load_model(model_dir, device=cfg.device)
-    engine: Engine
-    if cfg.engine == "vllm":  # vLLM loads the same weights from the model directory
-        engine = VLLMEngine.from_model_dir(
-            model_dir,
-            eos_token_ids=turn_end_ids(model, tokenizer),
-            dtype=cfg.engine_dtype,
-            seed=cfg.seed,
-        )
-    elif cfg.engine == "openai":  # a server started on the same model (checked before training)
-        server = cfg.server
-        engine = OpenAIEngine(
-            str(server.url),
-            server.model_name or cfg.model,
-            stop_token_ids=turn_end_ids(model, tokenizer),
+    server = cfg.server
+    engine = build_engine(
+        cfg.engine,
+        model=_frozen_copy(model) if cfg.engine == "transformers" else model,
+        model_dir=model_dir,
+        eos_token_ids=turn_end_ids(model, tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        dtype=cfg.engine_dtype,
+        device=cfg.device,
+        seed=cfg.seed,
+        max_batch_size=cfg.rollout.tasks_per_step * cfg.rollout.group_size,
+        server=ServerSettings(
+            url=str(server.url),
+            model_name=server.model_name or cfg.model,
             api_key=os.environ.get(server.api_key_env) if server.api_key_env else None,
             timeout_s=server.timeout_s,
             max_retries=server.max_retries,
         )
-    else:
-        engine = TransformersEngine(
-            _frozen_copy(model),
-            eos_token_ids=turn_end_ids(model, tokenizer),
-            pad_token_id=tokenizer.pad_token_id,
-            max_batch_size=cfg.rollout.tasks_per_step * cfg.rollout.group_size,
-            device=cfg.device,
-            dtype=cfg.engine_dtype,
-            seed=cfg.seed,
-        )
+        if cfg.engine == "openai"
+        else None,
+    )
     t = cfg.trainer
     learner = Learner(
         model,
