@@ -1,15 +1,35 @@
 """Rollouts: play episodes between an engine and envs, concurrently, as token sequences.
 
-``run_episode`` alternates engine turns and env steps until the env ends the episode or
-the turn budget runs out, building one ``Trajectory``: prompt and env tokens with loss mask
-0, sampled tokens verbatim with mask 1 and their behaviour logprobs. ``generate_groups``
-runs many episodes at once with asyncio and yields each group of ``group_size`` episodes on
-one task as soon as it is complete; the engine batches the concurrent requests.
+``run_episode`` alternates engine turns and env steps until the env ends the episode or a
+limit is reached, building one ``Trajectory``: prompt and env tokens with loss mask 0,
+sampled tokens verbatim with mask 1 and their behaviour logprobs. ``generate_groups`` runs
+many episodes at once with asyncio and yields each group of ``group_size`` episodes on one
+task as soon as it is complete; the engine batches the concurrent requests.
+
+Each turn's prompt extends the previous tokens (``ChatRenderer.continuation_ids``). Where
+the chat template rewrites history instead, the episode splits: the whole conversation is
+rendered afresh as the prompt of a new segment (a separate training sample), and sampling
+goes on from it. No token is ever trained on that the engine did not sample.
+
+Limits, each ending the episode with its stop reason (see ``StopReason``):
+
+- ``max_turns`` assistant turns (``max_turns``);
+- ``max_total_tokens`` in a training sample, prompt and env tokens included: each turn may
+  sample only what remains, and the episode stops when the next turn has no room
+  (``max_tokens``);
+- ``max_episode_s`` seconds of wall clock from reset (``timeout``, an infrastructure
+  failure). A generation that overruns is cancelled; an env call is not interrupted (an
+  env stopped mid-step could not be reused), so the episode stops after it.
+
+Env reports: a step's ``info["stop_reason"]`` (a ``StopReason`` value) is the reason the
+episode ends with if it ends after that step; an infrastructure reason (``tool_error``,
+``env_error``, ...) ends it at once. ``info["error"]`` explains it. A completion cut at its
+token limit makes the episode's last reason ``max_tokens`` whatever the env says, unless the
+env reports an infrastructure failure.
 
 Failures of the engine or the env become trajectories with an infrastructure stop reason
 (and the error text in ``info["error"]``), so the trainer can drop them instead of training
-on them as reward 0. Errors in the renderer (template drift) are bugs of the set-up and are
-raised.
+on them as reward 0.
 
 What this module does not do: choose tasks, compute advantages, or touch torch.
 """
@@ -17,9 +37,11 @@ What this module does not do: choose tasks, compute advantages, or touch torch.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import gymnasium as gym
@@ -28,6 +50,7 @@ from palaestra.agent.engines.base import Completion, Engine, SamplingParams
 from palaestra.agent.render import ChatRenderer
 from palaestra.agent.trajectory import StopReason, Trajectory, Turn
 from palaestra.envs.core import Messages, TextEnv
+from palaestra.envs.tool_env import EPISODE_COUNTERS
 
 
 class EnvPool:
@@ -65,7 +88,7 @@ class EpisodeRequest:
     options: dict[str, Any] | None = None
     """Options passed to ``env.reset`` (e.g. ``{"task_index": 3}``)."""
     sampling_seed: int | None = None
-    """Seed for the engine's sampling of this episode's first turn."""
+    """Seed for the engine's sampling of this episode's first turn (turn ``k`` adds ``k``)."""
 
 
 async def _reset(env: gym.Env, seed: int, options: dict[str, Any] | None) -> tuple[Messages, dict]:
@@ -81,6 +104,80 @@ async def _step(env: gym.Env, action: str) -> tuple[Messages, float, bool, bool,
     return observation, float(reward), terminated, truncated, info
 
 
+@dataclass
+class _Episode:
+    """The growing record of one episode, turned into a ``Trajectory`` by ``finish``."""
+
+    request: EpisodeRequest
+    env_id: str
+    task_id: str
+    token_ids: list[int] = field(default_factory=list)
+    loss_mask: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    segment_starts: list[int] = field(default_factory=lambda: [0])
+    turns: list[Turn] = field(default_factory=list)
+    components: dict[str, float] = field(default_factory=dict)
+    versions: list[int] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+    """The env's last info."""
+
+    @property
+    def sample_ids(self) -> list[int]:
+        """The tokens of the current training sample: the next turn's prompt."""
+        return self.token_ids[self.segment_starts[-1] :]
+
+    def room(self, max_total_tokens: int | None, ids: list[int], *, new_sample: bool) -> int:
+        """Tokens left to sample once ``ids`` join this sample (or open a new one)."""
+        if max_total_tokens is None:
+            return _NO_LIMIT
+        return max_total_tokens - len(ids) - (0 if new_sample else len(self.sample_ids))
+
+    def add_prompt(self, ids: list[int], *, new_sample: bool = False) -> None:
+        if new_sample:
+            self.segment_starts.append(len(self.token_ids))
+        self.token_ids += ids
+        self.loss_mask += [0] * len(ids)
+        self.logprobs += [0.0] * len(ids)
+
+    def add_turn(self, completion: Completion, text: str, reward: float) -> None:
+        start = len(self.token_ids)
+        self.token_ids += completion.token_ids
+        self.loss_mask += [1] * len(completion.token_ids)
+        self.logprobs += completion.logprobs
+        self.turns.append(Turn(start, len(self.token_ids), text, completion.finish_reason, reward))
+        self.versions.append(completion.policy_version)
+
+    def add_step_info(self, info: dict[str, Any]) -> None:
+        self.info = info
+        for name, value in info.get("reward_components", {}).items():
+            self.components[name] = self.components.get(name, 0.0) + float(value)
+
+    def finish(self, stop: StopReason, engine: Engine, error: str | None = None) -> Trajectory:
+        info = {k: v for k, v in self.info.items() if k not in _NOT_KEPT_INFO}
+        if error is not None:
+            info["error"] = error
+        return Trajectory(
+            token_ids=tuple(self.token_ids),
+            loss_mask=tuple(self.loss_mask),
+            logprobs=tuple(self.logprobs),
+            turns=tuple(self.turns),
+            reward=sum(turn.reward for turn in self.turns),
+            reward_components=self.components,
+            stop_reason=stop,
+            policy_version=self.versions[0] if self.versions else engine.policy_version,
+            group_id=self.request.group_id,
+            env_id=self.env_id,
+            task_id=self.task_id,
+            info=info,
+            segment_starts=tuple(self.segment_starts),
+        )
+
+
+_NO_LIMIT = 2**62
+_NOT_KEPT_INFO = ("tools", "tool_instructions", "reward_components", "stop_reason")
+"""Info keys the trajectory records elsewhere (or that only the rollout reads)."""
+
+
 async def run_episode(
     env: gym.Env,
     engine: Engine,
@@ -90,77 +187,113 @@ async def run_episode(
     *,
     env_id: str,
     max_turns: int = 1,
+    max_total_tokens: int | None = None,
+    max_episode_s: float | None = None,
 ) -> Trajectory:
-    """Play one episode and return it as a trajectory."""
-    messages, info = await _reset(env, request.reset_seed, request.options)
-    messages = list(messages)
+    """Play one episode and return it as a trajectory.
+
+    Limits (see the module docstring): ``max_turns`` assistant turns, ``max_total_tokens``
+    tokens per training sample, ``max_episode_s`` seconds of wall clock; None: no limit.
+    """
+    if max_turns < 1 or (max_total_tokens is not None and max_total_tokens < 1):
+        raise ValueError(
+            f"max_turns and max_total_tokens must be >= 1, got {max_turns} and {max_total_tokens}"
+        )
+    clock = _Clock(max_episode_s)
+    episode = _Episode(request, env_id, task_id=str(request.reset_seed))
+    try:
+        messages, info = await _reset(env, request.reset_seed, request.options)
+    except Exception as exc:  # an env that cannot start an episode is an infrastructure failure
+        return episode.finish(StopReason.ENV_ERROR, engine, _describe(exc))
+    episode.task_id = str(info.get("task_id", request.reset_seed))
     tools = info.get("tools")
-    task_id = str(info.get("task_id", request.reset_seed))
-    token_ids = renderer.prompt_ids(messages, tools)
-    loss_mask = [0] * len(token_ids)
-    logprobs = [0.0] * len(token_ids)
-    turns: list[Turn] = []
-    reward, components = 0.0, dict[str, float]()
-    versions: list[int] = []
-    stop, error = StopReason.MAX_TURNS, None
+    messages = renderer.with_tool_instructions(messages, tools, info.get("tool_instructions"))
+    episode.add_prompt(renderer.prompt_ids(messages, tools))
     for turn_index in range(max_turns):
-        seed = None if request.sampling_seed is None else request.sampling_seed + turn_index
+        room = episode.room(max_total_tokens, [], new_sample=False)
+        if room < 1:
+            return episode.finish(StopReason.MAX_TOKENS, engine)
         try:
-            completion: Completion = await engine.generate(
-                token_ids, SamplingParams(**{**sampling.__dict__, "seed": seed})
+            completion = await asyncio.wait_for(
+                engine.generate(
+                    episode.sample_ids, _turn_sampling(sampling, request, turn_index, room)
+                ),
+                clock.seconds_left(),
             )
         except Exception as exc:  # an engine failure says nothing about the policy
-            stop, error = StopReason.ENGINE_ERROR, f"{type(exc).__name__}: {exc}"
-            break
-        versions.append(completion.policy_version)
+            if clock.expired():
+                return episode.finish(StopReason.TIMEOUT, engine, clock.explain())
+            return episode.finish(StopReason.ENGINE_ERROR, engine, _describe(exc))
         text = renderer.decode(list(completion.token_ids))
-        start = len(token_ids)
-        token_ids += completion.token_ids
-        loss_mask += [1] * len(completion.token_ids)
-        logprobs += completion.logprobs
-        turns.append(Turn(start, len(token_ids), text, completion.finish_reason))
         messages.append({"role": "assistant", "content": text})
         try:
-            observation, step_reward, terminated, truncated, info = await _step(env, text)
+            observation, reward, terminated, truncated, info = await _step(env, text)
         except Exception as exc:  # an env crash is an infrastructure failure
-            stop, error = StopReason.ENV_ERROR, f"{type(exc).__name__}: {exc}"
-            break
-        reward += float(step_reward)
-        for name, value in info.get("reward_components", {}).items():
-            components[name] = components.get(name, 0.0) + float(value)
-        if terminated:
-            stop = (
-                StopReason.MAX_TOKENS
-                if completion.finish_reason == "length"
-                else StopReason.ANSWERED
-            )
-            break
-        if truncated or turn_index == max_turns - 1:
-            break
-        extension = renderer.continuation_ids(
-            messages, list(completion.token_ids), observation, tools
-        )
+            episode.add_turn(completion, text, 0.0)
+            return episode.finish(StopReason.ENV_ERROR, engine, _describe(exc))
+        episode.add_turn(completion, text, float(reward))
+        episode.add_step_info(info)
+        reported = info.get("stop_reason")
+        if reported is not None and reported not in _REASONS:
+            error = f"the env reported an unknown stop reason {reported!r}; use one of {_REASONS}"
+            return episode.finish(StopReason.ENV_ERROR, engine, error)
+        if reported is not None and StopReason(reported).is_infra_failure:
+            return episode.finish(StopReason(reported), engine, info.get("error"))
+        if terminated or truncated or turn_index == max_turns - 1:
+            return episode.finish(_end_reason(completion, reported, terminated), engine)
+        if clock.expired():
+            return episode.finish(StopReason.TIMEOUT, engine, clock.explain())
+        sampled = list(completion.token_ids)
+        extension = renderer.continuation_ids(messages, sampled, observation, tools)
         messages += observation
-        token_ids += extension
-        loss_mask += [0] * len(extension)
-        logprobs += [0.0] * len(extension)
-    extra = {k: v for k, v in info.items() if k not in ("tools", "reward_components")}
-    if error is not None:
-        extra["error"] = error
-    return Trajectory(
-        token_ids=tuple(token_ids),
-        loss_mask=tuple(loss_mask),
-        logprobs=tuple(logprobs),
-        turns=tuple(turns),
-        reward=reward,
-        reward_components=components,
-        stop_reason=stop,
-        policy_version=versions[0] if versions else engine.policy_version,
-        group_id=request.group_id,
-        env_id=env_id,
-        task_id=task_id,
-        info=extra,
-    )
+        new_sample = extension is None
+        if extension is None:  # the template rewrote history: the rest is a new sample
+            extension = renderer.prompt_ids(messages, tools)
+        if episode.room(max_total_tokens, extension, new_sample=new_sample) < 1:
+            return episode.finish(StopReason.MAX_TOKENS, engine)
+        episode.add_prompt(extension, new_sample=new_sample)
+    raise AssertionError("unreachable: the last turn always finishes the episode")
+
+
+_REASONS = [reason.value for reason in StopReason]
+
+
+def _turn_sampling(
+    sampling: SamplingParams, request: EpisodeRequest, turn_index: int, room: int
+) -> SamplingParams:
+    """This turn's sampling: its own seed, and no more tokens than the sample has room for."""
+    seed = None if request.sampling_seed is None else request.sampling_seed + turn_index
+    return dataclasses.replace(sampling, seed=seed, max_tokens=min(sampling.max_tokens, room))
+
+
+def _end_reason(completion: Completion, reported: str | None, terminated: bool) -> StopReason:
+    """Why an episode that ends after a step ended (infrastructure reasons handled before)."""
+    if completion.finish_reason == "length":
+        return StopReason.MAX_TOKENS
+    if reported is not None:
+        return StopReason(reported)
+    return StopReason.ANSWERED if terminated else StopReason.MAX_TURNS
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+class _Clock:
+    """An episode's wall-clock limit (none when ``limit_s`` is None)."""
+
+    def __init__(self, limit_s: float | None) -> None:
+        self.limit_s = limit_s
+        self.deadline = None if limit_s is None else time.monotonic() + limit_s
+
+    def seconds_left(self) -> float | None:
+        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+
+    def expired(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+    def explain(self) -> str:
+        return f"the episode ran past max_episode_s={self.limit_s:g} s"
 
 
 async def generate_groups(
@@ -172,13 +305,26 @@ async def generate_groups(
     *,
     env_id: str,
     max_turns: int = 1,
+    max_total_tokens: int | None = None,
+    max_episode_s: float | None = None,
 ) -> AsyncIterator[list[Trajectory]]:
-    """Play every episode of ``groups`` concurrently; yield each group when it completes."""
+    """Play every episode of ``groups`` concurrently; yield each group when it completes.
+
+    The limits are ``run_episode``'s, for every episode.
+    """
 
     async def play(request: EpisodeRequest) -> Trajectory:
         async with pool.borrow() as env:
             return await run_episode(
-                env, engine, renderer, sampling, request, env_id=env_id, max_turns=max_turns
+                env,
+                engine,
+                renderer,
+                sampling,
+                request,
+                env_id=env_id,
+                max_turns=max_turns,
+                max_total_tokens=max_total_tokens,
+                max_episode_s=max_episode_s,
             )
 
     async def play_group(requests: Sequence[EpisodeRequest]) -> list[Trajectory]:
@@ -191,3 +337,18 @@ async def generate_groups(
     finally:
         for task in tasks:
             task.cancel()
+
+
+def episode_metrics(trajectories: Sequence[Trajectory]) -> dict[str, float]:
+    """Counts over finished episodes, for a trainer's or evaluator's log: episodes per stop
+    reason (``stop/<reason>``), episodes split by the chat template (``episodes_split``),
+    and the tool envs' per-episode counters summed (``tools/<counter>``, where present)."""
+    metrics = {f"stop/{reason.value}": 0.0 for reason in StopReason}
+    for trajectory in trajectories:
+        metrics[f"stop/{trajectory.stop_reason.value}"] += 1
+    metrics["episodes_split"] = float(sum(t.is_split for t in trajectories))
+    for counter in EPISODE_COUNTERS:
+        values = [t.info[counter] for t in trajectories if counter in t.info]
+        if values:
+            metrics[f"tools/{counter}"] = float(sum(values))
+    return metrics

@@ -5,6 +5,23 @@ exactly the ids the engine sampled plus the ids of the prompt and env messages a
 nothing is decoded and re-encoded on the way. ``loss_mask`` is 1 on sampled tokens only, so
 the learner trains on what the policy actually did and never on prompt, tool or env text.
 
+An episode is one token sequence while each turn's prompt extends the previous one token
+for token. Where the chat template re-renders earlier turns (templates that strip earlier
+reasoning do), the episode *splits*: a new segment starts whose prompt is the whole
+conversation rendered afresh (loss mask 0). The segments are stored one after the other in
+the same ``token_ids``; ``segment_starts`` says where each begins, and each segment is a
+separate training sample (``trainer.batch.collate`` makes one row of each).
+
+Stop reasons are a closed set; four of them are infrastructure failures, which say nothing
+about the policy and are kept out of the gradient (counted, never trained as reward 0):
+
+    policy outcomes (trained on)        infrastructure failures (dropped)
+    answered     env ended the episode  timeout       the episode's wall-clock limit
+    max_turns    turn budget used up    tool_error    a tool hung or its backend failed
+    max_tokens   token limit reached    env_error     the env raised
+    parse_error  unreadable/invalid     engine_error  the engine failed to generate
+                 tool call at the end
+
 This module holds records only: no tokenizer, no torch.
 """
 
@@ -12,6 +29,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Any
 
 
@@ -23,16 +41,33 @@ class StopReason(str, enum.Enum):
     MAX_TURNS = "max_turns"
     """The env or the rollout truncated the episode after its turn budget."""
     MAX_TOKENS = "max_tokens"
-    """A completion hit the token limit before the model ended its turn."""
+    """The last completion hit its token limit before the model ended its turn, or the
+    episode's token budget (``max_total_tokens``) left no room for another turn."""
+    PARSE_ERROR = "parse_error"
+    """The episode ended right after a message whose tool call could not be read, named no
+    tool, or had arguments the tool's schema refuses: a policy failure."""
+    TIMEOUT = "timeout"
+    """The episode ran past its wall-clock limit (``max_episode_s``). Infrastructure: wall
+    time measures the machine's load; what the policy controls (turns, tokens) has its own
+    limits above."""
+    TOOL_ERROR = "tool_error"
+    """A tool failed for infrastructure reasons (it hung past its time limit, or raised
+    ``ToolInfraError``): not the policy's doing. A tool that rejects the model's input is an
+    observation the model reads, not a stop reason."""
     ENV_ERROR = "env_error"
-    """The env raised while stepping: an infrastructure failure, not a policy failure."""
+    """The env raised while resetting or stepping: an infrastructure failure."""
     ENGINE_ERROR = "engine_error"
-    """The engine failed to generate: an infrastructure failure, not a policy failure."""
+    """The engine failed to generate: an infrastructure failure."""
 
     @property
     def is_infra_failure(self) -> bool:
         """True when the episode says nothing about the policy and must not be trained on."""
-        return self in (StopReason.ENV_ERROR, StopReason.ENGINE_ERROR)
+        return self in _INFRA_FAILURES
+
+
+_INFRA_FAILURES = frozenset(
+    {StopReason.TIMEOUT, StopReason.TOOL_ERROR, StopReason.ENV_ERROR, StopReason.ENGINE_ERROR}
+)
 
 
 @dataclass(frozen=True)
@@ -47,14 +82,16 @@ class Turn:
     """The decoded completion text, as the env received it (for logs and readers only)."""
     finish_reason: str
     """The engine's finish reason for this completion: ``"stop"`` or ``"length"``."""
+    reward: float = 0.0
+    """The reward of the env step this turn was the action of (0 if the env never stepped)."""
 
 
 @dataclass(frozen=True)
 class Trajectory:
-    """One episode as a single token sequence with its loss mask and rewards."""
+    """One episode as token sequences (one per segment) with its loss mask and rewards."""
 
     token_ids: tuple[int, ...]
-    """Prompt, sampled and env tokens in order."""
+    """Prompt, sampled and env tokens in order; the segments one after the other."""
     loss_mask: tuple[int, ...]
     """1 on tokens the model sampled, 0 on prompt, tool and env tokens."""
     logprobs: tuple[float, ...]
@@ -62,7 +99,7 @@ class Trajectory:
     turns: tuple[Turn, ...]
     """The spans of sampled tokens, one per assistant turn."""
     reward: float
-    """Total episode reward (sum of step rewards)."""
+    """Total episode reward: the sum of the turns' step rewards."""
     reward_components: dict[str, float]
     """Named parts of the reward, summed over steps (e.g. ``correct``, ``format``)."""
     stop_reason: StopReason
@@ -77,6 +114,9 @@ class Trajectory:
     """The env's name for the task, stable across seeds."""
     info: dict[str, Any] = field(default_factory=dict)
     """Free-form extras from the env's last ``info`` (not used by the trainer)."""
+    segment_starts: tuple[int, ...] = (0,)
+    """Index in ``token_ids`` where each training sample begins; ``(0,)`` unless the chat
+    template forced a split. Each segment begins with its prompt (loss mask 0)."""
 
     def __post_init__(self) -> None:
         n = len(self.token_ids)
@@ -85,6 +125,15 @@ class Trajectory:
                 f"Trajectory fields disagree in length: token_ids={n}, "
                 f"loss_mask={len(self.loss_mask)}, logprobs={len(self.logprobs)}"
             )
+        starts = self.segment_starts
+        rising = bool(starts) and starts[0] == 0 and all(a < b for a, b in pairwise(starts))
+        if not rising or (len(starts) > 1 and starts[-1] >= n):
+            raise ValueError(
+                f"segment_starts must rise strictly from 0 and stay inside the {n} tokens, "
+                f"got {starts}"
+            )
+        if any(self.loss_mask[s] for s in starts[1:]):
+            raise ValueError(f"a split segment must begin with its prompt (loss mask 0): {starts}")
 
     @property
     def num_sampled_tokens(self) -> int:
@@ -95,3 +144,24 @@ class Trajectory:
     def sampled_token_ids(self) -> list[int]:
         """The sampled token ids, in order (what the loss trains on)."""
         return [t for t, m in zip(self.token_ids, self.loss_mask, strict=True) if m]
+
+    @property
+    def is_split(self) -> bool:
+        """Whether the chat template forced this episode into more than one training sample."""
+        return len(self.segment_starts) > 1
+
+    @property
+    def segments(self) -> list[tuple[int, int]]:
+        """``(start, end)`` of each training sample in ``token_ids``, in order."""
+        ends = [*self.segment_starts[1:], len(self.token_ids)]
+        return list(zip(self.segment_starts, ends, strict=True))
+
+    def returns_to_go(self) -> tuple[float, ...]:
+        """Per token: on a sampled token of turn ``k``, the sum of the step rewards of turns
+        ``k`` and later (undiscounted); 0.0 on prompt, tool and env tokens."""
+        out = [0.0] * len(self.token_ids)
+        to_go = 0.0
+        for turn in reversed(self.turns):
+            to_go += turn.reward
+            out[turn.start : turn.end] = [to_go] * (turn.end - turn.start)
+        return tuple(out)

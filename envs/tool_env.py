@@ -11,22 +11,34 @@ implements ``verify(task, answer) -> float`` (the score of a final answer, 0 to 
             return float(extract_answer(answer) == task.answer)
 
 One episode is one task. ``reset`` returns the system message and the question, with the
-tools' JSON schemas in ``info["tools"]`` (the chat template renders them). Each ``step``
-parses the assistant message with the configured ``ToolCallFormat``:
+tools' JSON schemas in ``info["tools"]`` (the chat template renders them) and, in
+``info["tool_instructions"]``, the format's description of the tools and the call syntax
+(the renderer puts it in the system message for templates that ignore ``tools=``). Each
+``step`` parses the assistant message with the configured ``ToolCallFormat``:
 
 - calls (or malformed call attempts) → the tools run, and their results come back as the
   observation (``role: tool`` messages, or a user message if the format says so); the
-  episode goes on with reward 0. Unknown tools, bad arguments, exceptions, timeouts,
-  unreadable calls and calls past the budget all become ``"Error: ..."`` results the model
-  reads, never exceptions.
+  episode goes on with reward 0. Unknown tools, bad arguments, exceptions, unreadable
+  calls and calls past the budget all become ``"Error: ..."`` results the model reads,
+  never exceptions: they are the policy's mistakes.
+- a tool that fails for infrastructure reasons (it runs past its time limit, or raises
+  ``ToolInfraError``) → the episode ends at once, truncated, reward 0, with
+  ``info["stop_reason"] = "tool_error"`` and the failure in ``info["error"]``: the rollout
+  keeps such episodes out of training. A tool whose slowness is the model's doing (running
+  the model's code) should bound that work itself and return the timeout as its result.
 - no call → the message is the final answer: ``verify`` scores it, the reward is that
   score (``info["reward_components"]["correct"]``), and the episode terminates.
 - a message that still calls tools on turn ``max_turns`` ends the episode truncated,
   reward 0, with ``info["max_turns_reached"] = True``; its calls are not run.
 
-Every step's info carries the running counters ``turn``, ``tool_calls`` (calls run or
-refused), ``tool_errors`` (calls whose result is an error) and ``parse_errors`` (call
-attempts that could not be read); the last step adds ``success`` (score 1).
+A step whose message held a malformed call (unreadable, unknown tool, bad arguments) sets
+``info["stop_reason"] = "parse_error"``: the episode's stop reason if it ends there.
+
+Every step's info carries the running counters ``turn`` and those of ``EPISODE_COUNTERS``:
+``tool_calls`` (calls run or refused), ``tool_errors`` (calls whose result is an error),
+``parse_errors`` (call attempts that could not be read), ``unknown_tools``,
+``bad_arguments`` and ``tool_exceptions`` (calls whose tool raised on the model's input);
+the last step adds ``success`` (score 1).
 
 ``step`` runs sync tools in daemon threads and async tools in a fresh event loop; ``astep``
 (what the rollout calls) awaits async tools directly and runs a turn's calls concurrently.
@@ -46,10 +58,16 @@ from typing import Any
 import numpy as np
 
 from palaestra.envs.core import Message, Messages, TextEnv
-from palaestra.envs.errors import EnvConfigError, ResetNeededError, ToolCallError
+from palaestra.envs.errors import (
+    EnvConfigError,
+    ResetNeededError,
+    ToolArgumentError,
+    ToolCallError,
+    ToolTimeoutError,
+)
 from palaestra.envs.tasks import Split, Task, TaskSource, check_split
 from palaestra.envs.tool_calls import ParsedTurn, ToolCall, ToolCallFormat, ToolResult, get_format
-from palaestra.envs.tools import Tool, as_tool
+from palaestra.envs.tools import Tool, ToolInfraError, argument_problems, as_tool
 
 DEFAULT_SYSTEM_PROMPT = (
     "Use the tools to look up what you need; do not guess. When you know the answer, "
@@ -58,6 +76,16 @@ DEFAULT_SYSTEM_PROMPT = (
 """The default system message of a ``ToolEnv``."""
 
 Outcome = tuple[Messages, float, bool, bool, dict[str, Any]]
+
+EPISODE_COUNTERS = (
+    "tool_calls",
+    "tool_errors",
+    "parse_errors",
+    "unknown_tools",
+    "bad_arguments",
+    "tool_exceptions",
+)
+"""The per-episode counters every step's info carries (see ``EpisodeStats``)."""
 
 
 @dataclass
@@ -73,8 +101,27 @@ class EpisodeStats:
     over budget."""
     parse_errors: int = 0
     """Call attempts that could not be read (bad JSON, no tool name)."""
+    unknown_tools: int = 0
+    """Calls naming a tool the env does not have."""
+    bad_arguments: int = 0
+    """Calls whose arguments the tool's schema refused."""
+    tool_exceptions: int = 0
+    """Calls whose tool raised on the model's input (``ToolExecutionError``)."""
     calls: list[ToolCall] = field(default_factory=list)
     """Every well-formed call of the episode, in order."""
+
+    @property
+    def malformed_calls(self) -> int:
+        """Calls the model got wrong in form: unreadable, unknown tool, bad arguments."""
+        return self.parse_errors + self.unknown_tools + self.bad_arguments
+
+
+@dataclass(frozen=True)
+class _ToolDown:
+    """A call that failed for infrastructure reasons; it ends the episode."""
+
+    name: str
+    reason: str
 
 
 class ToolEnv(TextEnv):
@@ -103,8 +150,10 @@ class ToolEnv(TextEnv):
             last turn ends the episode truncated.
         max_tool_calls: calls run per episode; later calls get an error result instead.
         system_prompt: the system message, or None for none.
-        tools_in_prompt: also describe the tools and the call syntax in the system message,
-            for chat templates that ignore ``tools=`` (SmolLM2's, for one).
+        tools_in_prompt: always describe the tools and the call syntax in the system
+            message. Not needed for templates that ignore ``tools=`` (the renderer then
+            does it from ``info["tool_instructions"]``, once); useful where a template
+            renders tools with a call syntax other than this env's format.
         """
         self.split = check_split(split)
         if isinstance(tasks, TaskSource) and tasks.split != self.split:
@@ -133,6 +182,7 @@ class ToolEnv(TextEnv):
         self.task: Task | None = None
         """The task of the open episode (None between episodes); tools may read it."""
         self.stats = EpisodeStats()
+        self._malformed_before_turn = 0
 
     def verify(self, task: Task, answer: str) -> float:
         """Score the final answer ``answer`` (the reply text outside tool calls), 0 to 1."""
@@ -164,6 +214,7 @@ class ToolEnv(TextEnv):
             "split": self.split,
             "answer": self.task.answer,
             "tools": self.tool_schemas,
+            "tool_instructions": self.format.instructions(self.tool_schemas),
         }
         return messages, info
 
@@ -173,7 +224,9 @@ class ToolEnv(TextEnv):
         if parsed.is_final or self.stats.turn == self.max_turns:
             return self._end(task, parsed)
         plan = self._plan(parsed)
-        return self._observe([p if isinstance(p, ToolResult) else self._run(*p) for p in plan])
+        return self._observe(
+            task, [p if isinstance(p, ToolResult) else self._run(*p) for p in plan]
+        )
 
     async def astep(self, action: str) -> Outcome:
         """Async ``step``: awaits async tools and runs the turn's calls concurrently."""
@@ -184,7 +237,7 @@ class ToolEnv(TextEnv):
         ran = iter(
             await asyncio.gather(*(self._arun(*p) for p in plan if not isinstance(p, ToolResult)))
         )
-        return self._observe([p if isinstance(p, ToolResult) else next(ran) for p in plan])
+        return self._observe(task, [p if isinstance(p, ToolResult) else next(ran) for p in plan])
 
     # ------------------------------------------------------------------------- internals
 
@@ -195,6 +248,7 @@ class ToolEnv(TextEnv):
                 "reset() first (the last episode ended)."
             )
         self.stats.turn += 1
+        self._malformed_before_turn = self.stats.malformed_calls
         return self.task, self.format.parse(action)
 
     def _plan(self, parsed: ParsedTurn) -> list[ToolResult | tuple[ToolCall, Tool]]:
@@ -207,6 +261,7 @@ class ToolEnv(TextEnv):
                 budget = f"the budget of {self.max_tool_calls} tool calls per episode is used up"
                 plan.append(_error(call.name, f"{budget}; answer without tools"))
             elif call.name not in self.tools:
+                self.stats.unknown_tools += 1
                 known = ", ".join(self.tools) or "none"
                 plan.append(_error(call.name, f"there is no tool {call.name!r} (tools: {known})"))
             else:
@@ -215,24 +270,40 @@ class ToolEnv(TextEnv):
         plan += [_error(None, error) for error in parsed.errors]
         return plan
 
-    def _run(self, call: ToolCall, tool: Tool) -> ToolResult:
+    def _run(self, call: ToolCall, tool: Tool) -> ToolResult | _ToolDown:
         try:
             return ToolResult(tool.name, tool.call(call.arguments))
-        except ToolCallError as error:
-            return _error(tool.name, str(error))
+        except (ToolCallError, ToolInfraError) as error:
+            return self._failed(tool.name, error)
 
-    async def _arun(self, call: ToolCall, tool: Tool) -> ToolResult:
+    async def _arun(self, call: ToolCall, tool: Tool) -> ToolResult | _ToolDown:
         try:
             return ToolResult(tool.name, await tool.acall(call.arguments))
-        except ToolCallError as error:
-            return _error(tool.name, str(error))
+        except (ToolCallError, ToolInfraError) as error:
+            return self._failed(tool.name, error)
 
-    def _observe(self, results: list[ToolResult]) -> Outcome:
+    def _failed(self, name: str, error: ToolCallError | ToolInfraError) -> ToolResult | _ToolDown:
+        """The model reads its own mistakes; the tool's infrastructure failures end the episode."""
+        if isinstance(error, (ToolTimeoutError, ToolInfraError)):
+            return _ToolDown(name, str(error))
+        if isinstance(error, ToolArgumentError):
+            self.stats.bad_arguments += 1
+        else:
+            self.stats.tool_exceptions += 1
+        return _error(name, str(error))
+
+    def _observe(self, task: Task, results: list[ToolResult | _ToolDown]) -> Outcome:
+        down = [r for r in results if isinstance(r, _ToolDown)]
+        if down:
+            return self._tool_down(task, down[0])
+        answered = [r for r in results if isinstance(r, ToolResult)]
         # Results without a tool name are unreadable calls, already counted as parse errors.
-        self.stats.tool_errors += sum(r.is_error for r in results if r.name is not None)
+        self.stats.tool_errors += sum(r.is_error for r in answered if r.name is not None)
         info = self._info(max_turns_reached=False)
         info["reward_components"] = {}
-        return self.format.result_messages(results), 0.0, False, False, info
+        if self.stats.malformed_calls > self._malformed_before_turn:
+            info["stop_reason"] = "parse_error"
+        return self.format.result_messages(answered), 0.0, False, False, info
 
     def _end(self, task: Task, parsed: ParsedTurn) -> Outcome:
         self.task = None
@@ -241,16 +312,29 @@ class ToolEnv(TextEnv):
         info = self._info(max_turns_reached=truncated)
         info |= {"task_id": task.task_id, "answer": task.answer, "success": score >= 1.0}
         info["reward_components"] = {"correct": score}
+        if truncated and self._is_malformed(parsed):
+            info["stop_reason"] = "parse_error"
         return [], score, not truncated, truncated, info
 
+    def _tool_down(self, task: Task, down: _ToolDown) -> Outcome:
+        self.task = None
+        info = self._info(max_turns_reached=False)
+        info |= {"task_id": task.task_id, "answer": task.answer, "success": False}
+        info |= {"stop_reason": "tool_error", "error": down.reason}
+        info["reward_components"] = {"correct": 0.0}
+        return [], 0.0, False, True, info
+
+    def _is_malformed(self, parsed: ParsedTurn) -> bool:
+        """Whether a message holds a call that is unreadable, unknown or badly argued."""
+        return bool(parsed.errors) or any(
+            call.name not in self.tools
+            or argument_problems(self.tools[call.name].parameters, call.arguments)
+            for call in parsed.calls
+        )
+
     def _info(self, *, max_turns_reached: bool) -> dict[str, Any]:
-        return {
-            "turn": self.stats.turn,
-            "tool_calls": self.stats.tool_calls,
-            "tool_errors": self.stats.tool_errors,
-            "parse_errors": self.stats.parse_errors,
-            "max_turns_reached": max_turns_reached,
-        }
+        counters = {name: getattr(self.stats, name) for name in EPISODE_COUNTERS}
+        return {"turn": self.stats.turn, **counters, "max_turns_reached": max_turns_reached}
 
 
 def _error(name: str | None, message: str) -> ToolResult:

@@ -28,7 +28,10 @@ section of the docstring; the text before the first section is the tool's descri
 ``Tool.call`` / ``Tool.acall`` validate the arguments against the schema, run the function
 under the tool's time limit (async functions with ``asyncio.wait_for``; sync functions in a
 daemon thread) and return the result as text. Every failure raises a ``ToolCallError``
-whose message is written for the model to read.
+whose message is written for the model to read, except ``ToolInfraError``: a tool's function
+raises it when the tool's own backend failed (a service unreachable, a sandbox that would
+not start), and it passes through unchanged, so tool envs end the episode as an
+infrastructure failure instead of showing the model an error it did not cause.
 
 What this module does not do: parse tool calls out of model text (see ``tool_calls.py``),
 sandbox the function (it runs in this process with this process's rights), or stop a sync
@@ -51,6 +54,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Union, get_args, get_origin, overload
 
 from palaestra.envs.errors import (
+    EnvError,
     ToolArgumentError,
     ToolDefinitionError,
     ToolExecutionError,
@@ -66,6 +70,11 @@ _SCALAR_TYPES: dict[Any, str] = {int: "integer", float: "number", str: "string",
 
 
 # ------------------------------------------------------------------------------- the Tool
+
+
+class ToolInfraError(EnvError):
+    """Raised by a tool's function when the tool's infrastructure failed (not the model's
+    input): the call is not shown to the model and the episode ends as a ``tool_error``."""
 
 
 @dataclass(frozen=True)
@@ -139,6 +148,8 @@ class Tool:
             return result_text(future.result(timeout=self.timeout))
         except concurrent.futures.TimeoutError:
             raise self._timed_out() from None
+        except ToolInfraError:
+            raise
         except Exception as error:
             raise self._failed(error) from error
 
@@ -153,6 +164,8 @@ class Tool:
             return result_text(await asyncio.wait_for(running, self.timeout))
         except asyncio.TimeoutError:
             raise self._timed_out() from None
+        except ToolInfraError:
+            raise
         except Exception as error:
             raise self._failed(error) from error
 

@@ -1,9 +1,14 @@
 """Token batches: trajectories padded into tensors the learner trains on.
 
-A ``TokenBatch`` row is one trajectory, right-padded. Per-token tensors are aligned with
-``input_ids_BT``: ``loss_mask_BT[b, t]`` says whether token ``t`` was sampled, and
-``old_logprobs_BT[b, t]`` is its behaviour logprob. The learner scores token ``t`` from the
-logits at ``t - 1``, so position 0 never carries loss (it is always prompt).
+A ``TokenBatch`` row is one training sample, right-padded: a whole trajectory, or one
+segment of a trajectory the chat template split (``Trajectory.segment_starts``), so a row
+is always one sequence the model was actually prompted with. ``episode_B[b]`` is the index
+of the trajectory row ``b`` came from; every row of a trajectory carries its advantage.
+
+Per-token tensors are aligned with ``input_ids_BT``: ``loss_mask_BT[b, t]`` says whether
+token ``t`` was sampled, and ``old_logprobs_BT[b, t]`` is its behaviour logprob. The learner
+scores token ``t`` from the logits at ``t - 1``, so position 0 never carries loss (it is
+always prompt).
 """
 
 from __future__ import annotations
@@ -34,6 +39,9 @@ class TokenBatch:
     """Reference-model logprobs, when a KL term in the loss needs them."""
     is_weights_BT: torch.Tensor | None = None
     """Truncated importance weights from the sampling engine to the learner, when on."""
+    episode_B: torch.Tensor | None = None
+    """Index of the trajectory each row came from (``collate`` sets it); None for batches
+    built by hand, one sequence per row."""
 
     def __len__(self) -> int:
         return self.input_ids_BT.shape[0]
@@ -59,6 +67,7 @@ class TokenBatch:
                     advantages_B=self.advantages_B[rows],
                     ref_logprobs_BT=_slice(self.ref_logprobs_BT, rows, cols),
                     is_weights_BT=_slice(self.is_weights_BT, rows, cols),
+                    episode_B=None if self.episode_B is None else self.episode_B[rows],
                 )
             )
         return out
@@ -78,7 +87,16 @@ class TokenBatch:
             self.advantages_B.to(device),
             ref_logprobs_BT=move(self.ref_logprobs_BT),
             is_weights_BT=move(self.is_weights_BT),
+            episode_B=move(self.episode_B),
         )
+
+    def sum_per_episode(self, values_B: torch.Tensor, num_episodes: int) -> torch.Tensor:
+        """Per-row values summed over each trajectory's rows: shape ``(num_episodes,)``
+        (e.g. a KL per row into a KL per episode)."""
+        if self.episode_B is None:
+            return values_B
+        sums_E = torch.zeros(num_episodes, dtype=values_B.dtype, device=values_B.device)
+        return sums_E.index_add(0, self.episode_B.to(values_B.device), values_B)
 
 
 def _slice(tensor_BT: torch.Tensor | None, rows: slice, cols: slice) -> torch.Tensor | None:
@@ -88,7 +106,9 @@ def _slice(tensor_BT: torch.Tensor | None, rows: slice, cols: slice) -> torch.Te
 def collate(
     trajectories: Sequence[Trajectory], advantages: Sequence[float], *, pad_id: int
 ) -> TokenBatch:
-    """Pad trajectories into a ``TokenBatch``, one row each, in the given order.
+    """Pad trajectories into a ``TokenBatch``, one row per training sample, in the given
+    order: one row per trajectory, or one per segment of a split trajectory, each with its
+    trajectory's advantage. ``episode_B`` maps rows back to trajectories.
 
     Sort trajectories by length first when micro-batches should pad little.
     """
@@ -98,17 +118,21 @@ def collate(
         )
     if not trajectories:
         raise ValueError("collate got no trajectories")
-    shape = (len(trajectories), max(len(t.token_ids) for t in trajectories))
+    rows = [(e, start, end) for e, t in enumerate(trajectories) for start, end in t.segments]
+    shape = (len(rows), max(end - start for _, start, end in rows))
     input_ids = torch.full(shape, pad_id, dtype=torch.long)
     attention = torch.zeros(shape, dtype=torch.long)
     loss_mask = torch.zeros(shape)
     old_logprobs = torch.zeros(shape)
-    for row, t in enumerate(trajectories):
-        n = len(t.token_ids)
-        input_ids[row, :n] = torch.tensor(t.token_ids)
+    for row, (e, start, end) in enumerate(rows):
+        t, n = trajectories[e], end - start
+        input_ids[row, :n] = torch.tensor(t.token_ids[start:end])
         attention[row, :n] = 1
-        loss_mask[row, :n] = torch.tensor(t.loss_mask, dtype=torch.float32)
-        old_logprobs[row, :n] = torch.tensor(t.logprobs, dtype=torch.float32)
+        loss_mask[row, :n] = torch.tensor(t.loss_mask[start:end], dtype=torch.float32)
+        old_logprobs[row, :n] = torch.tensor(t.logprobs[start:end], dtype=torch.float32)
     loss_mask[:, 0] = 0.0  # token 0 has no logits to be scored from
-    adv = torch.tensor([float(a) for a in advantages])
-    return TokenBatch(input_ids, attention, loss_mask, old_logprobs, adv)
+    episode_B = torch.tensor([e for e, _, _ in rows])
+    advantages_B = torch.tensor([float(a) for a in advantages])[episode_B]
+    return TokenBatch(
+        input_ids, attention, loss_mask, old_logprobs, advantages_B, episode_B=episode_B
+    )

@@ -1,19 +1,27 @@
-"""Rollouts: token-in/token-out layout, loss masks, multi-turn continuation, failures."""
+"""Rollouts: token-in/token-out layout, loss masks, multi-turn continuation and splits,
+per-turn rewards, stop reasons, limits, tool descriptions."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 from typing import Any
-
-import pytest
 
 from palaestra.agent.engines import FakeEngine
 from palaestra.agent.engines.base import SamplingParams
-from palaestra.agent.errors import TemplateDriftError
 from palaestra.agent.render import ChatRenderer
-from palaestra.agent.rollout import EnvPool, EpisodeRequest, generate_groups, run_episode
+from palaestra.agent.rollout import (
+    EnvPool,
+    EpisodeRequest,
+    episode_metrics,
+    generate_groups,
+    run_episode,
+)
 from palaestra.agent.trajectory import StopReason
-from palaestra.envs import make
+from palaestra.envs import Task, ToolEnv, make
 from palaestra.envs.core import TextEnv
+from palaestra.envs.tools import ToolInfraError
 
 EOT = "<|im_end|>"
 
@@ -110,25 +118,136 @@ async def test_multi_turn_sequence_equals_the_template_rendering(tokenizer):
     assert t.reward == 1.0 and t.reward_components == {"yes": 1.0}
 
 
-async def test_history_rewriting_template_raises_drift(tokenizer):
-    drifting = type(tokenizer).from_pretrained(tokenizer.name_or_path)
-    # A template that drops earlier assistant turns, like ones that strip reasoning.
-    drifting.chat_template = (
-        "{% for m in messages %}{% if m.role != 'assistant' or loop.last %}"
-        "<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endif %}{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-    )
-    engine = FakeEngine([reply(tokenizer, "hi"), reply(tokenizer, "yes")])
-    with pytest.raises(TemplateDriftError):
-        await run_episode(
-            FollowUpEnv(),
-            engine,
-            ChatRenderer(drifting),
-            SamplingParams(),
-            EpisodeRequest(0, 0),
-            env_id="f",
-            max_turns=4,
+class ChatEnv(TextEnv):
+    """A user who asks, then sends the scripted follow-ups one per reply; each reply earns
+    its scripted reward, and the reply to the last follow-up ends the episode."""
+
+    def __init__(self, followups: list[str], rewards: list[float]) -> None:
+        self.followups, self.rewards = followups, rewards
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.turn = 0
+        return [{"role": "user", "content": "Say hi."}], {"task_id": "chat"}
+
+    def step(self, action: str) -> tuple[Any, float, bool, bool, dict]:
+        reward = self.rewards[self.turn]
+        self.turn += 1
+        info = {"reward_components": {"reply": reward}}
+        if self.turn > len(self.followups):
+            return [], reward, True, False, info
+        return (
+            [{"role": "user", "content": self.followups[self.turn - 1]}],
+            reward,
+            False,
+            False,
+            info,
         )
+
+
+REASONING_STRIPPING = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+    "{% if m.role == 'assistant' and not loop.last %}{{ m.content.split('</think>')[-1] }}"
+    "{% else %}{{ m.content }}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+"""Like Qwen3's: earlier assistant turns lose their ``<think>`` reasoning."""
+
+
+def with_template(tokenizer, template: str):
+    other = type(tokenizer).from_pretrained(tokenizer.name_or_path)
+    other.chat_template = template
+    return other
+
+
+def position_logprobs(prompt: list[int], completion: list[int]) -> list[float]:
+    """A distinct logprob per (prompt length, position), to check alignment."""
+    return [-0.001 * (len(prompt) + j) for j in range(len(completion))]
+
+
+def assert_exact(t, engine, scripted: list[list[int]]) -> None:
+    """Every mask-1 token is a sampled token at its place, with its logprob; every turn was
+    prompted with exactly the tokens of its sample that precede it."""
+    assert [list(t.token_ids[turn.start : turn.end]) for turn in t.turns] == scripted
+    sampled_positions = {i for turn in t.turns for i in range(turn.start, turn.end)}
+    assert {i for i, m in enumerate(t.loss_mask) if m} == sampled_positions
+    for k, turn in enumerate(t.turns):
+        sample_start = max(s for s in t.segment_starts if s <= turn.start)
+        assert engine.prompts[k] == list(t.token_ids[sample_start : turn.start])
+        expected = position_logprobs(engine.prompts[k], scripted[k])
+        assert list(t.logprobs[turn.start : turn.end]) == expected
+    assert all(lp == 0.0 for lp, m in zip(t.logprobs, t.loss_mask, strict=True) if not m)
+
+
+async def test_a_history_rewriting_template_splits_the_episode(tokenizer):
+    stripping = with_template(tokenizer, REASONING_STRIPPING)
+    renderer = ChatRenderer(stripping)
+    scripted = [
+        reply(tokenizer, "<think>a greeting</think>hi"),  # its reasoning vanishes from history
+        reply(tokenizer, "sure"),  # nothing to strip: the next turn extends this sample
+        reply(tokenizer, "yes"),
+    ]
+    engine = FakeEngine(scripted, logprobs=position_logprobs)
+    env = ChatEnv(["Are you sure?", "Really?"], [0.0, 0.0, 1.0])
+
+    t = await run_episode(
+        env, engine, renderer, SamplingParams(), EpisodeRequest(0, 0), env_id="c", max_turns=4
+    )
+
+    assert t.is_split and t.stop_reason is StopReason.ANSWERED and t.reward == 1.0
+    assert t.segment_starts == (0, t.turns[0].end)
+    assert_exact(t, engine, scripted)
+    first, second = (list(t.token_ids[a:b]) for a, b in t.segments)
+    assert first == renderer.prompt_ids([{"role": "user", "content": "Say hi."}]) + scripted[0]
+    conversation = [
+        {"role": "user", "content": "Say hi."},
+        {"role": "assistant", "content": "<think>a greeting</think>hi"},
+        {"role": "user", "content": "Are you sure?"},
+    ]
+    new_prompt = renderer.prompt_ids(conversation)
+    assert second[: len(new_prompt)] == new_prompt  # the whole conversation, rendered afresh
+    assert "a greeting" not in stripping.decode(new_prompt)
+    assert all(m == 0 for m in t.loss_mask[t.segment_starts[1] : t.turns[1].start])
+
+
+async def test_a_template_that_keeps_history_does_not_split(tokenizer):
+    scripted = [reply(tokenizer, "<think>a greeting</think>hi"), reply(tokenizer, "yes")]
+    engine = FakeEngine(scripted, logprobs=position_logprobs)
+
+    t = await run_episode(
+        ChatEnv(["Are you sure?"], [0.0, 1.0]),
+        engine,
+        ChatRenderer(tokenizer),
+        SamplingParams(),
+        EpisodeRequest(0, 0),
+        env_id="c",
+        max_turns=4,
+    )
+
+    assert not t.is_split and t.segment_starts == (0,) and t.segments == [(0, len(t.token_ids))]
+    assert_exact(t, engine, scripted)
+
+
+async def test_each_turn_keeps_its_step_reward(tokenizer):
+    scripted = [reply(tokenizer, "hi"), reply(tokenizer, "sure"), reply(tokenizer, "yes")]
+    env = ChatEnv(["Are you sure?", "Really?"], [0.25, 0.0, 1.0])
+
+    t = await run_episode(
+        env,
+        FakeEngine(scripted),
+        ChatRenderer(tokenizer),
+        SamplingParams(),
+        EpisodeRequest(0, 0),
+        env_id="c",
+        max_turns=4,
+    )
+
+    assert [turn.reward for turn in t.turns] == [0.25, 0.0, 1.0]
+    assert t.reward == 1.25 and t.reward_components == {"reply": 1.25}
+    to_go = t.returns_to_go()
+    for turn, expected in zip(t.turns, [1.25, 1.0, 1.0], strict=True):
+        assert set(to_go[turn.start : turn.end]) == {expected}
+    assert all(g == 0.0 for g, m in zip(to_go, t.loss_mask, strict=True) if not m)
 
 
 class BrokenEngine(FakeEngine):
@@ -207,3 +326,329 @@ async def test_tool_episode_keeps_tool_results_out_of_the_loss(tokenizer):
     assert engine.prompts[1] == list(t.token_ids[: t.turns[1].start])
     assert t.reward == 1.0 and t.stop_reason is StopReason.ANSWERED
     env.close()
+
+
+# --------------------------------------------------------------------------- stop reasons
+
+
+def lookup_call(tokenizer, body: str) -> list[int]:
+    return reply(tokenizer, f"<tool_call>{body}</tool_call>")
+
+
+async def play_tool_lookup(tokenizer, scripted, **limits):
+    env = make("palaestra/ToolLookup-v0", split="train")
+    try:
+        return await run_episode(
+            env,
+            FakeEngine(scripted),
+            ChatRenderer(tokenizer),
+            SamplingParams(),
+            EpisodeRequest(0, 7),
+            env_id="tl",
+            **limits,
+        )
+    finally:
+        env.close()
+
+
+async def test_an_episode_ending_on_a_malformed_call_is_a_parse_error(tokenizer):
+    good = lookup_call(tokenizer, '{"name": "calculator", "arguments": {"expression": "1+1"}}')
+    unreadable = lookup_call(tokenizer, "{not json")
+    unknown = lookup_call(tokenizer, '{"name": "search", "arguments": {}}')
+
+    for scripted in ([unreadable], [good, unknown]):
+        t = await play_tool_lookup(tokenizer, scripted, max_turns=len(scripted))
+        assert t.stop_reason is StopReason.PARSE_ERROR and not t.stop_reason.is_infra_failure
+
+    t = await play_tool_lookup(tokenizer, [unreadable, good], max_turns=2)
+    assert t.stop_reason is StopReason.MAX_TURNS  # the last call was well formed
+    assert (t.info["parse_errors"], t.info["tool_calls"]) == (1, 1)
+
+
+class FragileToolEnv(ToolEnv):
+    """One tool, whose backend is down."""
+
+    def __init__(self) -> None:
+        def inventory(item: str) -> int:
+            """Units of an item in stock."""
+            raise ToolInfraError("inventory service unreachable")
+
+        super().__init__([Task("t0", "How many lamps?", "3")], [inventory])
+
+    def verify(self, task: Task, answer: str) -> float:
+        return float(answer == task.answer)
+
+
+async def test_a_tool_infrastructure_failure_is_a_tool_error(tokenizer):
+    call = lookup_call(tokenizer, '{"name": "inventory", "arguments": {"item": "lamp"}}')
+
+    t = await run_episode(
+        FragileToolEnv(),
+        FakeEngine([call]),
+        ChatRenderer(tokenizer),
+        SamplingParams(),
+        EpisodeRequest(0, 0),
+        env_id="f",
+        max_turns=4,
+    )
+
+    assert t.stop_reason is StopReason.TOOL_ERROR and t.stop_reason.is_infra_failure
+    assert t.info["error"] == "inventory service unreachable" and len(t.turns) == 1
+    assert "stop_reason" not in t.info  # recorded as the trajectory's stop reason
+
+
+async def test_a_completion_cut_at_its_token_limit_ends_as_max_tokens(tokenizer):
+    env = ChatEnv([], [0.0])
+    engine = FakeEngine([tokenizer.encode("one two three four five six")])
+
+    t = await run_episode(
+        env,
+        engine,
+        ChatRenderer(tokenizer),
+        SamplingParams(max_tokens=3),
+        EpisodeRequest(0, 0),
+        env_id="c",
+    )
+
+    assert t.stop_reason is StopReason.MAX_TOKENS and t.turns[0].finish_reason == "length"
+
+
+class ReportingEnv(ChatEnv):
+    def step(self, action):
+        observation, reward, terminated, truncated, info = super().step(action)
+        return observation, reward, terminated, truncated, {**info, "stop_reason": "gave_up"}
+
+
+class UnstartableEnv(ChatEnv):
+    def reset(self, *, seed=None, options=None):
+        raise ConnectionError("no task server")
+
+
+async def test_env_failures_outside_steps_are_env_errors(tokenizer):
+    renderer = ChatRenderer(tokenizer)
+    engine = FakeEngine([reply(tokenizer, "hi")])
+    t = await run_episode(
+        ReportingEnv([], [1.0]),
+        engine,
+        renderer,
+        SamplingParams(),
+        EpisodeRequest(0, 0),
+        env_id="r",
+    )
+    assert t.stop_reason is StopReason.ENV_ERROR and "'gave_up'" in t.info["error"]
+
+    t = await run_episode(
+        UnstartableEnv([], [1.0]),
+        engine,
+        renderer,
+        SamplingParams(),
+        EpisodeRequest(0, 5),
+        env_id="u",
+    )
+    assert t.stop_reason is StopReason.ENV_ERROR and "no task server" in t.info["error"]
+    assert t.token_ids == () and t.task_id == "5"
+
+
+# -------------------------------------------------------------------------------- limits
+
+
+async def test_max_total_tokens_caps_each_turn_and_ends_the_episode(tokenizer):
+    renderer = ChatRenderer(tokenizer)
+    first, second = reply(tokenizer, "hi"), reply(tokenizer, "yes, I am quite sure of it")
+    unlimited = await run_episode(
+        ChatEnv(["Are you sure?"], [0.0, 1.0]),
+        FakeEngine([first, second]),
+        renderer,
+        SamplingParams(),
+        EpisodeRequest(0, 0),
+        env_id="c",
+        max_turns=2,
+    )
+    second_prompt = unlimited.turns[1].start
+
+    # room for 3 tokens of the second reply: it is cut there
+    engine = FakeEngine([first, second])
+    t = await run_episode(
+        ChatEnv(["Are you sure?"], [0.0, 1.0]),
+        engine,
+        renderer,
+        SamplingParams(max_tokens=50),
+        EpisodeRequest(0, 0),
+        env_id="c",
+        max_turns=2,
+        max_total_tokens=second_prompt + 3,
+    )
+    first_prompt = t.turns[0].start
+    assert [s.max_tokens for s in engine.sampling] == [second_prompt + 3 - first_prompt, 3]
+    assert len(t.token_ids) == second_prompt + 3 and t.stop_reason is StopReason.MAX_TOKENS
+
+    # no room after the follow-up: the episode stops before it
+    t = await run_episode(
+        ChatEnv(["Are you sure?"], [0.0, 1.0]),
+        FakeEngine([first, second]),
+        renderer,
+        SamplingParams(),
+        EpisodeRequest(0, 0),
+        env_id="c",
+        max_turns=2,
+        max_total_tokens=second_prompt,
+    )
+    assert len(t.turns) == 1 and t.stop_reason is StopReason.MAX_TOKENS
+    assert len(t.token_ids) == unlimited.turns[0].end
+
+    # not even room for the first prompt
+    t = await run_episode(
+        ChatEnv([], [1.0]),
+        FakeEngine([first]),
+        renderer,
+        SamplingParams(),
+        EpisodeRequest(0, 0),
+        env_id="c",
+        max_total_tokens=4,
+    )
+    assert t.turns == () and t.stop_reason is StopReason.MAX_TOKENS
+
+
+class HangingEngine(FakeEngine):
+    async def generate(self, prompt_ids, sampling):
+        await asyncio.Event().wait()  # never set: only the episode's time limit ends this
+
+
+class SlowEnv(ChatEnv):
+    def step(self, action):
+        time.sleep(0.05)
+        return super().step(action)
+
+
+async def test_max_episode_s_ends_the_episode_as_a_timeout(tokenizer):
+    renderer = ChatRenderer(tokenizer)
+    t = await run_episode(
+        ChatEnv([], [1.0]),
+        HangingEngine([]),
+        renderer,
+        SamplingParams(),
+        EpisodeRequest(0, 0),
+        env_id="c",
+        max_episode_s=0.02,
+    )
+    assert t.stop_reason is StopReason.TIMEOUT and t.stop_reason.is_infra_failure
+    assert "max_episode_s=0.02" in t.info["error"] and t.turns == ()
+
+    # an env step is not interrupted: the episode stops after it
+    t = await run_episode(
+        SlowEnv(["Are you sure?"], [0.5, 1.0]),
+        FakeEngine([reply(tokenizer, "hi"), reply(tokenizer, "yes")]),
+        renderer,
+        SamplingParams(),
+        EpisodeRequest(0, 0),
+        env_id="c",
+        max_turns=2,
+        max_episode_s=0.01,
+    )
+    assert t.stop_reason is StopReason.TIMEOUT and [turn.reward for turn in t.turns] == [0.5]
+
+
+async def test_generate_groups_applies_the_limits_to_every_episode(tokenizer):
+    pool = EnvPool(lambda: ChatEnv([], [1.0]), size=2)
+    engine = FakeEngine(lambda prompt: reply(tokenizer, "a long reply of several tokens"))
+    groups = [[EpisodeRequest(g, reset_seed=g) for _ in range(2)] for g in range(2)]
+    prompt = ChatRenderer(tokenizer).prompt_ids([{"role": "user", "content": "Say hi."}])
+
+    seen = [
+        t
+        async for group in generate_groups(
+            pool,
+            engine,
+            ChatRenderer(tokenizer),
+            SamplingParams(),
+            groups,
+            env_id="c",
+            max_total_tokens=len(prompt) + 2,
+            max_episode_s=60.0,
+        )
+        for t in group
+    ]
+
+    assert [t.num_sampled_tokens for t in seen] == [2, 2, 2, 2]
+    assert {t.stop_reason for t in seen} == {StopReason.MAX_TOKENS}
+    pool.close()
+
+
+# --------------------------------------------------------------------------------- tools
+
+
+async def test_tools_a_template_ignores_are_described_in_the_system_message(tokenizer, caplog):
+    env = make("palaestra/ToolLookup-v0", split="train")
+    messages, info = env.reset(seed=7)
+    renderer = ChatRenderer(tokenizer)
+    assert not renderer.renders_tools(messages, info["tools"])  # SmolLM2's template
+    engine = FakeEngine(lambda prompt: reply(tokenizer, "\\boxed{1}"))
+
+    with caplog.at_level(logging.WARNING, logger="palaestra.agent.render"):
+        for seed in (7, 8):
+            await run_episode(
+                env, engine, renderer, SamplingParams(), EpisodeRequest(0, seed), env_id="tl"
+            )
+
+    prompt = tokenizer.decode(engine.prompts[0])
+    assert prompt.count(info["tool_instructions"]) == 1 and '"name": "lookup"' in prompt
+    assert prompt.index(info["tool_instructions"]) < prompt.index("<|im_start|>user")
+    assert len([r for r in caplog.records if "ignores tools=" in r.message]) == 1  # once
+    env.close()
+
+    described = make("palaestra/ToolLookup-v0", split="train", tools_in_prompt=True)
+    engine = FakeEngine(lambda prompt: reply(tokenizer, "\\boxed{1}"))
+    await run_episode(
+        described, engine, renderer, SamplingParams(), EpisodeRequest(0, 7), env_id="tl"
+    )
+    assert tokenizer.decode(engine.prompts[0]).count("<tools>") == 1  # not described twice
+    described.close()
+
+
+TOOL_RENDERING = (
+    "{% if tools %}<|im_start|>system\nTools: {{ tools | map(attribute='function.name') "
+    "| join(', ') }}<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_a_template_that_renders_tools_keeps_the_messages(tokenizer):
+    renderer = ChatRenderer(with_template(tokenizer, TOOL_RENDERING))
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {}}}]
+
+    assert renderer.renders_tools(messages, tools)
+    assert renderer.with_tool_instructions(messages, tools, "use lookup") == messages
+    plain = ChatRenderer(tokenizer)
+    described = plain.with_tool_instructions(messages, tools, "use lookup")
+    assert described[0] == {"role": "system", "content": "Be brief.\n\nuse lookup"}
+    assert plain.with_tool_instructions(messages[1:], tools, "use lookup")[0] == {
+        "role": "system",
+        "content": "use lookup",
+    }
+    assert plain.with_tool_instructions(messages, None, "use lookup") == messages
+
+
+# ------------------------------------------------------------------------------- metrics
+
+
+async def test_episode_metrics_count_stop_reasons_splits_and_tool_counters(tokenizer):
+    unreadable = lookup_call(tokenizer, "{not json")
+    parse_error = await play_tool_lookup(tokenizer, [unreadable])
+    split = await run_episode(
+        ChatEnv(["Are you sure?"], [0.0, 1.0]),
+        FakeEngine([reply(tokenizer, "<think>x</think>hi"), reply(tokenizer, "yes")]),
+        ChatRenderer(with_template(tokenizer, REASONING_STRIPPING)),
+        SamplingParams(),
+        EpisodeRequest(0, 0),
+        env_id="c",
+        max_turns=2,
+    )
+
+    metrics = episode_metrics([parse_error, split])
+
+    assert metrics["stop/parse_error"] == 1 and metrics["stop/answered"] == 1
+    assert metrics["stop/timeout"] == 0 and len([k for k in metrics if k.startswith("stop/")]) == 8
+    assert metrics["episodes_split"] == 1
+    assert metrics["tools/parse_errors"] == 1 and metrics["tools/tool_calls"] == 0

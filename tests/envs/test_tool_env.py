@@ -21,6 +21,7 @@ from palaestra.envs import (
     ToolEnv,
     check_env,
 )
+from palaestra.envs.tools import ToolInfraError
 
 HERMES = HermesFormat()
 RELEASE = threading.Event()  # never set while a test waits on it: the hanging tool's gate
@@ -47,6 +48,11 @@ def hang() -> str:
     return "late"
 
 
+def backend() -> str:
+    """A tool whose service is down."""
+    raise ToolInfraError("the lookup service is unreachable")
+
+
 async def rendezvous(who: str) -> str:
     """Returns once a second call has arrived too (only when calls run concurrently)."""
     arrived.append(who)
@@ -68,6 +74,7 @@ class SumEnv(ToolEnv):
             explode,
             Tool.from_function(hang, timeout=0.05),
             Tool.from_function(rendezvous, timeout=1),
+            backend,
         ]
         super().__init__(tasks, tools, split=split, **options)
 
@@ -90,8 +97,10 @@ def test_scripted_episode_call_then_answer() -> None:
         "explode",
         "hang",
         "rendezvous",
+        "backend",
     ]
     assert info["tools"][0]["function"]["parameters"]["required"] == ["a", "b"]
+    assert info["tool_instructions"] == HERMES.instructions(info["tools"])
 
     observation, reward, terminated, truncated, info = env.step(call("add", a=3, b=4))
     assert observation == [{"role": "tool", "content": "7", "name": "add"}]
@@ -106,7 +115,7 @@ def test_scripted_episode_call_then_answer() -> None:
         env.step("7")
 
 
-def test_failures_become_observations_and_counters() -> None:
+def test_policy_failures_become_observations_and_counters() -> None:
     env = SumEnv()
     env.reset(seed=0)
     action = "\n".join(
@@ -114,24 +123,55 @@ def test_failures_become_observations_and_counters() -> None:
             call("subtract", a=1, b=2),
             call("add", a="1"),
             call("explode", reason="boom"),
-            call("hang"),
             "<tool_call>{not json}</tool_call>",
         ]
     )
 
-    observation, reward, terminated, _, info = env.step(action)
+    observation, reward, terminated, truncated, info = env.step(action)
 
     assert [m["content"] for m in observation] == [
-        "Error: there is no tool 'subtract' (tools: add, explode, hang, rendezvous)",
+        "Error: there is no tool 'subtract' (tools: add, explode, hang, rendezvous, backend)",
         "Error: tool 'add' got invalid arguments: missing required argument 'b'; "
         "argument 'a' must be integer, got \"1\".",
         "Error: tool 'explode' raised RuntimeError: boom",
-        "Error: tool 'hang' did not finish within 0.05 s.",
-        "Error: tool call 5 is not valid JSON (Expecting property name enclosed in double "
+        "Error: tool call 4 is not valid JSON (Expecting property name enclosed in double "
         "quotes at line 1 column 2)",
     ]
-    assert (reward, terminated) == (0.0, False)
-    assert (info["tool_calls"], info["tool_errors"], info["parse_errors"]) == (4, 4, 1)
+    assert (reward, terminated, truncated) == (0.0, False, False)
+    assert (info["tool_calls"], info["tool_errors"], info["parse_errors"]) == (3, 3, 1)
+    assert (info["unknown_tools"], info["bad_arguments"], info["tool_exceptions"]) == (1, 1, 1)
+    assert info["stop_reason"] == "parse_error"  # if the episode ended here
+
+
+def test_a_tool_exception_alone_is_no_parse_error() -> None:
+    env = SumEnv()
+    env.reset(seed=0)
+
+    *_, info = env.step(call("explode", reason="bad input"))
+
+    assert info["tool_exceptions"] == 1 and "stop_reason" not in info
+
+
+@pytest.mark.parametrize(
+    ("broken", "error"),
+    [
+        (call("hang"), "tool 'hang' did not finish within 0.05 s."),
+        (call("backend"), "the lookup service is unreachable"),
+    ],
+)
+async def test_an_infrastructure_failure_of_a_tool_ends_the_episode(broken, error) -> None:
+    env = SumEnv()
+    env.reset(seed=0)
+    stepped = env.step(call("add", a=1, b=2) + broken)
+    env.reset(seed=0)
+    awaited = await env.astep(call("add", a=1, b=2) + broken)
+
+    for observation, reward, terminated, truncated, info in (stepped, awaited):
+        assert (observation, reward, terminated, truncated) == ([], 0.0, False, True)
+        assert info["stop_reason"] == "tool_error" and info["error"] == error
+        assert not info["success"]
+    with pytest.raises(ResetNeededError):
+        env.step("3")
 
 
 def test_a_call_on_the_last_turn_truncates_without_running() -> None:
@@ -144,6 +184,17 @@ def test_a_call_on_the_last_turn_truncates_without_running() -> None:
     assert (observation, reward, terminated, truncated) == ([], 0.0, False, True)
     assert info["max_turns_reached"] and not info["success"]
     assert info["reward_components"] == {"correct": 0.0} and info["tool_calls"] == 1
+    assert "stop_reason" not in info  # a well-formed call: the episode ends on max_turns
+
+
+@pytest.mark.parametrize("last", [call("add", a=1), call("nope"), "<tool_call>{oops</tool_call>"])
+def test_a_malformed_call_on_the_last_turn_is_a_parse_error(last: str) -> None:
+    env = SumEnv(max_turns=1)
+    env.reset(seed=0)
+
+    *_, truncated, info = env.step(last)
+
+    assert truncated and info["stop_reason"] == "parse_error"
 
 
 def test_calls_past_the_budget_are_refused() -> None:
@@ -161,11 +212,12 @@ def test_calls_past_the_budget_are_refused() -> None:
 
 def test_json_format_with_user_results_and_tools_in_the_prompt() -> None:
     env = SumEnv(tool_format=JsonFormat(result_role="user"), tools_in_prompt=True)
-    messages, _ = env.reset(seed=0)
+    messages, info = env.reset(seed=0)
 
     observation, *_ = env.step('{"name": "add", "arguments": {"a": 2, "b": 5}}')
 
     assert '"name": "add"' in messages[0]["content"] and "JSON object" in messages[0]["content"]
+    assert info["tool_instructions"] in messages[0]["content"]
     assert observation == [{"role": "user", "content": '[{"name": "add", "result": "7"}]'}]
 
 
@@ -184,16 +236,17 @@ async def test_astep_awaits_async_tools_concurrently() -> None:
     assert (reward, terminated) == (0.0, True)
 
 
-async def test_astep_reports_timeouts_and_errors_like_step() -> None:
+async def test_astep_reports_errors_like_step() -> None:
     env = SumEnv()
     await env.areset(seed=0)
 
-    observation, *_ = await env.astep(call("hang") + call("explode", reason="boom"))
+    observation, *_, info = await env.astep(call("add", a=1) + call("explode", reason="boom"))
 
     assert [m["content"] for m in observation] == [
-        "Error: tool 'hang' did not finish within 0.05 s.",
+        "Error: tool 'add' got invalid arguments: missing required argument 'b'.",
         "Error: tool 'explode' raised RuntimeError: boom",
     ]
+    assert (info["bad_arguments"], info["tool_exceptions"]) == (1, 1)
 
 
 def test_reset_picks_tasks_by_index_or_seed() -> None:
