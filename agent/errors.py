@@ -1,8 +1,11 @@
-"""Errors raised on the policy side: rendering, engines and rollouts.
+"""Errors raised on the policy side: chat templates, engines and rollouts.
 
 AgentError
-├── TemplateDriftError   the chat template cannot extend an episode token-exactly
-└── EngineError          an engine failed to generate or to load weights
+├── ChatTemplateError   the chat template cannot prompt the model for training
+└── EngineError         an engine failed to generate or to load weights
+
+A template that rewrites history is not an error: the rollout splits such episodes into
+separate training samples (see ``agent.rollout``).
 """
 
 
@@ -10,8 +13,8 @@ class AgentError(Exception):
     """Base class of palaestra.agent errors."""
 
 
-class TemplateDriftError(AgentError):
-    """The chat template re-renders earlier turns, so an episode cannot stay one sequence."""
+class ChatTemplateError(AgentError):
+    """The chat template cannot be used for training (none at all, or no generation prompt)."""
 
 
 class EngineError(AgentError):

@@ -16,7 +16,7 @@ from palaestra.envs import (
     ToolTimeoutError,
     tool,
 )
-from palaestra.envs.tools import parse_docstring, result_text
+from palaestra.envs.tools import ToolInfraError, parse_docstring, result_text
 
 
 def get_weather(city: str, unit: Literal["C", "F"] = "C", days: int = 1) -> str:
@@ -228,6 +228,22 @@ def test_exceptions_become_execution_errors() -> None:
 
     with pytest.raises(ToolExecutionError, match="tool 'divide' raised ZeroDivisionError"):
         Tool.from_function(divide).call({"a": 1, "b": 0})
+
+
+def test_infrastructure_errors_pass_through_unwrapped() -> None:
+    def lookup(key: str) -> str:
+        """Reads a remote table."""
+        raise ToolInfraError("table server unreachable")
+
+    async def alookup(key: str) -> str:
+        """Reads a remote table."""
+        raise ToolInfraError("table server unreachable")
+
+    for function in (lookup, alookup):
+        with pytest.raises(ToolInfraError, match="unreachable"):
+            Tool.from_function(function).call({"key": "a"})
+        with pytest.raises(ToolInfraError, match="unreachable"):
+            asyncio.run(Tool.from_function(function).acall({"key": "a"}))
 
 
 def test_sync_tool_past_its_timeout_fails_without_waiting_for_it() -> None:
