@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -129,7 +130,7 @@ class _Episode:
     def room(self, max_total_tokens: int | None, ids: list[int], *, new_sample: bool) -> int:
         """Tokens left to sample once ``ids`` join this sample (or open a new one)."""
         if max_total_tokens is None:
-            return _NO_LIMIT
+            return sys.maxsize
         return max_total_tokens - len(ids) - (0 if new_sample else len(self.sample_ids))
 
     def add_prompt(self, ids: list[int], *, new_sample: bool = False) -> None:
@@ -173,7 +174,6 @@ class _Episode:
         )
 
 
-_NO_LIMIT = 2**62
 _NOT_KEPT_INFO = ("tools", "tool_instructions", "reward_components", "stop_reason")
 """Info keys the trajectory records elsewhere (or that only the rollout reads)."""
 

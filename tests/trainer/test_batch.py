@@ -121,4 +121,6 @@ async def test_rows_of_a_split_episode_are_what_the_engine_was_prompted_with(tok
         assert batch.input_ids_BT[row, :n].tolist() == prompt + sampled
         trained = batch.input_ids_BT[row][batch.loss_mask_BT[row].bool()].tolist()
         assert trained == sampled
-        assert batch.old_logprobs_BT[row][batch.loss_mask_BT[row].bool()].tolist() == [-0.5] * len(sampled)
+        assert batch.old_logprobs_BT[row][batch.loss_mask_BT[row].bool()].tolist() == [-0.5] * len(
+            sampled
+        )
