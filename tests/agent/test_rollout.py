@@ -18,7 +18,7 @@ from palaestra.agent.rollout import (
     generate_groups,
     run_episode,
 )
-from palaestra.agent.trajectory import StopReason
+from palaestra.agent.trajectory import StopReason, Trajectory
 from palaestra.envs import Task, ToolEnv, make
 from palaestra.envs.core import TextEnv
 from palaestra.envs.tools import ToolInfraError
@@ -28,6 +28,13 @@ EOT = "<|im_end|>"
 
 def math_env(path):
     return make("palaestra/Math-v0", source=f"jsonl:{path}", test_fraction=0.25)
+
+
+async def play(env, engine, renderer, *, sampling=None, seed=0, **limits) -> Trajectory:
+    """``run_episode`` of group 0 with reset seed ``seed``."""
+    sampling = sampling or SamplingParams()
+    request = EpisodeRequest(0, seed)
+    return await run_episode(env, engine, renderer, sampling, request, env_id="test", **limits)
 
 
 def reply(tokenizer, text: str) -> list[int]:
@@ -59,14 +66,7 @@ async def test_trained_tokens_are_exactly_the_sampled_tokens(tokenizer, math_tas
 async def test_truncated_completion_is_marked_max_tokens(tokenizer, math_tasks):
     env = math_env(math_tasks)
     engine = FakeEngine(lambda prompt: tokenizer.encode("one two three four five six"))
-    t = await run_episode(
-        env,
-        engine,
-        ChatRenderer(tokenizer),
-        SamplingParams(max_tokens=3),
-        EpisodeRequest(0, 0),
-        env_id="m",
-    )
+    t = await play(env, engine, ChatRenderer(tokenizer), sampling=SamplingParams(max_tokens=3))
     assert t.num_sampled_tokens == 3
     assert t.stop_reason is StopReason.MAX_TOKENS
     env.close()
@@ -93,15 +93,7 @@ async def test_multi_turn_sequence_equals_the_template_rendering(tokenizer):
     engine = FakeEngine([first, second])
     renderer = ChatRenderer(tokenizer)
 
-    t = await run_episode(
-        FollowUpEnv(),
-        engine,
-        renderer,
-        SamplingParams(),
-        EpisodeRequest(0, 0),
-        env_id="f",
-        max_turns=4,
-    )
+    t = await play(FollowUpEnv(), engine, renderer, max_turns=4)
 
     conversation = [
         {"role": "user", "content": "Say hi."},
@@ -190,9 +182,7 @@ async def test_a_history_rewriting_template_splits_the_episode(tokenizer):
     engine = FakeEngine(scripted, logprobs=position_logprobs)
     env = ChatEnv(["Are you sure?", "Really?"], [0.0, 0.0, 1.0])
 
-    t = await run_episode(
-        env, engine, renderer, SamplingParams(), EpisodeRequest(0, 0), env_id="c", max_turns=4
-    )
+    t = await play(env, engine, renderer, max_turns=4)
 
     assert t.is_split and t.stop_reason is StopReason.ANSWERED and t.reward == 1.0
     assert t.segment_starts == (0, t.turns[0].end)
@@ -214,14 +204,8 @@ async def test_a_template_that_keeps_history_does_not_split(tokenizer):
     scripted = [reply(tokenizer, "<think>a greeting</think>hi"), reply(tokenizer, "yes")]
     engine = FakeEngine(scripted, logprobs=position_logprobs)
 
-    t = await run_episode(
-        ChatEnv(["Are you sure?"], [0.0, 1.0]),
-        engine,
-        ChatRenderer(tokenizer),
-        SamplingParams(),
-        EpisodeRequest(0, 0),
-        env_id="c",
-        max_turns=4,
+    t = await play(
+        ChatEnv(["Are you sure?"], [0.0, 1.0]), engine, ChatRenderer(tokenizer), max_turns=4
     )
 
     assert not t.is_split and t.segment_starts == (0,) and t.segments == [(0, len(t.token_ids))]
@@ -232,15 +216,7 @@ async def test_each_turn_keeps_its_step_reward(tokenizer):
     scripted = [reply(tokenizer, "hi"), reply(tokenizer, "sure"), reply(tokenizer, "yes")]
     env = ChatEnv(["Are you sure?", "Really?"], [0.25, 0.0, 1.0])
 
-    t = await run_episode(
-        env,
-        FakeEngine(scripted),
-        ChatRenderer(tokenizer),
-        SamplingParams(),
-        EpisodeRequest(0, 0),
-        env_id="c",
-        max_turns=4,
-    )
+    t = await play(env, FakeEngine(scripted), ChatRenderer(tokenizer), max_turns=4)
 
     assert [turn.reward for turn in t.turns] == [0.25, 0.0, 1.0]
     assert t.reward == 1.25 and t.reward_components == {"reply": 1.25}
@@ -263,20 +239,11 @@ class CrashingEnv(FollowUpEnv):
 async def test_infrastructure_failures_are_marked_not_scored(tokenizer, math_tasks):
     renderer = ChatRenderer(tokenizer)
     env = math_env(math_tasks)
-    t = await run_episode(
-        env, BrokenEngine([]), renderer, SamplingParams(), EpisodeRequest(0, 0), env_id="m"
-    )
+    t = await play(env, BrokenEngine([]), renderer)
     assert t.stop_reason is StopReason.ENGINE_ERROR and t.stop_reason.is_infra_failure
     assert "engine went away" in t.info["error"] and t.num_sampled_tokens == 0
 
-    t = await run_episode(
-        CrashingEnv(),
-        FakeEngine([reply(tokenizer, "hi")]),
-        renderer,
-        SamplingParams(),
-        EpisodeRequest(0, 0),
-        env_id="c",
-    )
+    t = await play(CrashingEnv(), FakeEngine([reply(tokenizer, "hi")]), renderer)
     assert t.stop_reason is StopReason.ENV_ERROR and "tool backend down" in t.info["error"]
     env.close()
 
@@ -313,9 +280,7 @@ async def test_tool_episode_keeps_tool_results_out_of_the_loss(tokenizer):
     engine = FakeEngine(turns)
     renderer = ChatRenderer(tokenizer)
 
-    t = await run_episode(
-        env, engine, renderer, SamplingParams(), EpisodeRequest(0, 7), env_id="tl", max_turns=8
-    )
+    t = await play(env, engine, renderer, seed=7, max_turns=8)
 
     assert [list(t.token_ids[turn.start : turn.end]) for turn in t.turns] == turns
     assert t.sampled_token_ids == turns[0] + turns[1]
@@ -338,15 +303,7 @@ def lookup_call(tokenizer, body: str) -> list[int]:
 async def play_tool_lookup(tokenizer, scripted, **limits):
     env = make("palaestra/ToolLookup-v0", split="train")
     try:
-        return await run_episode(
-            env,
-            FakeEngine(scripted),
-            ChatRenderer(tokenizer),
-            SamplingParams(),
-            EpisodeRequest(0, 7),
-            env_id="tl",
-            **limits,
-        )
+        return await play(env, FakeEngine(scripted), ChatRenderer(tokenizer), seed=7, **limits)
     finally:
         env.close()
 
@@ -382,15 +339,7 @@ class FragileToolEnv(ToolEnv):
 async def test_a_tool_infrastructure_failure_is_a_tool_error(tokenizer):
     call = lookup_call(tokenizer, '{"name": "inventory", "arguments": {"item": "lamp"}}')
 
-    t = await run_episode(
-        FragileToolEnv(),
-        FakeEngine([call]),
-        ChatRenderer(tokenizer),
-        SamplingParams(),
-        EpisodeRequest(0, 0),
-        env_id="f",
-        max_turns=4,
-    )
+    t = await play(FragileToolEnv(), FakeEngine([call]), ChatRenderer(tokenizer), max_turns=4)
 
     assert t.stop_reason is StopReason.TOOL_ERROR and t.stop_reason.is_infra_failure
     assert t.info["error"] == "inventory service unreachable" and len(t.turns) == 1
@@ -401,14 +350,7 @@ async def test_a_completion_cut_at_its_token_limit_ends_as_max_tokens(tokenizer)
     env = ChatEnv([], [0.0])
     engine = FakeEngine([tokenizer.encode("one two three four five six")])
 
-    t = await run_episode(
-        env,
-        engine,
-        ChatRenderer(tokenizer),
-        SamplingParams(max_tokens=3),
-        EpisodeRequest(0, 0),
-        env_id="c",
-    )
+    t = await play(env, engine, ChatRenderer(tokenizer), sampling=SamplingParams(max_tokens=3))
 
     assert t.stop_reason is StopReason.MAX_TOKENS and t.turns[0].finish_reason == "length"
 
@@ -427,24 +369,10 @@ class UnstartableEnv(ChatEnv):
 async def test_env_failures_outside_steps_are_env_errors(tokenizer):
     renderer = ChatRenderer(tokenizer)
     engine = FakeEngine([reply(tokenizer, "hi")])
-    t = await run_episode(
-        ReportingEnv([], [1.0]),
-        engine,
-        renderer,
-        SamplingParams(),
-        EpisodeRequest(0, 0),
-        env_id="r",
-    )
+    t = await play(ReportingEnv([], [1.0]), engine, renderer)
     assert t.stop_reason is StopReason.ENV_ERROR and "'gave_up'" in t.info["error"]
 
-    t = await run_episode(
-        UnstartableEnv([], [1.0]),
-        engine,
-        renderer,
-        SamplingParams(),
-        EpisodeRequest(0, 5),
-        env_id="u",
-    )
+    t = await play(UnstartableEnv([], [1.0]), engine, renderer, seed=5)
     assert t.stop_reason is StopReason.ENV_ERROR and "no task server" in t.info["error"]
     assert t.token_ids == () and t.task_id == "5"
 
@@ -455,26 +383,18 @@ async def test_env_failures_outside_steps_are_env_errors(tokenizer):
 async def test_max_total_tokens_caps_each_turn_and_ends_the_episode(tokenizer):
     renderer = ChatRenderer(tokenizer)
     first, second = reply(tokenizer, "hi"), reply(tokenizer, "yes, I am quite sure of it")
-    unlimited = await run_episode(
-        ChatEnv(["Are you sure?"], [0.0, 1.0]),
-        FakeEngine([first, second]),
-        renderer,
-        SamplingParams(),
-        EpisodeRequest(0, 0),
-        env_id="c",
-        max_turns=2,
+    unlimited = await play(
+        ChatEnv(["Are you sure?"], [0.0, 1.0]), FakeEngine([first, second]), renderer, max_turns=2
     )
     second_prompt = unlimited.turns[1].start
 
     # room for 3 tokens of the second reply: it is cut there
     engine = FakeEngine([first, second])
-    t = await run_episode(
+    t = await play(
         ChatEnv(["Are you sure?"], [0.0, 1.0]),
         engine,
         renderer,
-        SamplingParams(max_tokens=50),
-        EpisodeRequest(0, 0),
-        env_id="c",
+        sampling=SamplingParams(max_tokens=50),
         max_turns=2,
         max_total_tokens=second_prompt + 3,
     )
@@ -483,13 +403,10 @@ async def test_max_total_tokens_caps_each_turn_and_ends_the_episode(tokenizer):
     assert len(t.token_ids) == second_prompt + 3 and t.stop_reason is StopReason.MAX_TOKENS
 
     # no room after the follow-up: the episode stops before it
-    t = await run_episode(
+    t = await play(
         ChatEnv(["Are you sure?"], [0.0, 1.0]),
         FakeEngine([first, second]),
         renderer,
-        SamplingParams(),
-        EpisodeRequest(0, 0),
-        env_id="c",
         max_turns=2,
         max_total_tokens=second_prompt,
     )
@@ -497,15 +414,7 @@ async def test_max_total_tokens_caps_each_turn_and_ends_the_episode(tokenizer):
     assert len(t.token_ids) == unlimited.turns[0].end
 
     # not even room for the first prompt
-    t = await run_episode(
-        ChatEnv([], [1.0]),
-        FakeEngine([first]),
-        renderer,
-        SamplingParams(),
-        EpisodeRequest(0, 0),
-        env_id="c",
-        max_total_tokens=4,
-    )
+    t = await play(ChatEnv([], [1.0]), FakeEngine([first]), renderer, max_total_tokens=4)
     assert t.turns == () and t.stop_reason is StopReason.MAX_TOKENS
 
 
@@ -522,26 +431,15 @@ class SlowEnv(ChatEnv):
 
 async def test_max_episode_s_ends_the_episode_as_a_timeout(tokenizer):
     renderer = ChatRenderer(tokenizer)
-    t = await run_episode(
-        ChatEnv([], [1.0]),
-        HangingEngine([]),
-        renderer,
-        SamplingParams(),
-        EpisodeRequest(0, 0),
-        env_id="c",
-        max_episode_s=0.02,
-    )
+    t = await play(ChatEnv([], [1.0]), HangingEngine([]), renderer, max_episode_s=0.02)
     assert t.stop_reason is StopReason.TIMEOUT and t.stop_reason.is_infra_failure
     assert "max_episode_s=0.02" in t.info["error"] and t.turns == ()
 
     # an env step is not interrupted: the episode stops after it
-    t = await run_episode(
+    t = await play(
         SlowEnv(["Are you sure?"], [0.5, 1.0]),
         FakeEngine([reply(tokenizer, "hi"), reply(tokenizer, "yes")]),
         renderer,
-        SamplingParams(),
-        EpisodeRequest(0, 0),
-        env_id="c",
         max_turns=2,
         max_episode_s=0.01,
     )
@@ -586,9 +484,7 @@ async def test_tools_a_template_ignores_are_described_in_the_system_message(toke
 
     with caplog.at_level(logging.WARNING, logger="palaestra.agent.render"):
         for seed in (7, 8):
-            await run_episode(
-                env, engine, renderer, SamplingParams(), EpisodeRequest(0, seed), env_id="tl"
-            )
+            await play(env, engine, renderer, seed=seed)
 
     prompt = tokenizer.decode(engine.prompts[0])
     assert prompt.count(info["tool_instructions"]) == 1 and '"name": "lookup"' in prompt
@@ -598,9 +494,7 @@ async def test_tools_a_template_ignores_are_described_in_the_system_message(toke
 
     described = make("palaestra/ToolLookup-v0", split="train", tools_in_prompt=True)
     engine = FakeEngine(lambda prompt: reply(tokenizer, "\\boxed{1}"))
-    await run_episode(
-        described, engine, renderer, SamplingParams(), EpisodeRequest(0, 7), env_id="tl"
-    )
+    await play(described, engine, renderer, seed=7)
     assert tokenizer.decode(engine.prompts[0]).count("<tools>") == 1  # not described twice
     described.close()
 
@@ -636,13 +530,10 @@ def test_a_template_that_renders_tools_keeps_the_messages(tokenizer):
 async def test_episode_metrics_count_stop_reasons_splits_and_tool_counters(tokenizer):
     unreadable = lookup_call(tokenizer, "{not json")
     parse_error = await play_tool_lookup(tokenizer, [unreadable])
-    split = await run_episode(
+    split = await play(
         ChatEnv(["Are you sure?"], [0.0, 1.0]),
         FakeEngine([reply(tokenizer, "<think>x</think>hi"), reply(tokenizer, "yes")]),
         ChatRenderer(with_template(tokenizer, REASONING_STRIPPING)),
-        SamplingParams(),
-        EpisodeRequest(0, 0),
-        env_id="c",
         max_turns=2,
     )
 
