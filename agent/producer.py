@@ -57,14 +57,19 @@ class RolloutProducer:
         *,
         env_id: str,
         max_turns: int = 1,
+        max_total_tokens: int | None = None,
+        max_episode_s: float | None = None,
         max_staleness: int = 0,
         queue_groups: int = 64,
     ) -> None:
+        """``max_turns``, ``max_total_tokens`` and ``max_episode_s`` limit every episode
+        (see ``agent.rollout.run_episode``); ``queue_groups`` bounds the queue."""
         if max_staleness < 0:
             raise ValueError(f"max_staleness must be >= 0, got {max_staleness}")
         self.pool, self.engine, self.renderer, self.sampling = pool, engine, renderer, sampling
         self.requests_for_step = requests_for_step
         self.env_id, self.max_turns, self.max_staleness = env_id, max_turns, max_staleness
+        self.max_total_tokens, self.max_episode_s = max_total_tokens, max_episode_s
         self.stats = ProducerStats()
         self._queue: asyncio.Queue[list[Trajectory]] = asyncio.Queue(maxsize=queue_groups)
         self._version_changed = asyncio.Condition()
@@ -134,6 +139,8 @@ class RolloutProducer:
                 self.requests_for_step(step),
                 env_id=self.env_id,
                 max_turns=self.max_turns,
+                max_total_tokens=self.max_total_tokens,
+                max_episode_s=self.max_episode_s,
             ):
                 await self._queue.put(group)
                 self.stats.groups_produced += 1

@@ -43,6 +43,12 @@ class RolloutConfig(_Section):
     """Nucleus sampling mass for training rollouts."""
     max_turns: int = Field(1, ge=1)
     """Most assistant turns per episode; the episode is truncated after that."""
+    max_total_tokens: int | None = Field(None, ge=1)
+    """Most tokens per training sample (prompt, sampled and env tokens together); each turn
+    samples at most what is left, and the episode stops (``max_tokens``) when none is."""
+    max_episode_s: float | None = Field(None, gt=0)
+    """Wall-clock limit per episode, in seconds; an episode over it stops with ``timeout``,
+    an infrastructure failure kept out of the gradient."""
     max_staleness: int = Field(0, ge=0)
     """How many policy versions a trajectory may lag the learner. 0 is synchronous: each
     step samples on the weights of the step before. N > 0 lets rollouts for the next steps

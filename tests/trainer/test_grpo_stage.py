@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import json
+import math
+import shutil
 
 import pytest
 
@@ -145,6 +147,57 @@ def test_async_grpo_on_the_vllm_engine_stays_within_the_staleness_bound(
     )
 
     assert_within_staleness_bound(records, bound=1, groups_per_step=2)
+
+
+class TwoTurnEnv(TextEnv):
+    """Two assistant turns: a reply, a follow-up question, a second reply scored by parity."""
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.turn = 0
+        return [{"role": "user", "content": "Say anything."}], {"task_id": f"t{seed}"}
+
+    def step(self, action):
+        self.turn += 1
+        if self.turn == 1:
+            return [{"role": "user", "content": "And again?"}], 0.0, False, False, {}
+        return [], float(len(action) % 2), True, False, {}
+
+
+register("palaestra-test/TwoTurn-v0", lambda **kwargs: TwoTurnEnv())
+
+HISTORY_REWRITING = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+    "{% if m.role == 'assistant' and not loop.last %}(an earlier reply)"
+    "{% else %}{{ m.content }}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+"""Replaces every earlier assistant reply: no second turn extends the first's tokens."""
+
+
+def test_episodes_a_template_splits_train_as_separate_samples_of_one_episode(tmp_path):
+    from palaestra.models import resolve_model
+
+    model_dir = tmp_path / "rewriting"
+    shutil.copytree(resolve_model("tiny-random"), model_dir)
+    (model_dir / "chat_template.jinja").write_text(HISTORY_REWRITING)
+    overrides = [o for o in TWO_STEPS if not o.startswith("env.id")]
+
+    records = train_records(
+        tmp_path,
+        [
+            f"model={model_dir}",
+            "env.id=palaestra-test/TwoTurn-v0",
+            "rollout.max_turns=2",
+            *overrides,
+        ],
+    )
+
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(r["split_episodes"] == EPISODES_PER_STEP for r in records)
+    # both turns played (the random model rarely ends a turn itself: max_tokens)
+    assert all(r["stop/answered"] + r["stop/max_tokens"] == EPISODES_PER_STEP for r in records)
+    assert all(math.isfinite(r["loss"]) and r["sync/max_abs_dlogprob"] < 1e-3 for r in records)
 
 
 def test_importance_sampling_logs_a_near_zero_mismatch_when_engine_and_learner_agree(tmp_path):

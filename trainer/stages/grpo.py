@@ -37,6 +37,7 @@ import os
 import resource
 import sys
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -52,7 +53,7 @@ from palaestra.agent.evaluate import EvalResult, evaluate
 from palaestra.agent.producer import RolloutProducer
 from palaestra.agent.render import ChatRenderer
 from palaestra.agent.rollout import EnvPool, EpisodeRequest
-from palaestra.agent.trajectory import Trajectory
+from palaestra.agent.trajectory import StopReason, Trajectory
 from palaestra.config import TrainConfig
 from palaestra.models import load_model, resolve_model, turn_end_ids
 from palaestra.rundir import RunDir
@@ -128,6 +129,8 @@ async def _train(cfg: TrainConfig, parts: _Parts, run: RunDir) -> GRPOResult:
         lambda step: _group_requests(cfg, step),
         env_id=cfg.env.id,
         max_turns=cfg.rollout.max_turns,
+        max_total_tokens=cfg.rollout.max_total_tokens,
+        max_episode_s=cfg.rollout.max_episode_s,
         max_staleness=cfg.rollout.max_staleness,
         queue_groups=cfg.rollout.tasks_per_step * (cfg.rollout.max_staleness + 1),
     )
@@ -232,7 +235,7 @@ async def _train_step(
     if cfg.verify_every and step % cfg.verify_every == 0:
         metrics |= await _verify_sync(cfg, parts, trajectories[0].token_ids)
     # 7. log
-    metrics |= _rollout_metrics(trajectories, infra_failures)
+    metrics |= _rollout_metrics(trajectories, [tr for g in groups for tr in g])
     metrics |= _staleness_metrics(staleness, producer, cfg.rollout.max_staleness)
     metrics |= {
         "time/rollout_wait_s": rollout_wait_s,
@@ -251,24 +254,26 @@ async def _train_step(
 def _learn(cfg: TrainConfig, parts: _Parts, trajectories: list[Trajectory]) -> dict[str, float]:
     """Steps 3-5: rewards (KL-penalised if so configured), group advantages, learner step."""
     trajectories = sorted(trajectories, key=lambda tr: -len(tr.token_ids))  # less padding
+    # one row per training sample: a trajectory, or each segment of one the template split
     batch = collate(trajectories, [0.0] * len(trajectories), pad_id=parts.tokenizer.pad_token_id)
-    rewards = torch.tensor([tr.reward for tr in trajectories])
+    rewards_E = torch.tensor([tr.reward for tr in trajectories])
     kl_metrics: dict[str, float] = {}
     if parts.reference is not None:
         ref_BT = parts.learner.score(parts.reference, batch)
         batch = batch.with_ref_logprobs(ref_BT)
-        if cfg.grpo.kl_placement == "reward":
-            rewards, kl_metrics = kl_penalized_rewards(
-                rewards,
+        if cfg.grpo.kl_placement == "reward":  # each row's penalty, summed per episode
+            penalty_B, kl_metrics = kl_penalized_rewards(
+                torch.zeros(len(batch)),
                 batch.old_logprobs_BT,
                 ref_BT,
                 batch.loss_mask_BT,
                 beta=cfg.grpo.kl_coef,
                 estimator=cfg.grpo.kl_estimator,
             )
+            rewards_E = rewards_E + batch.sum_per_episode(penalty_B, len(trajectories))
     group_ids = torch.tensor([tr.group_id for tr in trajectories])
-    advantages = grouped_advantages(rewards, group_ids, scale_by_std=cfg.grpo.scale_by_std)
-    batch = dataclasses.replace(batch, advantages_B=advantages)
+    advantages_E = grouped_advantages(rewards_E, group_ids, scale_by_std=cfg.grpo.scale_by_std)
+    batch = dataclasses.replace(batch, advantages_B=advantages_E[batch.episode_B])
     batch, mismatch = _behaviour_correction(cfg, parts.learner, batch)
     return parts.learner.step(batch, _loss_fn(cfg)) | mismatch | kl_metrics
 
@@ -368,7 +373,11 @@ def _loss_fn(cfg: TrainConfig) -> Any:
     return loss
 
 
-def _rollout_metrics(trajectories: list[Trajectory], infra_failures: int) -> dict[str, float]:
+def _rollout_metrics(
+    trajectories: list[Trajectory], episodes: list[Trajectory]
+) -> dict[str, float]:
+    """Rewards, lengths and group statistics of the ``trajectories`` trained on, and how
+    every one of the step's ``episodes`` ended (infrastructure failures included)."""
     rewards = np.array([tr.reward for tr in trajectories])
     lengths = np.array([tr.num_sampled_tokens for tr in trajectories])
     by_group: dict[int, list[float]] = {}
@@ -380,6 +389,7 @@ def _rollout_metrics(trajectories: list[Trajectory], infra_failures: int) -> dic
     for tr in trajectories:
         for name, value in tr.reward_components.items():
             components.setdefault(name, []).append(value)
+    stops = Counter(tr.stop_reason for tr in episodes)
     return {
         "reward_mean": float(rewards.mean()),
         "reward_std": float(rewards.std()),
@@ -389,7 +399,9 @@ def _rollout_metrics(trajectories: list[Trajectory], infra_failures: int) -> dic
         ),
         "groups_uniform_frac": uniform / len(by_group),
         "groups_all_solved_frac": solved_all / len(by_group),
-        "infra_failures": float(infra_failures),
+        "infra_failures": float(len(episodes) - len(trajectories)),
+        "split_episodes": float(sum(tr.is_split for tr in trajectories)),
+        **{f"stop/{reason.value}": float(stops[reason]) for reason in StopReason},
         **{f"reward/{k}": float(np.mean(v)) for k, v in components.items()},
     }
 
