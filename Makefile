@@ -67,3 +67,22 @@ format: setup
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache
+
+# System packages for palaestra.sandboxes: bubblewrap (the default sandbox; util-linux gives
+# it prlimit and setpriv), and docker.io + debootstrap for the docker backend and its image.
+# Needs root (or passwordless sudo) and apt; otherwise it is skipped with a loud message and
+# the sandbox tests that need a missing package skip, saying why.
+SYSTEM_PACKAGES := bubblewrap util-linux docker.io debootstrap
+.PHONY: setup-system
+setup-system:
+	@if command -v bwrap >/dev/null && command -v dockerd >/dev/null && command -v debootstrap >/dev/null; then \
+		echo "setup-system: bubblewrap, docker.io and debootstrap are installed"; \
+	elif ! command -v apt-get >/dev/null; then \
+		echo "*** setup-system SKIPPED: no apt-get; install $(SYSTEM_PACKAGES) with your package manager" >&2; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES); \
+	elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then \
+		sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES); \
+	else \
+		echo "*** setup-system SKIPPED: not root and no passwordless sudo; run 'sudo make setup-system' to install $(SYSTEM_PACKAGES)" >&2; \
+	fi
