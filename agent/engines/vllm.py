@@ -158,6 +158,7 @@ class VLLMEngine:
             dtype=dtype,
             seed=seed,
             max_model_len=max_model_len,
+            **_whole_prefills(max_model_len or int(config["max_position_embeddings"])),
             kv_cache_memory_bytes=int(kv_cache_gib * 2**30),
             logprobs_mode="processed_logprobs",  # logits / T: the Completion contract
             enable_prefix_caching=True,
@@ -323,6 +324,21 @@ class VLLMEngine:
                     f"the model expects {self._weight_shapes[name]}"
                 )
         return given
+
+
+def _whole_prefills(max_model_len: int) -> dict[str, Any]:
+    """Engine arguments that keep vLLM on CPU from splitting a prompt over scheduler steps.
+
+    After a partial prefill vLLM rewinds the request's seeded generator, which a CPU
+    generator cannot do: the worker dies ("CPU Generator does not use offset") as soon as
+    seeded requests fill a step's token budget. Prefilling whole prompts avoids that; on
+    CUDA, chunked prefill stays on.
+    """
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return {}
+    return {"enable_chunked_prefill": False, "max_num_batched_tokens": max_model_len}
 
 
 def _checkpoint_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:

@@ -214,6 +214,9 @@ def start_vllm_server(model_dir, *, startup_timeout_s: float = 300.0):
             "--max-model-len",
             "512",
             "--enforce-eager",
+            "--no-enable-chunked-prefill",  # on CPU, seeded requests die in chunked prefills
+            "--max-num-batched-tokens",
+            "512",
             "--seed",
             "0",
             "--kv-cache-memory-bytes",

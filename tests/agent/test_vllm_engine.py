@@ -131,6 +131,18 @@ async def test_a_seeded_request_is_reproducible_and_the_seed_matters(engine):
     assert other.token_ids != first.token_ids
 
 
+async def test_seeded_requests_beyond_one_steps_token_budget_all_complete(engine):
+    """64 seeded prompts of 300 tokens fill several scheduler steps (512 tokens each): on
+    CPU a prompt prefilled in parts used to kill vLLM's worker."""
+    prompts = [[(7 * i + j) % 400 + 10 for j in range(300)] for i in range(64)]
+
+    completions = await asyncio.gather(
+        *(engine.generate(p, SamplingParams(max_tokens=4, seed=i)) for i, p in enumerate(prompts))
+    )
+
+    assert all(len(c.token_ids) == len(c.logprobs) > 0 for c in completions)
+
+
 async def test_score_matches_the_learner_and_verification_passes(engine, learner_model):
     probe = PROMPT + list((await engine.generate(PROMPT, SamplingParams(max_tokens=24))).token_ids)
 
