@@ -11,10 +11,10 @@ the chat template rewrites history instead, the episode splits: the whole conver
 rendered afresh as the prompt of a new segment (a separate training sample), and sampling
 goes on from it. No token is ever trained on that the engine did not sample.
 
-Limits, each ending the episode with its stop reason (see ``StopReason``):
+Limits, each ending the episode with the stop reason in brackets (see ``StopReason``):
 
 - ``max_turns`` assistant turns (``max_turns``);
-- ``max_total_tokens`` in a training sample, prompt and env tokens included: each turn may
+- ``max_total_tokens`` tokens in a training sample, prompt and env tokens included: each turn may
   sample only what remains, and the episode stops when the next turn has no room
   (``max_tokens``);
 - ``max_episode_s`` seconds of wall clock from reset (``timeout``, an infrastructure
