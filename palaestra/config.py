@@ -78,6 +78,24 @@ class GRPOConfig(_Section):
     token or per sequence. Costs one extra forward pass; logs the mismatch (|dlogprob|, ESS)."""
     is_cap: float = Field(2.0, ge=1)
     """Truncation level of the importance weights."""
+    turn_credit: Literal["episode", "return_to_go"] = "episode"
+    """How multi-turn episodes credit their turns: ``episode`` gives every sampled token
+    the episode's group advantage on its total reward; ``return_to_go`` gives each turn's
+    tokens the advantage of the rewards from that turn on, against the group's mean at the
+    same turn index (for envs with per-turn rewards). The same on single-turn envs."""
+
+    @model_validator(mode="after")
+    def _check_turn_credit(self) -> GRPOConfig:
+        if (
+            self.turn_credit == "return_to_go"
+            and self.kl_coef > 0
+            and self.kl_placement == "reward"
+        ):
+            raise ValueError(
+                "turn_credit 'return_to_go' does not combine with a KL penalty in the reward "
+                "(it is one number per episode, not per turn): set kl_placement: loss"
+            )
+        return self
 
 
 class ServerConfig(_Section):

@@ -12,16 +12,22 @@ Standard deviation convention: the unbiased estimate (Bessel's correction, divid
 one completion has no spread and gets advantage 0. TRL adds ``1e-4`` to the std; our
 default ``eps`` is ``1e-6``, pass ``eps=1e-4`` to reproduce TRL exactly.
 
-This module computes one scalar advantage per completion. It does not spread advantages
-over tokens, apply a KL penalty (see ``losses.kl_penalized_rewards``), or gather rewards
+Multi-turn episodes with per-turn rewards can instead credit each turn with what follows
+it (``grouped_turn_advantages``): the return-to-go from the turn, minus the mean
+return-to-go at the same turn index in the group. On single-turn episodes this is exactly
+GRPO's advantage.
+
+This module does not spread advantages over tokens, apply a KL penalty (see ``losses.kl_penalized_rewards``), or gather rewards
 across processes: call it on the full set of groups, after any gather.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
-__all__ = ["group_advantages", "grouped_advantages"]
+__all__ = ["group_advantages", "grouped_advantages", "grouped_turn_advantages"]
 
 
 def group_advantages(
@@ -85,17 +91,74 @@ def grouped_advantages(
         )
     if group_ids_N.is_floating_point() or group_ids_N.is_complex():
         raise ValueError(f"group_ids_N must hold integer ids, got dtype {group_ids_N.dtype}.")
-    rewards_N = _as_float(rewards_N)
-    _, group_of_N, sizes_K = torch.unique(group_ids_N, return_inverse=True, return_counts=True)
-    sizes_K = sizes_K.to(rewards_N.dtype)
-    sums_K = rewards_N.new_zeros(sizes_K.shape).index_add_(0, group_of_N, rewards_N)
-    centered_N = rewards_N - (sums_K / sizes_K)[group_of_N]
+    centered_N, std_N = _centered_and_std(_as_float(rewards_N), group_ids_N)
     if not scale_by_std:
         return centered_N
-    squares_K = rewards_N.new_zeros(sizes_K.shape).index_add_(0, group_of_N, centered_N**2)
+    return centered_N / (std_N + eps)
+
+
+def grouped_turn_advantages(
+    returns_to_go: Sequence[Sequence[float]],
+    group_ids_N: torch.Tensor,
+    *,
+    scale_by_std: bool = True,
+    eps: float = 1e-6,
+) -> list[torch.Tensor]:
+    """Per-turn advantages of multi-turn episodes from their per-turn rewards.
+
+    ``returns_to_go[n][k]`` is the sum of episode ``n``'s step rewards from its turn ``k``
+    on. Turn ``k`` of episode ``n`` in group ``g`` gets::
+
+        A_nk = (G_nk - mean{G_mk : m in g, m has a turn k}) / (std{G_m0 : m in g} + eps)
+
+    a baseline per turn index (REINFORCE with a time-dependent baseline), scaled by the
+    group's spread of whole-episode returns (not with ``scale_by_std=False``). A turn is
+    credited with what happened from it on, not with rewards earned before it. With one
+    turn per episode this equals ``grouped_advantages`` on the episode rewards.
+
+    Returns:
+        One tensor per episode, of its turns' advantages.
+    """
+    _check_eps(eps, scale_by_std)
+    if group_ids_N.shape != (len(returns_to_go),):
+        raise ValueError(
+            f"group_ids_N must hold one id per episode ({len(returns_to_go)}), "
+            f"got shape {tuple(group_ids_N.shape)}."
+        )
+    if any(len(returns) == 0 for returns in returns_to_go):
+        raise ValueError("every episode needs at least one turn to credit")
+    turn_of, episode_of, values = [], [], []
+    for n, returns in enumerate(returns_to_go):
+        for k, value in enumerate(returns):
+            turn_of.append(k)
+            episode_of.append(n)
+            values.append(float(value))
+    episode_M = torch.tensor(episode_of)
+    turn_M = torch.tensor(turn_of)
+    # one baseline per (group, turn index): a combined id for each pair
+    _, group_N = torch.unique(group_ids_N, return_inverse=True)
+    pair_M = group_N[episode_M] * (int(turn_M.max()) + 1) + turn_M
+    centered_M, _ = _centered_and_std(torch.tensor(values, dtype=torch.float64), pair_M)
+    if scale_by_std:
+        first_N = torch.tensor([float(r[0]) for r in returns_to_go], dtype=torch.float64)
+        _, std_N = _centered_and_std(first_N, group_ids_N)
+        centered_M = centered_M / (std_N[episode_M] + eps)
+    advantages = centered_M.to(torch.float32)
+    return [advantages[episode_M == n] for n in range(len(returns_to_go))]
+
+
+def _centered_and_std(
+    values_N: torch.Tensor, group_ids_N: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each value minus its group's mean, and its group's unbiased std (0 for a group of one)."""
+    _, group_of_N, sizes_K = torch.unique(group_ids_N, return_inverse=True, return_counts=True)
+    sizes_K = sizes_K.to(values_N.dtype)
+    sums_K = values_N.new_zeros(sizes_K.shape).index_add_(0, group_of_N, values_N)
+    centered_N = values_N - (sums_K / sizes_K)[group_of_N]
+    squares_K = values_N.new_zeros(sizes_K.shape).index_add_(0, group_of_N, centered_N**2)
     # A group of one has squares 0, so its std is 0 and its (zero) advantage stays 0.
     std_K = (squares_K / (sizes_K - 1).clamp(min=1)).sqrt()
-    return centered_N / (std_K[group_of_N] + eps)
+    return centered_N, std_K[group_of_N]
 
 
 def _check_rewards(name: str, rewards: torch.Tensor) -> None:

@@ -39,6 +39,9 @@ class TokenBatch:
     """Reference-model logprobs, when a KL term in the loss needs them."""
     is_weights_BT: torch.Tensor | None = None
     """Truncated importance weights from the sampling engine to the learner, when on."""
+    token_advantages_BT: torch.Tensor | None = None
+    """An advantage per token, when turns are credited separately; replaces ``advantages_B``
+    in the loss."""
     episode_B: torch.Tensor | None = None
     """Index of the trajectory each row came from (``collate`` sets it); None for batches
     built by hand, one sequence per row."""
@@ -67,6 +70,7 @@ class TokenBatch:
                     advantages_B=self.advantages_B[rows],
                     ref_logprobs_BT=_slice(self.ref_logprobs_BT, rows, cols),
                     is_weights_BT=_slice(self.is_weights_BT, rows, cols),
+                    token_advantages_BT=_slice(self.token_advantages_BT, rows, cols),
                     episode_B=None if self.episode_B is None else self.episode_B[rows],
                 )
             )
@@ -87,6 +91,7 @@ class TokenBatch:
             self.advantages_B.to(device),
             ref_logprobs_BT=move(self.ref_logprobs_BT),
             is_weights_BT=move(self.is_weights_BT),
+            token_advantages_BT=move(self.token_advantages_BT),
             episode_B=move(self.episode_B),
         )
 
@@ -118,7 +123,7 @@ def collate(
         )
     if not trajectories:
         raise ValueError("collate got no trajectories")
-    rows = [(e, start, end) for e, t in enumerate(trajectories) for start, end in t.segments]
+    rows = _rows(trajectories)
     shape = (len(rows), max(end - start for _, start, end in rows))
     input_ids = torch.full(shape, pad_id, dtype=torch.long)
     attention = torch.zeros(shape, dtype=torch.long)
@@ -136,3 +141,23 @@ def collate(
     return TokenBatch(
         input_ids, attention, loss_mask, old_logprobs, advantages_B, episode_B=episode_B
     )
+
+
+def rows_of_token_values(
+    trajectories: Sequence[Trajectory], values: Sequence[Sequence[float]]
+) -> torch.Tensor:
+    """Per-token values of each trajectory (one per token id) laid out as ``collate`` lays
+    out the same trajectories: one row per training sample, right-padded with 0."""
+    for t, v in zip(trajectories, values, strict=True):
+        if len(v) != len(t.token_ids):
+            raise ValueError(f"{len(v)} values for a trajectory of {len(t.token_ids)} tokens")
+    rows = _rows(trajectories)
+    out_BT = torch.zeros(len(rows), max(end - start for _, start, end in rows))
+    for row, (e, start, end) in enumerate(rows):
+        out_BT[row, : end - start] = torch.tensor(values[e][start:end], dtype=torch.float32)
+    return out_BT
+
+
+def _rows(trajectories: Sequence[Trajectory]) -> list[tuple[int, int, int]]:
+    """``(trajectory index, start, end)`` of every training sample, in row order."""
+    return [(e, start, end) for e, t in enumerate(trajectories) for start, end in t.segments]

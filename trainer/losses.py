@@ -138,6 +138,7 @@ def policy_loss(
     num_seqs: float | None = None,
     max_seq_len: int | None = None,
     is_weights_BT: torch.Tensor | None = None,
+    token_advantages_BT: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Token-level clipped surrogate: the GRPO / DAPO / Dr.GRPO policy loss.
 
@@ -183,6 +184,9 @@ def policy_loss(
             ``behaviour_weights``: with them, ``old_logprobs_BT`` is the proximal policy (the
             learner's weights before this step) and the weights correct for the engine that
             sampled the tokens (decoupled PPO). ``None`` weighs every token 1.
+        token_advantages_BT: an advantage per token ``(B, T)``, used instead of
+            ``advantages_B`` (multi-turn episodes whose turns are credited separately,
+            ``advantages.grouped_turn_advantages``); ``A_i`` above is then ``A_it``.
 
     Returns:
         ``(loss, metrics)``: the scalar loss, and python floats describing THIS batch on its
@@ -203,9 +207,13 @@ def policy_loss(
     maskf_BT = keep_BT.to(logprobs_BT.dtype)
     # Masked positions get log-ratio 0 (ratio 1, zero grad) whatever they hold: no inf * 0.
     ratio_BT = torch.exp(torch.where(keep_BT, logprobs_BT - old_logprobs_BT, 0.0))
-    adv_B1 = advantages_B.to(logprobs_BT.dtype).unsqueeze(-1)
+    if token_advantages_BT is not None:
+        _check_shape("token_advantages_BT", token_advantages_BT, logprobs_BT.shape)
+        adv_BT = token_advantages_BT.to(logprobs_BT.dtype)
+    else:
+        adv_BT = advantages_B.to(logprobs_BT.dtype).unsqueeze(-1).expand_as(logprobs_BT)
     clipped_ratio_BT = ratio_BT.clamp(1 - clip_low, 1 + clip_high)
-    surrogate_BT = -torch.minimum(ratio_BT * adv_B1, clipped_ratio_BT * adv_B1)
+    surrogate_BT = -torch.minimum(ratio_BT * adv_BT, clipped_ratio_BT * adv_BT)
     if is_weights_BT is not None:
         _check_shape("is_weights_BT", is_weights_BT, logprobs_BT.shape)
         surrogate_BT = surrogate_BT * is_weights_BT.detach()
@@ -223,7 +231,6 @@ def policy_loss(
 
     with torch.no_grad():
         local_tokens = maskf_BT.sum().clamp(min=1)
-        adv_BT = adv_B1.expand_as(ratio_BT)
         clipped_low_BT = (ratio_BT < 1 - clip_low) & (adv_BT < 0) & keep_BT
         clipped_high_BT = (ratio_BT > 1 + clip_high) & (adv_BT > 0) & keep_BT
         metrics = {

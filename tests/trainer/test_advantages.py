@@ -207,3 +207,34 @@ def test_matches_trl_grpo_advantages(scale_rewards, scale_by_std):
 
     torch.testing.assert_close(ours_N, theirs_N)
     torch.testing.assert_close(ours_N[8:], torch.zeros(4))
+
+
+def test_turn_advantages_credit_each_turn_with_its_return_to_go_against_its_turn_index():
+    from palaestra.trainer.advantages import grouped_turn_advantages
+
+    # group 0: A has step rewards [0, 1], B [0, 0, 0], C [1]; group 1: D [0.5] alone
+    returns_to_go = [[1.0, 1.0], [0.0, 0.0, 0.0], [1.0], [0.5]]
+    groups = torch.tensor([0, 0, 0, 1])
+
+    centered = grouped_turn_advantages(returns_to_go, groups, scale_by_std=False)
+    scaled = grouped_turn_advantages(returns_to_go, groups, eps=1e-9)
+
+    # turn 0 baseline: mean(1, 0, 1) = 2/3; turn 1: mean(1, 0) = 1/2; turn 2: B alone
+    expected = [[1 / 3, 1 / 2], [-2 / 3, -1 / 2, 0.0], [1 / 3], [0.0]]
+    for got, want in zip(centered, expected, strict=True):
+        assert got.tolist() == pytest.approx(want, abs=1e-6)
+    std = (((1 / 3) ** 2 + (2 / 3) ** 2 + (1 / 3) ** 2) / 2) ** 0.5  # of episode returns 1, 0, 1
+    for got, want in zip(scaled[:3], expected[:3], strict=True):
+        assert got.tolist() == pytest.approx([w / std for w in want], abs=1e-6)
+    assert scaled[3].tolist() == [0.0]
+
+
+def test_turn_advantages_of_single_turn_episodes_are_grpo_advantages():
+    from palaestra.trainer.advantages import grouped_turn_advantages
+
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.5, 0.2, 0.9, 0.9])
+    groups = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+
+    per_turn = grouped_turn_advantages([[r] for r in rewards.tolist()], groups)
+
+    assert torch.cat(per_turn) == pytest.approx(grouped_advantages(rewards, groups), abs=1e-6)

@@ -11,7 +11,7 @@ from palaestra.agent.render import ChatRenderer
 from palaestra.agent.rollout import EpisodeRequest, run_episode
 from palaestra.agent.trajectory import StopReason, Trajectory
 from palaestra.envs.core import TextEnv
-from palaestra.trainer.batch import collate
+from palaestra.trainer.batch import collate, rows_of_token_values
 
 PAD = 99
 
@@ -68,6 +68,19 @@ def test_a_split_trajectory_makes_one_row_per_segment_with_its_advantage():
     micro = batch.micro_batches(2)
     assert [m.episode_B.tolist() for m in micro] == [[0, 0], [1]]
     assert micro[1].input_ids_BT.tolist() == [[9, 10]]
+
+
+def test_per_token_values_are_laid_out_in_collates_rows():
+    split = trajectory([1, 2, 3, 4, 5, 6, 7, 8], [0, 1, 1, 0, 0, 0, 1, 1], segment_starts=(0, 3))
+    plain = trajectory([9, 10], [0, 1])
+    values = [[0, 0.5, 0.5, 0, 0, 0, -1, -1], [0, 2]]
+
+    rows_BT = rows_of_token_values([split, plain], values)
+
+    assert rows_BT.tolist() == [[0, 0.5, 0.5, 0, 0], [0, 0, 0, -1, -1], [0, 2, 0, 0, 0]]
+    assert rows_BT.shape == collate([split, plain], [0.0, 0.0], pad_id=PAD).input_ids_BT.shape
+    with pytest.raises(ValueError, match="2 values for a trajectory of 8 tokens"):
+        rows_of_token_values([split], [[0, 1]])
 
 
 def test_collate_refuses_mismatched_or_empty_input():

@@ -194,9 +194,26 @@ def test_episodes_a_template_splits_train_as_separate_samples_of_one_episode(tmp
     )
 
     assert [r["step"] for r in records] == [1, 2]
-    assert all(r["split_episodes"] == EPISODES_PER_STEP for r in records)
+    assert all(r["episodes_split"] == EPISODES_PER_STEP for r in records)
     # both turns played (the random model rarely ends a turn itself: max_tokens)
     assert all(r["stop/answered"] + r["stop/max_tokens"] == EPISODES_PER_STEP for r in records)
+    assert all(math.isfinite(r["loss"]) and r["sync/max_abs_dlogprob"] < 1e-3 for r in records)
+
+
+def test_turns_credited_by_return_to_go_train_on_a_two_turn_env(tmp_path):
+    overrides = [o for o in TWO_STEPS if not o.startswith("env.id")]
+    records = train_records(
+        tmp_path,
+        [
+            "model=tiny-random",
+            "env.id=palaestra-test/TwoTurn-v0",
+            "rollout.max_turns=2",
+            "grpo.turn_credit=return_to_go",
+            *overrides,
+        ],
+    )
+
+    assert [r["step"] for r in records] == [1, 2]
     assert all(math.isfinite(r["loss"]) and r["sync/max_abs_dlogprob"] < 1e-3 for r in records)
 
 

@@ -596,3 +596,22 @@ def test_behaviour_weight_arguments_are_checked():
         behaviour_weights(lp, lp, torch.ones(1, 2), cap=0.5)
     with pytest.raises(ValueError, match="level"):
         behaviour_weights(lp, lp, torch.ones(1, 2), level="batch")
+
+
+def test_token_advantages_replace_the_sequence_advantage_token_by_token():
+    logprobs = torch.tensor([[0.0, -1.0, -2.0]], requires_grad=True)
+    old = torch.tensor([[0.0, -1.0, -2.0]])  # ratio 1 everywhere: the loss is -mean(A_t)
+    mask = torch.tensor([[0.0, 1.0, 1.0]])
+
+    per_seq, _ = policy_loss(logprobs, old, torch.tensor([0.5]), mask)
+    same, _ = policy_loss(
+        logprobs, old, torch.tensor([9.0]), mask, token_advantages_BT=torch.full((1, 3), 0.5)
+    )
+    per_turn, _ = policy_loss(
+        logprobs, old, torch.tensor([9.0]), mask, token_advantages_BT=torch.tensor([[0, 1.0, -3.0]])
+    )
+
+    assert same.item() == pytest.approx(per_seq.item()) == pytest.approx(-0.5)
+    assert per_turn.item() == pytest.approx(-(1.0 - 3.0) / 2)
+    (grad,) = torch.autograd.grad(per_turn, logprobs)
+    assert grad[0].tolist() == pytest.approx([0.0, -0.5, 1.5])  # d(-ratio * A / n)/dlogprob

@@ -37,7 +37,6 @@ import os
 import resource
 import sys
 import time
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -52,13 +51,15 @@ from palaestra.agent.engines.build import ServerSettings, build_engine, close_en
 from palaestra.agent.evaluate import EvalResult, evaluate
 from palaestra.agent.producer import RolloutProducer
 from palaestra.agent.render import ChatRenderer
-from palaestra.agent.rollout import EnvPool, EpisodeRequest
-from palaestra.agent.trajectory import StopReason, Trajectory
+from palaestra.agent.rollout import EnvPool, EpisodeRequest, episode_metrics
+from palaestra.agent.template_audit import audit_for_training
+from palaestra.agent.trajectory import Trajectory
 from palaestra.config import TrainConfig
+from palaestra.envs.core import Messages
 from palaestra.models import load_model, resolve_model, turn_end_ids
 from palaestra.rundir import RunDir
-from palaestra.trainer.advantages import grouped_advantages
-from palaestra.trainer.batch import TokenBatch, collate
+from palaestra.trainer.advantages import grouped_advantages, grouped_turn_advantages
+from palaestra.trainer.batch import TokenBatch, collate, rows_of_token_values
 from palaestra.trainer.checkpoint import save_checkpoint
 from palaestra.trainer.errors import AllEpisodesFailedError
 from palaestra.trainer.learner import Learner
@@ -134,6 +135,7 @@ async def _train(cfg: TrainConfig, parts: _Parts, run: RunDir) -> GRPOResult:
         max_staleness=cfg.rollout.max_staleness,
         queue_groups=cfg.rollout.tasks_per_step * (cfg.rollout.max_staleness + 1),
     )
+    _audit_template(cfg, parts, pool)
     steps = cfg.trainer.steps
     bar = tqdm(range(1, steps + 1), desc="grpo", disable=not cfg.run.progress, file=sys.stderr)
     step = 0
@@ -160,7 +162,21 @@ async def _train(cfg: TrainConfig, parts: _Parts, run: RunDir) -> GRPOResult:
     return GRPOResult(before=before, after=after, checkpoint=str(final))
 
 
-_PROBE = [{"role": "user", "content": "Add 17 and 25, then explain the steps in one line."}]
+def _audit_template(cfg: TrainConfig, parts: _Parts, pool: EnvPool) -> None:
+    """Check the chat template for what this run needs (more for multi-turn and tool envs)
+    and print each verdict with what palaestra does about a failure."""
+    _, info = pool.envs[0].reset(seed=cfg.seed)
+    checks = audit_for_training(
+        parts.tokenizer, multi_turn=cfg.rollout.max_turns > 1, tools=bool(info.get("tools"))
+    )
+    for check in checks:
+        verdict = "ok  " if check.passed else "FAIL"
+        print(f"[chat template] {verdict} {check.name}: {check.detail}", file=sys.stderr)
+
+
+_PROBE: Messages = [
+    {"role": "user", "content": "Add 17 and 25, then explain the steps in one line."}
+]
 """A conversation whose tokens probe the engine's weights before training starts."""
 
 
@@ -233,7 +249,8 @@ async def _train_step(
     await producer.weights_updated()
     sync_s = time.perf_counter() - sync_started
     if cfg.verify_every and step % cfg.verify_every == 0:
-        metrics |= await _verify_sync(cfg, parts, trajectories[0].token_ids)
+        first = trajectories[0]  # one real sequence: its first training sample
+        metrics |= await _verify_sync(cfg, parts, first.token_ids[slice(*first.segments[0])])
     # 7. log
     metrics |= _rollout_metrics(trajectories, [tr for g in groups for tr in g])
     metrics |= _staleness_metrics(staleness, producer, cfg.rollout.max_staleness)
@@ -273,9 +290,39 @@ def _learn(cfg: TrainConfig, parts: _Parts, trajectories: list[Trajectory]) -> d
             rewards_E = rewards_E + batch.sum_per_episode(penalty_B, len(trajectories))
     group_ids = torch.tensor([tr.group_id for tr in trajectories])
     advantages_E = grouped_advantages(rewards_E, group_ids, scale_by_std=cfg.grpo.scale_by_std)
-    batch = dataclasses.replace(batch, advantages_B=advantages_E[batch.episode_B])
+    batch = dataclasses.replace(batch, advantages_B=advantages_E[_rows_episode(batch)])
+    if cfg.grpo.turn_credit == "return_to_go":
+        batch = dataclasses.replace(
+            batch, token_advantages_BT=_turn_advantages_BT(cfg, trajectories, group_ids)
+        )
     batch, mismatch = _behaviour_correction(cfg, parts.learner, batch)
     return parts.learner.step(batch, _loss_fn(cfg)) | mismatch | kl_metrics
+
+
+def _rows_episode(batch: TokenBatch) -> torch.Tensor:
+    """Which trajectory each row of a collated batch came from."""
+    if batch.episode_B is None:
+        raise ValueError("the batch was not built by collate: it has no episode_B")
+    return batch.episode_B
+
+
+def _turn_advantages_BT(
+    cfg: TrainConfig, trajectories: list[Trajectory], group_ids: torch.Tensor
+) -> torch.Tensor:
+    """Each sampled token gets its turn's advantage: the return-to-go from that turn
+    against the group's mean at the same turn index (``grouped_turn_advantages``)."""
+    returns = [
+        [sum(turn.reward for turn in tr.turns[k:]) for k in range(len(tr.turns))]
+        for tr in trajectories
+    ]
+    per_turn = grouped_turn_advantages(returns, group_ids, scale_by_std=cfg.grpo.scale_by_std)
+    per_token: list[list[float]] = []
+    for tr, advantages in zip(trajectories, per_turn, strict=True):
+        values = [0.0] * len(tr.token_ids)
+        for turn, advantage in zip(tr.turns, advantages.tolist(), strict=True):
+            values[turn.start : turn.end] = [advantage] * (turn.end - turn.start)
+        per_token.append(values)
+    return rows_of_token_values(trajectories, per_token)
 
 
 async def _verify_sync(
@@ -363,6 +410,7 @@ def _loss_fn(cfg: TrainConfig) -> Any:
             aggregation=g.aggregation,
             ref_logprobs_BT=batch.ref_logprobs_BT if in_loss else None,
             is_weights_BT=batch.is_weights_BT,
+            token_advantages_BT=batch.token_advantages_BT,
             kl_coef=g.kl_coef if in_loss else 0.0,
             kl_estimator=g.kl_estimator,
             num_tokens=num_tokens,
@@ -389,7 +437,6 @@ def _rollout_metrics(
     for tr in trajectories:
         for name, value in tr.reward_components.items():
             components.setdefault(name, []).append(value)
-    stops = Counter(tr.stop_reason for tr in episodes)
     return {
         "reward_mean": float(rewards.mean()),
         "reward_std": float(rewards.std()),
@@ -400,8 +447,7 @@ def _rollout_metrics(
         "groups_uniform_frac": uniform / len(by_group),
         "groups_all_solved_frac": solved_all / len(by_group),
         "infra_failures": float(len(episodes) - len(trajectories)),
-        "split_episodes": float(sum(tr.is_split for tr in trajectories)),
-        **{f"stop/{reason.value}": float(stops[reason]) for reason in StopReason},
+        **episode_metrics(episodes),
         **{f"reward/{k}": float(np.mean(v)) for k, v in components.items()},
     }
 
