@@ -72,3 +72,5 @@ register(
 register("palaestra/GSMSymbolic-v0", MATH_ENTRY_POINT, source="reasoning_gym:gsm_symbolic")
 register("palaestra/ToolLookup-v0", "palaestra.envs.tool_lookup:ToolLookupEnv")
 register("palaestra/BFCL-v0", "palaestra.envs.bfcl:BFCLEnv")
+register("palaestra/HumanEval-v0", "palaestra.envs.humaneval:HumanEvalEnv")
+register("palaestra/HumanEvalTool-v0", "palaestra.envs.humaneval:HumanEvalToolEnv")
