@@ -18,14 +18,16 @@ import asyncio
 import json
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 from palaestra.agent.errors import AgentError
 from palaestra.envs.errors import EnvError
 from palaestra.errors import PalaestraError
+from palaestra.sandboxes.errors import SandboxError
 from palaestra.trainer.errors import TrainerError
 
-USER_ERRORS = (PalaestraError, EnvError, AgentError, TrainerError)
+USER_ERRORS = (PalaestraError, EnvError, AgentError, TrainerError, SandboxError)
 """Errors whose message says what to fix: printed as one line, no traceback."""
 
 
@@ -79,6 +81,11 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--server-url", help="with --engine openai: the server's root URL")
     ev.add_argument("--server-model", help="with --engine openai: the served model's name")
     ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument(
+        "--sandbox",
+        choices=["bubblewrap", "docker"],
+        help="code envs (palaestra/HumanEval-v0): the sandbox backend that runs the tests",
+    )
     ev.add_argument("--json", action="store_true", help="print the result as JSON")
     ev.set_defaults(run=_eval)
 
@@ -125,6 +132,7 @@ def _eval(args: argparse.Namespace) -> int:
     from palaestra.agent.evaluate import EvalResult, evaluate
     from palaestra.agent.render import ChatRenderer
     from palaestra.agent.rollout import EnvPool
+    from palaestra.agent.trajectory import Trajectory
     from palaestra.errors import ConfigError
     from palaestra.models import load_model, resolve_model, turn_end_ids
 
@@ -132,6 +140,8 @@ def _eval(args: argparse.Namespace) -> int:
         env_kwargs = json.loads(args.env_kwargs)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"--env-kwargs is not valid JSON: {exc}") from None
+    if args.sandbox:
+        env_kwargs["sandbox"] = args.sandbox
     _quiet_libraries()
     model_dir = resolve_model(args.model)
     model, tokenizer = load_model(model_dir, device=args.device)
@@ -156,9 +166,9 @@ def _eval(args: argparse.Namespace) -> int:
     pool = EnvPool(lambda: envs.make(args.env, **env_kwargs, split=args.split), 64)
     sampling = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
 
-    async def run() -> EvalResult:
+    async def run() -> tuple[EvalResult, list[Trajectory]]:
         try:
-            result, _ = await evaluate(
+            return await evaluate(
                 pool,
                 engine,
                 ChatRenderer(tokenizer),
@@ -169,18 +179,21 @@ def _eval(args: argparse.Namespace) -> int:
                 max_turns=args.max_turns,
                 seed=args.seed,
             )
-            return result
         finally:
             await close_engine(engine)
 
     try:
-        result = asyncio.run(run())
+        result, trajectories = asyncio.run(run())
     finally:
         pool.close()
+    # code envs name the reward hacks they caught (each episode scored 0)
+    hacks = Counter(h for t in trajectories for h in t.info.get("reward_hack", ()))
     if args.json:
-        print(json.dumps(result.__dict__, indent=2))
+        print(json.dumps(result.__dict__ | ({"reward_hacks": hacks} if hacks else {}), indent=2))
     else:
         print(f"{args.model} on {args.env} [{args.split}]: {result.summary()}")
+        if hacks:
+            print(f"  reward-hack attempts (scored 0): {dict(hacks)}")
     return 0
 
 

@@ -4,6 +4,9 @@ broken (last line removed, or a wrong return value) fails."""
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 
 import pytest
 
@@ -96,3 +99,20 @@ def test_a_step_through_the_registered_env() -> None:
 def test_training_on_humaneval_is_refused() -> None:
     with pytest.raises(EnvConfigError, match="evaluation set"):
         HumanEvalEnv(split="train")
+
+
+def test_palaestra_eval_reports_pass_at_k_on_humaneval() -> None:
+    bubblewrap_or_skip()
+    args = "--model tiny-random --env palaestra/HumanEval-v0 --num-tasks 2 --samples 3 "
+    args += "--temperature 1.0 --max-tokens 8 --sandbox bubblewrap --json"
+    out = subprocess.run(
+        [sys.executable, "-m", "palaestra", "eval", *args.split()],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout)
+    assert result["num_tasks"] == 2 and set(result["pass_at"]) == {"1", "3"}
+    assert result["infra_failures"] == 0 and result["accuracy"] == 0.0  # random weights
