@@ -76,9 +76,12 @@ async def evaluate(
     num_tasks: int,
     samples: int = 1,
     max_turns: int = 1,
+    max_total_tokens: int | None = None,
+    max_episode_s: float | None = None,
     seed: int = 0,
 ) -> tuple[EvalResult, list[Trajectory]]:
-    """Evaluate on tasks ``0..num_tasks-1`` with ``samples`` episodes each."""
+    """Evaluate on tasks ``0..num_tasks-1`` with ``samples`` episodes each; the limits are
+    ``rollout.run_episode``'s."""
     groups = [
         [
             EpisodeRequest(
@@ -95,7 +98,15 @@ async def evaluate(
     ]
     trajectories: list[Trajectory] = []
     async for group in generate_groups(
-        pool, engine, renderer, sampling, groups, env_id=env_id, max_turns=max_turns
+        pool,
+        engine,
+        renderer,
+        sampling,
+        groups,
+        env_id=env_id,
+        max_turns=max_turns,
+        max_total_tokens=max_total_tokens,
+        max_episode_s=max_episode_s,
     ):
         trajectories += group
     return summarize(trajectories, num_tasks=num_tasks, samples=samples), trajectories

@@ -166,6 +166,7 @@ class _Episode:
             reward_components=self.components,
             stop_reason=stop,
             policy_version=self.versions[0] if self.versions else engine.policy_version,
+            turn_policy_versions=tuple(self.versions),
             group_id=self.request.group_id,
             env_id=self.env_id,
             task_id=self.task_id,

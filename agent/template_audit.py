@@ -79,7 +79,7 @@ def audit_template(tokenizer: PreTrainedTokenizerBase) -> list[Check]:
 def audit_for_training(
     tokenizer: PreTrainedTokenizerBase, *, multi_turn: bool, tools: bool
 ) -> list[Check]:
-    """The checks a training run needs, each verdict logged (warning when failed).
+    """The checks a training run needs, for the caller to show (and logged at debug level).
 
     Always: generation prompt and end of turn; with ``multi_turn``: prefix extension and
     history kept; with ``tools``: tools in prompt, and the tool-call round trip when also
@@ -92,10 +92,9 @@ def audit_for_training(
     if tools:
         names += ["tools in prompt"] + (["tool-call round trip"] if multi_turn else [])
     checks = [_run(name, _CHECKS[name], tokenizer) for name in names]
-    for check in checks:
-        level = logging.INFO if check.passed else logging.WARNING
+    for check in checks:  # the caller shows them; debug logs keep a record
         verdict = "ok" if check.passed else "FAIL"
-        logger.log(level, "chat template [%s] %s: %s", verdict, check.name, check.detail)
+        logger.debug("chat template [%s] %s: %s", verdict, check.name, check.detail)
     if not checks[0].passed:
         raise ChatTemplateError(
             f"the chat template cannot prompt the model for an answer ({checks[0].detail}). "

@@ -105,7 +105,7 @@ class Trajectory:
     stop_reason: StopReason
     """Why the episode ended."""
     policy_version: int
-    """Engine weight version that sampled the first turn."""
+    """Engine weight version that sampled the first turn (the oldest, for staleness)."""
     group_id: int
     """Trajectories with the same ``group_id`` answer the same task (GRPO groups)."""
     env_id: str
@@ -114,6 +114,9 @@ class Trajectory:
     """The env's name for the task, stable across seeds."""
     info: dict[str, Any] = field(default_factory=dict)
     """Free-form extras from the env's last ``info`` (not used by the trainer)."""
+    turn_policy_versions: tuple[int, ...] = ()
+    """The engine weight version that sampled each turn, in order: a multi-turn episode can
+    span a weight sync."""
     segment_starts: tuple[int, ...] = (0,)
     """Index in ``token_ids`` where each training sample begins; ``(0,)`` unless the chat
     template forced a split. Each segment begins with its prompt (loss mask 0)."""

@@ -33,8 +33,10 @@ Splits: BFCL is an evaluation set, so every question is in ``split="test"`` and
 ``palaestra/ToolLookup-v0`` or your own ``ToolEnv`` and evaluate here.
 
 What this env does not do: BFCL's multi-turn, live_relevance, Java/JavaScript, memory,
-web-search or format-sensitivity categories, executing the functions, or BFCL's prompt-mode system prompts (pass
-``tools_in_prompt=True`` for chat templates that ignore ``tools=``).
+web-search or format-sensitivity categories, executing the functions, or BFCL's
+prompt-mode system prompts. For chat templates that ignore ``tools=``, the renderer adds
+``info["tool_instructions"]`` (the format's description of the functions and the call
+syntax) to the system message.
 """
 
 from __future__ import annotations
@@ -406,7 +408,13 @@ class BFCLEnv(TextEnv):
             self.system_prompt, self.format, tools if self.tools_in_prompt else None
         )
         messages += [Message(**m) for m in self._item.messages]
-        return messages, {**self._info(self._item), "tools": tools}
+        # the renderer puts the instructions in the prompt where the template ignores tools=
+        instructions = self.format.instructions(tools)
+        return messages, {
+            **self._info(self._item),
+            "tools": tools,
+            "tool_instructions": instructions,
+        }
 
     def step(self, action: str) -> tuple[Messages, float, bool, bool, dict[str, Any]]:
         """Score the reply's calls against the possible answers and end the episode."""

@@ -11,6 +11,7 @@ Catch ``EnvError`` to catch them all::
     ├── EnvCheckError         check_env() found a broken contract (names the check)
     ├── VerifierError         the answer-checking worker process could not run
     ├── ToolDefinitionError   a Python function cannot become a tool (untyped parameter, ...)
+    ├── ToolInfraError        a tool's own infrastructure failed (ends the episode: tool_error)
     └── ToolCallError         one tool call failed; its message is written for the model
         ├── ToolArgumentError     the arguments do not match the tool's schema
         ├── ToolTimeoutError      the call ran past the tool's time limit
@@ -92,3 +93,9 @@ class ToolTimeoutError(ToolCallError, TimeoutError):
 
 class ToolExecutionError(ToolCallError):
     """The tool's function raised; the original exception is the ``__cause__``."""
+
+
+class ToolInfraError(EnvError):
+    """Raised by a tool's function when the tool's infrastructure failed (not the model's
+    input): the call is not shown to the model and the episode ends as a ``tool_error``,
+    an infrastructure failure kept out of the gradient."""

@@ -63,11 +63,12 @@ from palaestra.envs.errors import (
     ResetNeededError,
     ToolArgumentError,
     ToolCallError,
+    ToolInfraError,
     ToolTimeoutError,
 )
 from palaestra.envs.tasks import Split, Task, TaskSource, check_split
 from palaestra.envs.tool_calls import ParsedTurn, ToolCall, ToolCallFormat, ToolResult, get_format
-from palaestra.envs.tools import Tool, ToolInfraError, argument_problems, as_tool
+from palaestra.envs.tools import Tool, argument_problems, as_tool
 
 DEFAULT_SYSTEM_PROMPT = (
     "Use the tools to look up what you need; do not guess. When you know the answer, "

@@ -54,10 +54,10 @@ from dataclasses import dataclass
 from typing import Any, Literal, Union, get_args, get_origin, overload
 
 from palaestra.envs.errors import (
-    EnvError,
     ToolArgumentError,
     ToolDefinitionError,
     ToolExecutionError,
+    ToolInfraError,
     ToolTimeoutError,
 )
 
@@ -70,11 +70,6 @@ _SCALAR_TYPES: dict[Any, str] = {int: "integer", float: "number", str: "string",
 
 
 # ------------------------------------------------------------------------------- the Tool
-
-
-class ToolInfraError(EnvError):
-    """Raised by a tool's function when the tool's infrastructure failed (not the model's
-    input): the call is not shown to the model and the episode ends as a ``tool_error``."""
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,8 @@ from palaestra.agent.rollout import (
     run_episode,
 )
 from palaestra.agent.trajectory import StopReason, Trajectory
-from palaestra.envs import Task, ToolEnv, make
+from palaestra.envs import Task, ToolEnv, ToolInfraError, make
 from palaestra.envs.core import TextEnv
-from palaestra.envs.tools import ToolInfraError
 
 EOT = "<|im_end|>"
 
@@ -543,3 +542,20 @@ async def test_episode_metrics_count_stop_reasons_splits_and_tool_counters(token
     assert metrics["stop/timeout"] == 0 and len([k for k in metrics if k.startswith("stop/")]) == 8
     assert metrics["episodes_split"] == 1
     assert metrics["tools/parse_errors"] == 1 and metrics["tools/tool_calls"] == 0
+
+
+async def test_each_turn_records_the_policy_version_that_sampled_it(tokenizer):
+    """A weight sync lands between two turns: the episode keeps both versions."""
+    engine = FakeEngine([reply(tokenizer, "hi"), reply(tokenizer, "yes")])
+
+    class SyncingChatEnv(ChatEnv):
+        async def astep(self, action):
+            await engine.update_weights([], version=engine.policy_version + 1)
+            return await super().astep(action)
+
+    t = await play(
+        SyncingChatEnv(["Sure?"], [0.0, 1.0]), engine, ChatRenderer(tokenizer), max_turns=3
+    )
+
+    assert t.turn_policy_versions == (0, 1)
+    assert t.policy_version == 0  # the oldest, which decides the episode's staleness

@@ -19,9 +19,9 @@ from palaestra.envs import (
     Tool,
     ToolCall,
     ToolEnv,
+    ToolInfraError,
     check_env,
 )
-from palaestra.envs.tools import ToolInfraError
 
 HERMES = HermesFormat()
 RELEASE = threading.Event()  # never set while a test waits on it: the hanging tool's gate

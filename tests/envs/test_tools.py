@@ -13,10 +13,11 @@ from palaestra.envs import (
     ToolArgumentError,
     ToolDefinitionError,
     ToolExecutionError,
+    ToolInfraError,
     ToolTimeoutError,
     tool,
 )
-from palaestra.envs.tools import ToolInfraError, parse_docstring, result_text
+from palaestra.envs.tools import parse_docstring, result_text
 
 
 def get_weather(city: str, unit: Literal["C", "F"] = "C", days: int = 1) -> str:

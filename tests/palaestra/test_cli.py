@@ -129,3 +129,37 @@ def test_eval_reports_accuracy_on_tiny_random():
     assert result["num_tasks"] == 3 and result["samples"] == 2
     assert set(result["pass_at"]) == {"1", "2"}
     assert 0.0 <= result["accuracy"] <= 1.0
+
+
+@pytest.mark.slow
+def test_multi_turn_grpo_on_a_tool_env_through_the_cli(tmp_path):
+    out = palaestra(
+        "train",
+        "examples/tool_grpo.yaml",
+        "model=tiny-random",
+        "rollout.tasks_per_step=2",
+        "rollout.group_size=2",
+        "rollout.max_tokens=16",
+        "rollout.max_turns=3",
+        "trainer.steps=2",
+        "trainer.micro_batch_size=4",
+        "eval.num_tasks=4",
+        "run.progress=false",
+        f"run.output_dir={tmp_path}",
+        "run.name=tools",
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    # the template audit ran for a multi-turn tool run, a verdict per check
+    for check in ("prefix extension", "history kept", "tools in prompt", "tool-call round trip"):
+        assert f"{check}:" in out.stderr
+    records = [
+        json.loads(x) for x in (tmp_path / "tools" / "metrics.jsonl").read_text().splitlines()
+    ]
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [1, 2]
+    stops = [k for k in train[0] if k.startswith("stop/")]
+    assert sum(train[0][k] for k in stops) == 4  # every episode ended with a known reason
+    trajectories = [
+        json.loads(x) for x in (tmp_path / "tools" / "trajectories.jsonl").read_text().splitlines()
+    ]
+    assert trajectories

@@ -468,6 +468,8 @@ async def _evaluate(cfg: TrainConfig, parts: _Parts, run: RunDir, *, step: int) 
             num_tasks=e.num_tasks,
             samples=e.samples,
             max_turns=cfg.rollout.max_turns,
+            max_total_tokens=cfg.rollout.max_total_tokens,
+            max_episode_s=cfg.rollout.max_episode_s,
             seed=cfg.seed,
         )
     finally:
