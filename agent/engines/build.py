@@ -55,13 +55,17 @@ def build_engine(
     ``server``, which must already serve the same weights in ``dtype``. Raises
     ``ValueError`` for an unknown kind or an ``openai`` engine without ``server``.
     """
+    eos_token_ids = sorted(eos_token_ids)
+    if not eos_token_ids:
+        raise ValueError("eos_token_ids is empty: pass the id(s) that end a turn")
     if kind == "transformers":
         from palaestra.agent.engines.transformers import TransformersEngine
 
         return TransformersEngine(
             model,
             eos_token_ids=eos_token_ids,
-            pad_token_id=pad_token_id,
+            # padding is masked out; an end token serves when the tokenizer names no pad
+            pad_token_id=eos_token_ids[0] if pad_token_id is None else pad_token_id,
             max_batch_size=max_batch_size,
             device=device,
             dtype=dtype,
