@@ -404,3 +404,22 @@ def test_weights_file_holds_tied_tensors_once_each_cast_to_the_engine_dtype(tmp_
     assert torch.equal(loaded["lm_head.weight"], embedding.to(torch.bfloat16))
     assert loaded["step"].dtype == torch.int64  # integers are not cast
     assert load_file(write_weights_file(named[:1], tmp_path))["embed.weight"].dtype == torch.float32
+
+
+async def test_build_engine_starts_the_named_engine_and_refuses_what_it_cannot(tiny_model):
+    from palaestra.agent.engines.build import ServerSettings, build_engine, close_engine
+    from palaestra.agent.engines.openai import OpenAIEngine
+
+    common = {"model": tiny_model, "model_dir": "unused", "eos_token_ids": [EOS]}
+    local = build_engine("transformers", **common, pad_token_id=None, dtype="float32")
+    remote = build_engine(
+        "openai", **common, pad_token_id=None, server=ServerSettings("http://h:1", "policy")
+    )
+
+    assert isinstance(local, TransformersEngine) and local.pad_token_id == EOS
+    assert isinstance(remote, OpenAIEngine) and remote.model == "policy"
+    await close_engine(remote)
+    with pytest.raises(ValueError, match="server settings"):
+        build_engine("openai", **common, pad_token_id=0)
+    with pytest.raises(ValueError, match="unknown engine 'jax'"):
+        build_engine("jax", **common, pad_token_id=0)
