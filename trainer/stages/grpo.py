@@ -113,11 +113,19 @@ async def _run(cfg: TrainConfig, run: RunDir) -> GRPOResult:
 
 
 async def _train(cfg: TrainConfig, parts: _Parts, run: RunDir) -> GRPOResult:
+    episodes = cfg.rollout.tasks_per_step * cfg.rollout.group_size
+    pool = EnvPool(lambda: envs.make(cfg.env.id, **cfg.env.kwargs, split="train"), episodes)
+    try:
+        return await _train_with(cfg, parts, run, pool)
+    finally:
+        pool.close()
+
+
+async def _train_with(cfg: TrainConfig, parts: _Parts, run: RunDir, pool: EnvPool) -> GRPOResult:
+    _audit_template(cfg, parts, pool)
     if cfg.verify_every:  # the engine must start from the learner's weights
         await _verify_sync(cfg, parts, parts.renderer.prompt_ids(_PROBE))
     before = await _evaluate(cfg, parts, run, step=0) if cfg.eval.before else None
-    episodes = cfg.rollout.tasks_per_step * cfg.rollout.group_size
-    pool = EnvPool(lambda: envs.make(cfg.env.id, **cfg.env.kwargs, split="train"), episodes)
     producer = RolloutProducer(
         pool,
         parts.engine,
@@ -135,7 +143,6 @@ async def _train(cfg: TrainConfig, parts: _Parts, run: RunDir) -> GRPOResult:
         max_staleness=cfg.rollout.max_staleness,
         queue_groups=cfg.rollout.tasks_per_step * (cfg.rollout.max_staleness + 1),
     )
-    _audit_template(cfg, parts, pool)
     steps = cfg.trainer.steps
     bar = tqdm(range(1, steps + 1), desc="grpo", disable=not cfg.run.progress, file=sys.stderr)
     step = 0
@@ -155,7 +162,6 @@ async def _train(cfg: TrainConfig, parts: _Parts, run: RunDir) -> GRPOResult:
     finally:
         bar.close()
         await producer.stop()
-        pool.close()
     after = await _evaluate(cfg, parts, run, step=steps) if cfg.eval.after else None
     final = save_checkpoint(parts.model, parts.tokenizer, run.checkpoints / "final")
     run.plot()
