@@ -6,6 +6,7 @@
     palaestra eval --model smollm2-135m --env palaestra/Math-v0 [--num-tasks 200 --samples 8]
     palaestra envs
     palaestra audit-template smollm2-135m
+    palaestra search generate|index|serve ...
 
 User errors (a bad config, an unknown model or env) print one ``error:`` message and exit
 with status 2; nothing is started before the config has been validated.
@@ -94,6 +95,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     audit.add_argument("model", help="model name or local HF directory")
     audit.set_defaults(run=_audit_template)
+
+    search = sub.add_parser("search", help="corpora, indexes and the retrieval server")
+    search_sub = search.add_subparsers(required=True, metavar="ACTION")
+    generate = search_sub.add_parser(
+        "generate", help="write the built-in encyclopedia: corpus.jsonl and questions.jsonl"
+    )
+    generate.add_argument("--out", type=Path, required=True, help="output directory")
+    generate.add_argument("--seed", type=int, default=0, help="which encyclopedia")
+    generate.set_defaults(run=_search, action="generate")
+    index = search_sub.add_parser("index", help="build a BM25 index of a JSON-lines corpus")
+    index.add_argument("corpus", type=Path, help='JSONL, one {"id", "title", "text"} a line')
+    index.add_argument("--out", type=Path, required=True, help="index directory")
+    index.set_defaults(run=_search, action="index")
+    serve = search_sub.add_parser("serve", help="serve an index over HTTP (POST /search)")
+    serve.add_argument("--index", type=Path, required=True, help="index directory")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind")
+    serve.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
+    serve.set_defaults(run=_search, action="serve")
 
     ls = sub.add_parser("envs", help="list registered environments")
     ls.set_defaults(run=_envs)
@@ -204,6 +223,38 @@ def _audit_template(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(resolve_model(args.model))
     print(format_report(args.model, audit_template(tokenizer)))
     return 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    from palaestra.envs.search import BM25Retriever, Encyclopedia, read_corpus, write_corpus
+
+    if args.action == "generate":
+        world = Encyclopedia.generate(args.seed)
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_corpus(world.documents, args.out / "corpus.jsonl")
+        with (args.out / "questions.jsonl").open("w", encoding="utf-8") as out:
+            for q in world.questions:
+                out.write(json.dumps({"question": q.question, "answers": [q.answer]}) + "\n")
+        print(
+            f"wrote {len(world.documents)} documents and {len(world.questions)} questions to {args.out}"
+        )
+    elif args.action == "index":
+        documents = read_corpus(args.corpus)
+        BM25Retriever.build(documents).save(args.out)
+        print(f"indexed {len(documents)} documents into {args.out}")
+    else:
+        asyncio.run(_serve_index(args.index, args.host, args.port))
+    return 0
+
+
+async def _serve_index(index: Path, host: str, port: int) -> None:
+    from palaestra.envs.search import BM25Retriever
+    from palaestra.envs.search.server import serving
+
+    retriever = BM25Retriever.load(index)
+    async with serving(retriever, host, port) as url:
+        print(f"serving {len(retriever.documents)} documents on {url}", flush=True)
+        await asyncio.Event().wait()
 
 
 def _envs(args: argparse.Namespace) -> int:
