@@ -5,8 +5,9 @@ a document id, title and text, clipped), reads, searches again, and finally answ
 without a tool call. The answer is taken out of the reply (``AnswerExtraction``: the last
 ``\\boxed{}`` by default, or ``<answer>...</answer>``, or the whole reply), normalised
 (lower case, no punctuation, articles or extra spaces) and compared with every gold
-answer: ``info["reward_components"]`` holds the exact match and the token F1, and the
-reward is ``(1 - f1_weight) * exact_match + f1_weight * f1``.
+answer: the reward is ``(1 - f1_weight) * exact_match + f1_weight * f1``, and
+``info["reward_components"]`` holds it (``correct``, as in every ``ToolEnv``) with its
+parts ``exact_match`` and ``f1``.
 
 Where the documents come from (at most one of these; by default the built-in generated
 encyclopedia of ``seed``, indexed in this process):
@@ -330,13 +331,14 @@ class SearchEnv(ToolEnv):
         return (1.0 - self.f1_weight) * scores["exact_match"] + self.f1_weight * scores["f1"]
 
     def _end(self, task: Task, parsed: ParsedTurn) -> Outcome:
-        # ToolEnv scores the final reply with verify(); this adds its parts and counts an
-        # exact match (not any F1 of 1) as success.
+        # ToolEnv scores the final reply with verify() as "correct"; this adds its parts and
+        # counts an exact match (not any F1 of 1) as success.
         observation, reward, terminated, truncated, info = super()._end(task, parsed)
-        scores = (
-            self.scores(task, parsed.content) if terminated else {"exact_match": 0.0, "f1": 0.0}
-        )
-        info["reward_components"] = scores
+        if terminated:
+            scores = self.scores(task, parsed.content)
+        else:
+            scores = {"exact_match": 0.0, "f1": 0.0}
+        info["reward_components"] |= scores
         info["success"] = scores["exact_match"] == 1.0
         return observation, reward, terminated, truncated, info
 

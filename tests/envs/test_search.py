@@ -93,8 +93,12 @@ def test_the_reward_mixes_exact_match_and_f1_and_reports_both():
     gold = env.task.answer
     _, reward, terminated, _, info = env.step(f"\\boxed{{{gold} Zzyx}}")
     assert terminated
-    assert info["reward_components"] == {"exact_match": 0.0, "f1": pytest.approx(2 / 3)}
     assert reward == pytest.approx(0.5 * 0 + 0.5 * 2 / 3)
+    assert info["reward_components"] == {
+        "correct": reward,
+        "exact_match": 0.0,
+        "f1": pytest.approx(2 / 3),
+    }
     assert info["success"] is False
 
 
