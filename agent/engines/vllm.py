@@ -151,6 +151,7 @@ class VLLMEngine:
         # read by vLLM at import, inherited by its processes: keeps its INFO lines (per
         # start-up step and per weight load) out of a training run's output
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout stays ours
         vllm = import_vllm()
         args = vllm.AsyncEngineArgs(
             model=str(model_dir),
