@@ -1,0 +1,108 @@
+"""The retrieval server over real loopback sockets: same answers as in-process, request
+validation, and a dead or killed server reported as an infrastructure failure."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from palaestra.envs.search import (
+    BM25Retriever,
+    Encyclopedia,
+    HttpRetriever,
+    RetrieverUnavailableError,
+    SearchEnv,
+)
+from palaestra.envs.search.server import serving
+
+
+@pytest.fixture(scope="module")
+def world() -> Encyclopedia:
+    return Encyclopedia.generate(0)
+
+
+@pytest.fixture(scope="module")
+def retriever(world) -> BM25Retriever:
+    return BM25Retriever.build(world.documents)
+
+
+def search_call(query: str) -> str:
+    return f"<tool_call>\n{json.dumps({'name': 'search', 'arguments': {'query': query}})}\n</tool_call>"
+
+
+async def test_200_concurrent_queries_get_the_in_process_results(world, retriever):
+    queries = [q.question for q in world.questions[::5]][:200]
+    assert len(queries) == 200
+    async with serving(retriever) as url:
+        client = HttpRetriever(url)
+        remote = await asyncio.gather(*(client.search(q, 5) for q in queries))
+        await client.aclose()
+    local = [retriever.search_now(q, 5) for q in queries]
+    assert remote == local  # same ids, order, text and scores
+    assert all(remote)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("not json", "the body must be JSON"),
+        ("[1, 2]", "must be a JSON object"),
+        ('{"k": 3}', "'query' must be a non-empty string"),
+        ('{"query": "Orvane", "k": 0}', "'k' must be an integer from 1 to 100"),
+        ('{"query": "Orvane", "top": 3}', "unknown field(s) ['top']"),
+    ],
+)
+async def test_malformed_requests_get_400_with_what_to_fix(retriever, body, message):
+    async with serving(retriever) as url, httpx.AsyncClient(base_url=url) as client:
+        response = await client.post("/search", content=body)
+        health = await client.get("/health")
+    assert response.status_code == 400
+    assert message in response.json()["error"]
+    assert health.json() == {"status": "ok", "documents": len(retriever.documents)}
+
+
+async def test_an_unreachable_server_raises_a_tool_infrastructure_error_after_retries():
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    client = HttpRetriever(f"http://127.0.0.1:{port}", retries=2, backoff_s=0.01)
+    with pytest.raises(RetrieverUnavailableError, match="failed 3 attempt"):
+        await client.search("Orvane", 3)
+
+
+async def test_a_server_killed_mid_run_ends_the_episodes_as_tool_errors(tmp_path, retriever):
+    retriever.save(tmp_path / "index")
+    command = ["search", "serve", "--index", str(tmp_path / "index"), "--port", "0"]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "palaestra", *command],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        url = server.stdout.readline().split()[-1]  # "serving N documents on http://..."
+        shared = HttpRetriever(url, timeout_s=2.0, retries=2, backoff_s=0.05)
+        envs = [SearchEnv(split="test", retriever=shared) for _ in range(8)]
+        for i, env in enumerate(envs):
+            await env.areset(options={"task_index": i})
+        first = await asyncio.gather(
+            *(env.astep(search_call(env.task.metadata["subject"])) for env in envs)
+        )
+        assert all(o[0][0]["content"].startswith("[wiki-") for o in first)
+        server.kill()
+        server.wait()
+        second = await asyncio.wait_for(
+            asyncio.gather(*(env.astep(search_call("Orvane")) for env in envs)), timeout=60
+        )
+    finally:
+        server.kill()
+        server.wait()
+    for _, reward, terminated, truncated, info in second:
+        assert (reward, terminated, truncated) == (0.0, False, True)
+        assert info["stop_reason"] == "tool_error"
+        assert url in info["error"]
