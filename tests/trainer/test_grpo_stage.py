@@ -118,6 +118,18 @@ def test_grpo_on_the_vllm_engine_syncs_verified_weights(tmp_path, vllm_tiny_mode
     assert all(r["time/sync_s"] > 0 for r in records)
 
 
+def test_a_synchronous_run_is_reproducible_from_its_seed(tmp_path):
+    first = train_records(tmp_path / "a", ["model=tiny-random", *TWO_STEPS])
+    second = train_records(tmp_path / "b", ["model=tiny-random", *TWO_STEPS])
+
+    for a, b in zip(first, second, strict=True):
+        assert (a["reward_mean"], a["tokens_mean"], a["loss"]) == (
+            b["reward_mean"],
+            b["tokens_mean"],
+            b["loss"],
+        )
+
+
 THREE_ASYNC_STEPS = [*TWO_STEPS, "trainer.steps=3", "rollout.max_staleness=1"]
 
 
