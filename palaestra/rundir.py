@@ -75,6 +75,8 @@ class RunDir:
                 "reward_components": t.reward_components,
                 "stop_reason": t.stop_reason.value,
                 "policy_version": t.policy_version,
+                "turn_policy_versions": list(t.turn_policy_versions),
+                "segment_starts": list(t.segment_starts),
                 "text": decode(list(t.token_ids)),
                 "turns": [asdict(turn) for turn in t.turns],
             }
