@@ -4,10 +4,12 @@ validation, and a dead or killed server reported as an infrastructure failure.""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import socket
 import subprocess
 import sys
+import warnings
 
 import httpx
 import pytest
@@ -76,32 +78,49 @@ async def test_an_unreachable_server_raises_a_tool_infrastructure_error_after_re
         await client.search("Orvane", 3)
 
 
-async def test_a_server_killed_mid_run_ends_the_episodes_as_tool_errors(tmp_path, retriever):
+@pytest.fixture
+def server_process(tmp_path, retriever):
+    """``palaestra search serve`` on the encyclopedia's index in its own process: (process, URL)."""
     retriever.save(tmp_path / "index")
     command = ["search", "serve", "--index", str(tmp_path / "index"), "--port", "0"]
     server = subprocess.Popen(
-        [sys.executable, "-m", "palaestra", *command],
-        stdout=subprocess.PIPE,
-        text=True,
+        [sys.executable, "-m", "palaestra", *command], stdout=subprocess.PIPE, text=True
     )
     try:
-        url = server.stdout.readline().split()[-1]  # "serving N documents on http://..."
-        shared = HttpRetriever(url, timeout_s=2.0, retries=2, backoff_s=0.05)
-        envs = [SearchEnv(split="test", retriever=shared) for _ in range(8)]
-        for i, env in enumerate(envs):
-            await env.areset(options={"task_index": i})
-        first = await asyncio.gather(
-            *(env.astep(search_call(env.task.metadata["subject"])) for env in envs)
-        )
-        assert all(o[0][0]["content"].startswith("[wiki-") for o in first)
-        server.kill()
-        server.wait()
-        second = await asyncio.wait_for(
-            asyncio.gather(*(env.astep(search_call("Orvane")) for env in envs)), timeout=60
-        )
+        yield server, server.stdout.readline().split()[-1]  # "serving N documents on URL"
     finally:
         server.kill()
         server.wait()
+
+
+def test_sync_steps_search_the_server_and_leave_no_connection_open(server_process):
+    _, url = server_process
+    env = SearchEnv(split="test", retriever_url=url)
+    env.reset(options={"task_index": 0})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for query in ("Lomel", "Kramun"):  # each sync step runs the tool in a fresh event loop
+            observation, *_ = env.step(search_call(query))
+            assert observation[0]["content"].startswith("[wiki-")
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
+
+
+async def test_a_server_killed_mid_run_ends_the_episodes_as_tool_errors(server_process):
+    server, url = server_process
+    shared = HttpRetriever(url, timeout_s=2.0, retries=2, backoff_s=0.05)
+    envs = [SearchEnv(split="test", retriever=shared) for _ in range(8)]
+    for i, env in enumerate(envs):
+        await env.areset(options={"task_index": i})
+    first = await asyncio.gather(
+        *(env.astep(search_call(env.task.metadata["subject"])) for env in envs)
+    )
+    assert all(o[0][0]["content"].startswith("[wiki-") for o in first)
+    server.kill()
+    server.wait()
+    second = await asyncio.wait_for(
+        asyncio.gather(*(env.astep(search_call("Orvane")) for env in envs)), timeout=60
+    )
     for _, reward, terminated, truncated, info in second:
         assert (reward, terminated, truncated) == (0.0, False, True)
         assert info["stop_reason"] == "tool_error"
