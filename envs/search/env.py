@@ -206,14 +206,17 @@ def builtin_encyclopedia(seed: int) -> Encyclopedia:
     return Encyclopedia.generate(seed)
 
 
-@functools.lru_cache(maxsize=4)
-def _local_retriever(kind: str, key: str) -> BM25Retriever:
-    """One in-process index per corpus, shared by every env of the process."""
+@functools.lru_cache(maxsize=8)
+def _shared_retriever(kind: str, key: str) -> Retriever:
+    """One retriever per document source, shared by every env of the process: an index is
+    built or loaded once, and a server's connections are pooled once."""
     if kind == "builtin":
         return BM25Retriever.build(builtin_encyclopedia(int(key)).documents)
     if kind == "corpus":
         return BM25Retriever.build(read_corpus(key))
-    return BM25Retriever.load(key)
+    if kind == "index":
+        return BM25Retriever.load(key)
+    return HttpRetriever(key)
 
 
 def render_results(documents: Sequence[Document], max_chars: int) -> str:
@@ -362,9 +365,9 @@ def _make_retriever(
     if retriever is not None:
         return retriever
     if retriever_url is not None:
-        return HttpRetriever(retriever_url)
+        return _shared_retriever("url", retriever_url)
     if corpus is not None:
-        return _local_retriever("corpus", str(Path(corpus).resolve()))
+        return _shared_retriever("corpus", str(Path(corpus).resolve()))
     if index is not None:
-        return _local_retriever("index", str(Path(index).resolve()))
-    return _local_retriever("builtin", str(seed))
+        return _shared_retriever("index", str(Path(index).resolve()))
+    return _shared_retriever("builtin", str(seed))
