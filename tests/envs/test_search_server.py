@@ -125,3 +125,18 @@ async def test_a_server_killed_mid_run_ends_the_episodes_as_tool_errors(server_p
         assert (reward, terminated, truncated) == (0.0, False, True)
         assert info["stop_reason"] == "tool_error"
         assert url in info["error"]
+
+
+async def test_searches_in_flight_when_the_server_dies_fail_fast_as_unavailable(
+    server_process, world
+):
+    server, url = server_process
+    client = HttpRetriever(url, timeout_s=2.0, retries=1, backoff_s=0.05)
+    searches = [asyncio.ensure_future(client.search(q.question, 3)) for q in world.questions[:200]]
+    await next(asyncio.as_completed(searches))
+    server.kill()  # mid-run: the other searches are queued, sent or being answered
+    outcomes = await asyncio.wait_for(asyncio.gather(*searches, return_exceptions=True), timeout=60)
+    failed = [o for o in outcomes if isinstance(o, Exception)]
+    assert failed and all(isinstance(o, RetrieverUnavailableError) for o in failed)
+    assert all(o for o in outcomes if not isinstance(o, Exception))  # the rest were answered
+    await client.aclose()
