@@ -27,8 +27,26 @@ import numpy as np
 from palaestra.envs.search.retrieval import Document
 from palaestra.envs.tasks import stable_hash
 
-_ONSETS = ("b", "br", "d", "dr", "f", "g", "k", "kr", "l", "m", "n", "p", "r", "s", "t", "th")
-_ONSETS += ("v", "z")
+_ONSETS = (
+    "b",
+    "br",
+    "d",
+    "dr",
+    "f",
+    "g",
+    "k",
+    "kr",
+    "l",
+    "m",
+    "n",
+    "p",
+    "r",
+    "s",
+    "t",
+    "th",
+    "v",
+    "z",
+)
 _VOWELS = ("a", "e", "i", "o", "u", "ae", "ei", "ou")
 _CODAS = ("", "", "n", "r", "s", "l", "th", "k", "sh")
 _OCCUPATIONS = ("cartographer", "glassblower", "astronomer", "poet", "shipwright", "herbalist")
