@@ -47,7 +47,8 @@ class HttpRetriever:
     ) -> None:
         """Args:
         url: the server's base URL, e.g. ``"http://127.0.0.1:8000"``.
-        timeout_s: seconds one request may take (connecting, sending, reading).
+        timeout_s: seconds an attempt may spend connecting, and waiting for the answer
+            (time queued for a free pooled connection does not count).
         retries: further attempts after a failed one; the pause doubles from ``backoff_s``.
         backoff_s: seconds before the first retry.
         max_connections: pooled connections per event loop.
@@ -113,7 +114,7 @@ class HttpRetriever:
             for gone in [other for other in self._sessions if other.is_closed()]:
                 del self._sessions[gone], self._keepers[gone]
             connector = aiohttp.TCPConnector(limit=self.max_connections)
-            timeout = aiohttp.ClientTimeout(total=self.timeout_s)
+            timeout = aiohttp.ClientTimeout(sock_connect=self.timeout_s, sock_read=self.timeout_s)
             session = aiohttp.ClientSession(connector=connector, timeout=timeout)
             self._sessions[loop] = session
             self._keepers[loop] = _close_at_loop_shutdown(session)
