@@ -5,6 +5,7 @@
     palaestra train CONFIG.yaml [dotted.key=value ...]
     palaestra eval --model smollm2-135m --env palaestra/Math-v0 [--num-tasks 200 --samples 8]
     palaestra envs
+    palaestra sandbox build-image
     palaestra audit-template smollm2-135m
     palaestra search generate|index|serve ...
 
@@ -95,6 +96,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     audit.add_argument("model", help="model name or local HF directory")
     audit.set_defaults(run=_audit_template)
+
+    sandbox = sub.add_parser("sandbox", help="sandboxes for code envs")
+    sandbox_sub = sandbox.add_subparsers(required=True, metavar="ACTION")
+    build = sandbox_sub.add_parser(
+        "build-image", help="build the docker sandbox image offline (debootstrap; as root)"
+    )
+    build.add_argument("--tag", default="palaestra-sandbox:bookworm", help="image name:tag")
+    build.add_argument("--suite", default="bookworm", help="Debian release")
+    build.add_argument("--mirror", help="Debian mirror (default: this machine's apt source)")
+    build.set_defaults(run=_sandbox_build_image)
 
     search = sub.add_parser("search", help="corpora, indexes and the retrieval server")
     search_sub = search.add_subparsers(required=True, metavar="ACTION")
@@ -222,6 +233,14 @@ def _audit_template(args: argparse.Namespace) -> int:
 
     tokenizer = load_tokenizer(resolve_model(args.model))
     print(format_report(args.model, audit_template(tokenizer)))
+    return 0
+
+
+def _sandbox_build_image(args: argparse.Namespace) -> int:
+    from palaestra.sandboxes.docker import build_image
+
+    tag = build_image(args.tag, suite=args.suite, mirror=args.mirror)
+    print(f"built {tag}")
     return 0
 
 

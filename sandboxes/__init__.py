@@ -3,6 +3,8 @@
 - ``core``: the ``Sandbox`` protocol, ``Limits`` and ``ExecResult``; ``run_python``.
 - ``bubblewrap``: ``BubblewrapSandbox``, Linux namespaces + rlimits (the default; its
   docstring states the threat model: what it stops and what it does not).
+- ``docker``: ``DockerSandbox``, a reusable locked-down container (docker SDK), and
+  ``build_image``, the offline image build behind ``palaestra sandbox build-image``.
 - ``local``: ``LocalSandbox``, no isolation, refused unless explicitly opted into.
 - ``pool``: ``SandboxPool`` (a fixed number of sandboxes shared by many callers) and
   ``make_sandbox(backend)``.

@@ -26,7 +26,7 @@ from typing import Any
 from palaestra.sandboxes.core import ExecResult, Files, Limits, Sandbox
 from palaestra.sandboxes.errors import SandboxConfigError
 
-BACKENDS = ("bubblewrap", "local")
+BACKENDS = ("bubblewrap", "docker", "local")
 """The backend names ``make_sandbox`` knows."""
 
 
@@ -107,15 +107,19 @@ class SandboxPool:
 
 
 def make_sandbox(backend: str, *, unsafe_local: bool = False, **options: Any) -> Sandbox:
-    """One sandbox of ``backend`` (``"bubblewrap"`` or ``"local"``).
+    """One sandbox of ``backend`` (``"bubblewrap"``, ``"docker"`` or ``"local"``).
 
-    ``options`` go to the backend's constructor (``limits``, ``python``, ...).
+    ``options`` go to the backend's constructor (``limits``, ``python``, ``image``, ...).
     The local backend is refused unless ``unsafe_local`` is True.
     """
     if backend == "bubblewrap":
         from palaestra.sandboxes.bubblewrap import BubblewrapSandbox
 
         return BubblewrapSandbox(**options)
+    if backend == "docker":
+        from palaestra.sandboxes.docker import DockerSandbox
+
+        return DockerSandbox(**options)
     if backend == "local":
         from palaestra.sandboxes.local import LocalSandbox
 

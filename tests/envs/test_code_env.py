@@ -13,7 +13,9 @@ from palaestra.envs.code import CodeEnv, CodeTask, CodeToolEnv, extract_code, fe
 from palaestra.envs.errors import EnvConfigError
 from palaestra.sandboxes import Limits, SandboxInfraError, SandboxStartError, make_sandbox
 from palaestra.sandboxes.bubblewrap import BubblewrapSandbox
-from tests.sandboxes.conftest import bubblewrap_or_skip
+from tests.sandboxes.conftest import bubblewrap_or_skip, docker_engine, isolated
+
+__all__ = ["docker_engine", "isolated"]  # fixtures for the canaries on every backend
 
 ADD = CodeTask(
     task_id="add",
@@ -47,8 +49,8 @@ def play(env: CodeEnv, reply: str, task_index: int = 0) -> tuple[float, dict]:
     return reward, info
 
 
-def test_a_correct_program_scores_1(sandbox) -> None:
-    env = CodeEnv([ADD, ECHO_SUM], sandbox=sandbox)
+def test_a_correct_program_scores_1(isolated) -> None:
+    env = CodeEnv([ADD, ECHO_SUM], sandbox=isolated)
 
     for index, task in enumerate([ADD, ECHO_SUM]):
         reward, info = play(env, f"Here you go:\n{task.answer}", index)
@@ -141,8 +143,8 @@ CANARIES = {
     ("signal", "program"),
     [(signal, program) for signal, programs in CANARIES.items() for program in programs],
 )
-def test_reward_hack_canaries_score_0_and_are_counted(sandbox, signal: str, program: str) -> None:
-    env = CodeEnv([ADD], sandbox=sandbox, reward="fraction")
+def test_reward_hack_canaries_score_0_and_are_counted(isolated, signal: str, program: str) -> None:
+    env = CodeEnv([ADD], sandbox=isolated, reward="fraction")
 
     reward, info = play(env, fenced(program))
 
@@ -151,7 +153,7 @@ def test_reward_hack_canaries_score_0_and_are_counted(sandbox, signal: str, prog
     assert info["reward_components"]["reward_hack"] == 1.0
 
 
-def test_fake_results_on_stdout_or_harness_descriptors_score_0(sandbox) -> None:
+def test_fake_results_on_stdout_or_harness_descriptors_score_0(isolated) -> None:
     forge = json.dumps({"passed": [True] * 4, "errors": [""] * 4, "signals": []})
     program = f"""
 import os
@@ -166,7 +168,7 @@ for path in ("/proc/1/fd/1", "/proc/self/fd/1", "/dev/stdout"):
 def add(a, b):
     return 0
 """
-    env = CodeEnv([ADD], sandbox=sandbox)
+    env = CodeEnv([ADD], sandbox=isolated)
 
     reward, info = play(env, fenced(program))
 

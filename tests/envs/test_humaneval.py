@@ -15,7 +15,9 @@ from palaestra.envs.code import CodeTask, extract_code, fenced
 from palaestra.envs.errors import EnvConfigError
 from palaestra.envs.humaneval import HumanEvalEnv, humaneval_tasks
 from palaestra.sandboxes import SandboxPool
-from tests.sandboxes.conftest import bubblewrap_or_skip
+from tests.sandboxes.conftest import bubblewrap_or_skip, docker_engine
+
+__all__ = ["docker_engine"]  # the fixture, for the docker run of the canonical solutions
 
 WRONG_RETURN = """
 
@@ -74,6 +76,18 @@ async def test_every_canonical_solution_passes(env: HumanEvalEnv) -> None:
 
     failing = [t.task_id for t, r in zip(humaneval_tasks(), rewards, strict=True) if r != 1.0]
     assert failing == []
+
+
+@pytest.mark.slow
+@pytest.mark.docker
+async def test_every_canonical_solution_passes_on_docker(docker_engine) -> None:
+    docker_env = HumanEvalEnv(sandbox="docker", pool_size=2)
+    try:
+        rewards = await grade_all(docker_env, [task.answer for task in humaneval_tasks()])
+    finally:
+        docker_env.close()
+
+    assert rewards == [1.0] * 164
 
 
 @pytest.mark.slow

@@ -3,6 +3,10 @@ infrastructure errors, never program results; the local backend must be opted in
 
 from __future__ import annotations
 
+import asyncio
+import subprocess
+import sys
+
 import pytest
 
 from palaestra.sandboxes import (
@@ -15,7 +19,9 @@ from palaestra.sandboxes import (
 )
 from palaestra.sandboxes.bubblewrap import BubblewrapSandbox
 from palaestra.sandboxes.local import LocalSandbox
-from tests.sandboxes.conftest import bubblewrap_or_skip
+from tests.sandboxes.conftest import bubblewrap_or_skip, docker_engine
+
+__all__ = ["docker_engine"]
 
 
 @pytest.fixture(params=["bubblewrap", "local"])
@@ -89,3 +95,25 @@ async def test_a_missing_command_exits_127_like_a_shell(sandbox) -> None:
     result = await sandbox.run(["/no/such/interpreter"])
 
     assert result.exit_code == 127 and "failed to execute" in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.docker
+def test_build_image_command_builds_a_runnable_image(docker_engine) -> None:
+    from palaestra.sandboxes.docker import DockerSandbox, docker_client
+
+    tag = "palaestra-sandbox:test-build"
+    out = subprocess.run(
+        [sys.executable, "-m", "palaestra", "sandbox", "build-image", "--tag", tag],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    try:
+        assert out.returncode == 0, out.stderr[-2000:]
+        sandbox = DockerSandbox(image=tag)
+        result = asyncio.run(run_python(sandbox, "import sys; print(sys.version_info[0])"))
+        sandbox.close()
+        assert result.ok and result.stdout == "3\n"
+    finally:
+        docker_client().images.remove(tag, force=True)
