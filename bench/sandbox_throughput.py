@@ -5,7 +5,7 @@ on: a bare ``asyncio`` subprocess (no isolation, the floor), the ``local`` backe
 temporary directory), ``bubblewrap``, and ``docker`` (a warm pool of containers, and cold:
 a container created per run) when a Docker engine and the image are there. Prints runs/s,
 p50 and p99 latency, and each backend's slowdown against the bare subprocess. Then grades
-the 164 canonical HumanEval solutions through ``CodeEnv`` on bubblewrap (``--humaneval``).
+the 164 canonical HumanEval solutions through ``CodeEnv`` on each backend (``--humaneval``).
 
     .venv/bin/python bench/sandbox_throughput.py --runs 200 --concurrency 2 --humaneval
 
@@ -62,6 +62,21 @@ def sandbox_runner(sandbox: Sandbox) -> Callable[[], Awaitable[None]]:
     return run
 
 
+def cold_docker_runner() -> Callable[[], Awaitable[None]]:
+    """A new container for every run: what the warm pool saves."""
+    from palaestra.sandboxes.docker import DockerSandbox
+
+    async def run() -> None:
+        sandbox = DockerSandbox()
+        try:
+            result = await run_python(sandbox, SNIPPET)
+            assert result.ok, result.stderr
+        finally:
+            await asyncio.to_thread(sandbox.close)
+
+    return run
+
+
 def backends(concurrency: int) -> dict[str, Sandbox]:
     python = default_python()  # every backend runs the same interpreter
     found: dict[str, Sandbox] = {"local": make_sandbox("local", unsafe_local=True, python=python)}
@@ -73,17 +88,17 @@ def backends(concurrency: int) -> dict[str, Sandbox]:
     return found
 
 
-async def humaneval(concurrency: int) -> None:
+async def humaneval(backend: str, concurrency: int) -> None:
     from palaestra.envs.humaneval import HumanEvalEnv, humaneval_tasks
 
-    env = HumanEvalEnv(pool_size=concurrency)
+    env = HumanEvalEnv(sandbox=backend, pool_size=concurrency)
     started = time.perf_counter()
     graded = await asyncio.gather(
         *(env.grader.grade(task, task.answer) for task in humaneval_tasks())
     )
     elapsed = time.perf_counter() - started
     passed = sum(reward == 1.0 for reward, _ in graded)
-    print(f"HumanEval canonical solutions on bubblewrap: {passed}/164 in {elapsed:.1f} s")
+    print(f"HumanEval canonical solutions on {backend}: {passed}/164 in {elapsed:.1f} s")
     env.close()
 
 
@@ -96,6 +111,9 @@ async def main(args: argparse.Namespace) -> None:
     for name, sandbox in sandboxes.items():
         results[name] = await measure(sandbox_runner(sandbox), args.runs, args.concurrency)
         sandbox.close()
+    if "docker" in sandboxes:
+        cold_runs = max(args.runs // 10, 4)
+        results["docker-cold"] = await measure(cold_docker_runner(), cold_runs, args.concurrency)
     floor = results["subprocess"]["runs_per_s"]
     print(f"{args.runs} runs, {args.concurrency} in flight:")
     for name, r in results.items():
@@ -104,7 +122,8 @@ async def main(args: argparse.Namespace) -> None:
             f"p99 {r['p99_ms']:6.1f} ms  slowdown x{floor / r['runs_per_s']:.2f}"
         )
     if args.humaneval:
-        await humaneval(args.concurrency)
+        for backend in ("bubblewrap", "docker") if "docker" in sandboxes else ("bubblewrap",):
+            await humaneval(backend, args.concurrency)
 
 
 if __name__ == "__main__":

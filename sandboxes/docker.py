@@ -5,7 +5,8 @@ with ``palaestra sandbox build-image``: a Debian rootfs made by ``debootstrap`` 
 imported into Docker; no image registry is involved) and reused run after run. Put several
 in a ``SandboxPool`` for a warm pool. Talks to the engine through the ``docker`` SDK.
 
-Each container runs ``sleep infinity`` as uid/gid 65534 with: no network
+Each container runs a reaper as PID 1 (a Python loop that collects orphans), as uid/gid
+65534, with: no network
 (``network_mode=none``), a read-only root filesystem, ``/work`` and ``/tmp`` as size-capped
 tmpfs, every capability dropped and ``no-new-privileges``, cgroup limits on memory (no swap),
 processes and CPUs. A run is a ``docker exec`` of a small runner (as uid 65534, made
@@ -49,6 +50,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import docker
+import requests
+
 from palaestra.sandboxes.core import ExecResult, Files, Limits, check_files
 from palaestra.sandboxes.errors import (
     SandboxError,
@@ -65,8 +69,48 @@ PYTHON = "/usr/bin/python3"
 SUITE = "bookworm"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 
-RUNNER = r"""
-import base64, ctypes, json, os, resource, sys
+CLEAN = r"""
+import os, shutil, signal, time
+
+def alive(pid):
+    try:
+        with open("/proc/%s/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+def clean():
+    try:
+        os.kill(-1, signal.SIGKILL)  # every process of the sandbox user but PID 1 and this one
+    except ProcessLookupError:
+        pass
+    deadline = time.time() + 5
+    while time.time() < deadline:
+        left = [p for p in os.listdir("/proc") if p.isdigit() and int(p) not in (1, os.getpid())]
+        if not [p for p in left if alive(p)]:
+            break
+        time.sleep(0.01)
+    else:
+        return False
+    try:
+        for top in ("/work", "/tmp"):
+            for name in os.listdir(top):
+                path = os.path.join(top, name)
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path)
+                else:
+                    os.unlink(path)
+    except OSError:
+        return False
+    return not os.listdir("/work") and not os.listdir("/tmp")
+"""
+"""``clean()``: kill what a run left and empty the writable directories; False if it could
+not be done and checked."""
+
+RUNNER = (
+    CLEAN
+    + r"""
+import base64, ctypes, json, resource
 ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE = 0: /proc/<runner> is closed
 
 def read(n):
@@ -93,38 +137,40 @@ if pid == 0:
         os.write(2, ("failed to execute %s: %s\n" % (spec["command"][0], error)).encode())
     os._exit(127)
 _, status, usage = os.wait4(pid, 0)
-os.write(2, ("\n%s %f\n" % (sys.argv[1], usage.ru_utime + usage.ru_stime)).encode())
+cleaned = clean()
+cpu = usage.ru_utime + usage.ru_stime
+os.write(2, ("\n%s %f %d\n" % (spec["nonce"], cpu, cleaned)).encode())
 code = os.waitstatus_to_exitcode(status)
 os._exit(code if code >= 0 else 128 - code)
 """
-"""Runs inside the container for each run (see the module docstring)."""
+)
+"""Runs each command inside the container, then cleans up after it (see the module
+docstring). Its last line on stderr, after the run's nonce, is the CPU time and whether the
+clean-up succeeded."""
 
-CLEANER = r"""
-import os, shutil, signal, time
-try:
-    os.kill(-1, signal.SIGKILL)  # every process of the sandbox user but PID 1 and this one
-except ProcessLookupError:
-    pass
-deadline = time.time() + 5
-while time.time() < deadline:
-    left = [p for p in os.listdir("/proc") if p.isdigit() and int(p) not in (1, os.getpid())]
-    if not left:
-        break
-    time.sleep(0.01)
-for top in ("/work", "/tmp"):
-    for name in os.listdir(top):
-        path = os.path.join(top, name)
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path)
-        else:
-            os.unlink(path)
-raise SystemExit(1 if left or os.listdir("/work") or os.listdir("/tmp") else 0)
+REAPER = r"""
+import os, signal
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+while True:
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0]:
+            pass
+    except ChildProcessError:
+        pass
+    signal.sigwaitinfo({signal.SIGCHLD})
 """
-"""Kills what a run left and empties the writable directories; exit 1 if it could not."""
+"""The container's PID 1: reaps the orphans runs leave, so none lingers as a zombie."""
+
+CLEANER = CLEAN + "raise SystemExit(0 if clean() else 1)\n"
+"""Cleans up after a run whose runner could not (it was killed by its command)."""
 
 TRAILER_BYTES = 64
 """Room on stderr for the runner's last line (its nonce and the CPU time)."""
-CLEAN = Limits(wall_time_s=15.0)
+KILL_S = 10.0
+"""How long killing a stopped run's container may take before it is left to the engine."""
+ENGINE_ERRORS = (docker.errors.DockerException, requests.RequestException, OSError)
+"""What a failing engine raises (API errors, a refused or dropped connection)."""
+CLEANER_LIMITS = Limits(wall_time_s=15.0)
 """Limits of the cleaner's exec; past them the container is replaced instead."""
 
 _LIVE: weakref.WeakSet[DockerSandbox] = weakref.WeakSet()
@@ -133,11 +179,9 @@ _LIVE: weakref.WeakSet[DockerSandbox] = weakref.WeakSet()
 def docker_client() -> Any:
     """A client of the local Docker engine, or ``SandboxUnavailableError`` saying why not."""
     try:
-        import docker
-
         client = docker.from_env()
         client.ping()
-    except Exception as error:
+    except ENGINE_ERRORS as error:
         raise SandboxUnavailableError(
             f"no Docker engine answers ({error}). Install docker.io ('make setup-system') and "
             "start it ('dockerd &' as root, or 'systemctl start docker')."
@@ -157,7 +201,7 @@ class DockerSandbox:
         client: Any = None,
     ) -> None:
         """Args:
-        image: the image to run (must hold ``/usr/bin/python3``, ``sh`` and ``sleep``).
+        image: the image to run (must hold ``/usr/bin/python3``).
         limits: default limits of a run.
         cpus: CPUs the container may use (a cgroup quota).
         client: a ``docker.DockerClient`` (default: the local engine).
@@ -218,16 +262,17 @@ class DockerSandbox:
         with self._lock:
             try:
                 container = self._ensure_container(limits)
-                result = _Exec(self.client, container, command, files, stdin, limits).run(cancelled)
+                run = _Exec.of_command(self.client, container, command, files, stdin, limits)
+                result = run.run(cancelled)
                 if result.timed_out or result.truncated or cancelled.is_set():
                     self._remove()  # killing the container is the one sure way to stop a run
-                else:
+                elif not run.cleaned:
                     self._clean(container)
                 return result
             except SandboxError:
                 self._remove()
                 raise
-            except Exception as error:  # the engine failed, not the program
+            except ENGINE_ERRORS as error:  # the engine failed, not the program
                 self._remove()
                 raise SandboxStartError(f"the Docker engine failed: {error}") from error
 
@@ -239,7 +284,7 @@ class DockerSandbox:
             tmpfs = f"size={limits.disk_bytes},uid=65534,gid=65534,mode=0700"
             self._container = self.client.containers.run(
                 self.image,
-                ["sleep", "infinity"],
+                [PYTHON, "-I", "-c", REAPER],
                 detach=True,
                 user=USER,
                 network_mode="none",
@@ -259,7 +304,7 @@ class DockerSandbox:
         return self._container
 
     def _clean(self, container: Any) -> None:
-        cleaner = _Exec(self.client, container, [PYTHON, "-I", "-c", CLEANER], {}, b"", CLEAN)
+        cleaner = _Exec(self.client, container, [PYTHON, "-I", "-c", CLEANER], b"", CLEANER_LIMITS)
         if not cleaner.run(threading.Event()).ok:  # something survived, or no slot to check
             self._remove()
 
@@ -272,19 +317,31 @@ class DockerSandbox:
 
 
 class _Exec:
-    """One ``docker exec`` of the runner: stdin in, demultiplexed output out, limits kept."""
+    """One ``docker exec``: stdin in, demultiplexed output out, wall-clock and output limits
+    kept. Stopping one at a limit kills its container; the caller then removes it."""
 
     def __init__(
-        self,
+        self, client: Any, container: Any, argv: list[str], payload: bytes, limits: Limits
+    ) -> None:
+        self.client, self.container, self.argv, self.limits = client, container, argv, limits
+        self.payload = payload
+        self.nonce = ""
+        self.cleaned = False
+        """The runner reported that it cleaned up after the command."""
+        self.output = {1: bytearray(), 2: bytearray()}
+
+    @classmethod
+    def of_command(
+        cls,
         client: Any,
         container: Any,
         command: list[str],
         files: dict[str, bytes],
         stdin: bytes,
         limits: Limits,
-    ) -> None:
-        self.client, self.container, self.limits = client, container, limits
-        self.nonce = os.urandom(16).hex()
+    ) -> _Exec:
+        """The runner's exec for ``command`` (see ``RUNNER``)."""
+        nonce = os.urandom(16).hex()
         rlimits = {
             "RLIMIT_CPU": limits.cpu_time_s,
             "RLIMIT_AS": limits.memory_bytes,
@@ -292,18 +349,27 @@ class _Exec:
             "RLIMIT_CORE": 0,
         }
         encoded = {path: base64.b64encode(data).decode() for path, data in files.items()}
-        spec = json.dumps({"files": encoded, "rlimits": rlimits, "command": command}).encode()
-        self.payload = f"{len(spec):16d}".encode() + spec + stdin
-        self.output = {1: bytearray(), 2: bytearray()}
+        # the nonce travels on stdin: a command can read its runner's argv, not its memory
+        spec = {"files": encoded, "rlimits": rlimits, "command": command, "nonce": nonce}
+        header = json.dumps(spec).encode()
+        payload = f"{len(header):16d}".encode() + header + stdin
+        runner = cls(client, container, [PYTHON, "-I", "-c", RUNNER], payload, limits)
+        runner.nonce = nonce
+        return runner
 
     def run(self, cancelled: threading.Event) -> ExecResult:
         started = time.monotonic()
-        exec_id = self.client.api.exec_create(
-            self.container.id, [PYTHON, "-I", "-c", RUNNER, self.nonce], stdin=True, user=USER
-        )["Id"]
+        exec_id = self.client.api.exec_create(self.container.id, self.argv, stdin=True, user=USER)[
+            "Id"
+        ]
         sock = self.client.api.exec_start(exec_id, socket=True)._sock
         try:
             stopped = self._pump(sock, started + self.limits.wall_time_s, cancelled)
+            if stopped:  # kill now, and drain: an engine stuck writing to us would not stop
+                killer = threading.Thread(target=self._kill_container, daemon=True)
+                killer.start()
+                _drain(sock, time.monotonic() + KILL_S)
+                killer.join(KILL_S)
         finally:
             sock.close()
         info = self.client.api.exec_inspect(exec_id)
@@ -312,7 +378,7 @@ class _Exec:
                 break
             time.sleep(0.02)
             info = self.client.api.exec_inspect(exec_id)
-        stderr, cpu = self._split_trailer(bytes(self.output[2]))
+        stderr, cpu, self.cleaned = self._split_trailer(bytes(self.output[2]))
         code = info["ExitCode"] if not stopped and info["ExitCode"] is not None else 137
         return ExecResult(
             exit_code=128 - code if code > 128 else code,
@@ -368,12 +434,31 @@ class _Exec:
             buffer = buffer[8 + size :]
         return buffer
 
-    def _split_trailer(self, stderr: bytes) -> tuple[bytes, float]:
+    def _kill_container(self) -> None:
+        with contextlib.suppress(*ENGINE_ERRORS):
+            self.container.kill()
+
+    def _split_trailer(self, stderr: bytes) -> tuple[bytes, float, bool]:
+        """stderr without the runner's last line; the CPU time and clean-up it reports."""
         marker = f"\n{self.nonce} ".encode()
         cut = stderr.rfind(marker)
-        if cut < 0:
-            return stderr, 0.0
-        return stderr[:cut], float(stderr[cut + len(marker) :].split()[0])
+        if not self.nonce or cut < 0:
+            return stderr, 0.0, False
+        cpu, cleaned = stderr[cut + len(marker) :].split()[:2]
+        return stderr[:cut], float(cpu), cleaned == b"1"
+
+
+def _drain(sock: socket.socket, deadline: float) -> None:
+    """Read and drop what ``sock`` still delivers, until it ends or ``deadline``."""
+    while time.monotonic() < deadline:
+        if select.select([sock], [], [], max(deadline - time.monotonic(), 0))[0]:
+            try:
+                if not sock.recv(1 << 16):
+                    return
+            except BlockingIOError:
+                continue
+            except OSError:
+                return
 
 
 def _close_all() -> None:

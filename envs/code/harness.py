@@ -1,7 +1,7 @@
 """The test harness that runs inside the sandbox: hidden tests against an untrusted program.
 
 This file is shipped into the sandbox as ``harness.py`` and run as its first process
-(``python -I harness.py``); it is standalone on purpose (standard library only, Python 3.8+)
+(``python -I harness.py``); it is standalone on purpose (standard library only, Python 3.9+)
 and is never imported by palaestra. Its spec arrives on stdin as JSON (``nonce``, ``kind``,
 ``tests`` / ``io_tests``, ``entry_point``, ``setup``, ``solution``, ``test_timeout``), so the
 tests and expected outputs never exist as files the program could read or edit.
@@ -10,7 +10,9 @@ Before reading the spec the harness makes itself non-dumpable: another process o
 uid can then neither read its memory nor open its descriptors through ``/proc``. The program
 under test runs in a child process and only talks to the harness through two pipes:
 
-- ``function`` tests: the child loads the program, then serves calls of ``entry_point``.
+- ``function`` tests: the child (this file again, as ``harness.py serve``) loads the
+  program, then serves calls of ``entry_point``; it is the program's process, so nothing
+  it says is trusted but plain data.
   The harness runs each test snippet (with the trusted ``setup`` code, e.g. the helpers of a
   HumanEval prompt) in its own process, where ``candidate`` is a proxy that sends the
   arguments and decodes the returned value. Values cross as tagged JSON of plain data, so
@@ -42,22 +44,24 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 
-SERVER = r"""
-import builtins, json, os, sys, traceback
+HERE = os.path.abspath(__file__)
 
 PLAIN = (type(None), bool, int, float, str)
 SKIPS = {"SkipTest", "Skipped", "OutcomeException", "SkipException"}
+"""Exception class names of test frameworks' skips (unittest, pytest, nose)."""
 
 
-class Unsupported(Exception):
-    pass
+class Unsupported(TypeError):
+    """A value that cannot cross between the processes as plain data."""
 
 
 def encode(value, depth=0):
+    """Plain data to tagged JSON; anything else raises ``Unsupported``."""
     kind = type(value)
     if depth > 100:
-        raise Unsupported("nested too deeply")
+        raise Unsupported("a value nested too deeply")
     if kind in PLAIN:
         return value
     if kind is list:
@@ -71,85 +75,11 @@ def encode(value, depth=0):
     if kind is complex:
         return {"complex": [value.real, value.imag]}
     overrides = any("__eq__" in vars(k) for k in kind.__mro__[:-1] if k.__module__ != "builtins")
-    raise Unsupported(("eq_override " if overrides else "") + "returned a " + kind.__name__)
-
-
-def main(path, entry_point, requests_fd, responses_fd):
-    requests = os.fdopen(requests_fd, "rb")
-    responses = os.fdopen(responses_fd, "wb")
-
-    def send(message):
-        responses.write(json.dumps(message).encode() + b"\n")
-        responses.flush()
-
-    original = dict(vars(builtins))
-
-    def patched():
-        now = vars(builtins)
-        return any(now.get(k) is not v for k, v in original.items() if k != "_")
-
-    namespace = {"__name__": "solution", "__builtins__": builtins}
-    try:
-        source = open(path).read()
-        exec(compile(source, path, "exec"), namespace)
-        function = namespace[entry_point]
-    except BaseException as error:
-        send({"loaded": False, "error": describe(error), "patched": patched()})
-        return
-    send({"loaded": True, "patched": patched()})
-    for line in requests:
-        request = json.loads(line)
-        try:
-            args = [decode(a) for a in request["args"]]
-            value = {"value": encode(function(*args))}
-        except Unsupported as error:
-            value = {"unsupported": str(error)}
-        except BaseException as error:
-            value = {"raised": describe(error)}
-        value["patched"] = patched()
-        send(value)
-
-
-def describe(error):
-    names = {k.__name__ for k in type(error).__mro__}
-    return {
-        "type": type(error).__name__,
-        "builtin": type(error).__module__ == "builtins",
-        "exit": isinstance(error, SystemExit),
-        "skip": bool(names & SKIPS),
-        "text": "".join(traceback.format_exception_only(type(error), error))[-2000:],
-    }
+    raise Unsupported(("eq_override " if overrides else "") + "a " + kind.__name__)
 
 
 def decode(value):
-    if isinstance(value, list):
-        return [decode(v) for v in value]
-    if isinstance(value, dict):
-        ((tag, payload),) = value.items()
-        if tag == "dict":
-            return {decode(k): decode(v) for k, v in payload}
-        if tag == "bytes":
-            return bytes.fromhex(payload)
-        if tag == "complex":
-            return complex(*payload)
-        return {"tuple": tuple, "set": set, "frozenset": frozenset}[tag](decode(v) for v in payload)
-    return value
-
-
-main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
-"""
-
-
-class SolutionGone(BaseException):
-    """The program stopped serving calls; a BaseException so no test's ``except`` eats it."""
-
-
-class CandidateError(Exception):
-    """The program's function raised an exception that is not a builtin one."""
-
-
-def decode(value):
-    """Tagged JSON to plain Python data (the inverse of the server's ``encode``)."""
+    """Tagged JSON to plain Python data (the inverse of ``encode``)."""
     if isinstance(value, list):
         return [decode(v) for v in value]
     if isinstance(value, dict):
@@ -165,22 +95,67 @@ def decode(value):
     return value
 
 
-def encode(value):
-    """Arguments from the (trusted) tests to tagged JSON."""
-    kind = type(value)
-    if value is None or kind in (bool, int, float, str):
-        return value
-    if kind is list:
-        return [encode(v) for v in value]
-    if kind in (tuple, set, frozenset):
-        return {kind.__name__: [encode(v) for v in value]}
-    if kind is dict:
-        return {"dict": [[encode(k), encode(v)] for k, v in value.items()]}
-    if kind is bytes:
-        return {"bytes": value.hex()}
-    if kind is complex:
-        return {"complex": [value.real, value.imag]}
-    raise TypeError("a test passed a " + kind.__name__ + ", which cannot reach the program")
+# ------------------------------------------------- the program's side (untrusted process)
+
+
+def serve(path, entry_point, requests_fd, responses_fd):
+    """Load the program and answer calls of ``entry_point`` (runs in the program's process:
+    everything here may be tampered with, so the harness trusts none of it but the data)."""
+    requests = os.fdopen(requests_fd, "rb")
+    responses = os.fdopen(responses_fd, "wb")
+
+    def send(message):
+        responses.write(json.dumps(message).encode() + b"\n")
+        responses.flush()
+
+    original = dict(vars(builtins))
+
+    def patched():
+        now = vars(builtins)
+        return any(now.get(k) is not v for k, v in original.items() if k != "_")
+
+    namespace = {"__name__": "solution", "__builtins__": builtins}
+    try:
+        with open(path) as source:
+            exec(compile(source.read(), path, "exec"), namespace)
+        function = namespace[entry_point]
+    except BaseException as error:
+        send({"loaded": False, "error": describe(error), "patched": patched()})
+        return
+    send({"loaded": True, "patched": patched()})
+    for line in requests:
+        try:
+            args = [decode(a) for a in json.loads(line)["args"]]
+            message = {"value": encode(function(*args))}
+        except Unsupported as error:
+            message = {"unsupported": str(error)}
+        except BaseException as error:
+            message = {"raised": describe(error)}
+        message["patched"] = patched()
+        send(message)
+
+
+def describe(error):
+    """What the harness needs to know of an exception the program raised."""
+    names = {k.__name__ for k in type(error).__mro__}
+    return {
+        "type": type(error).__name__,
+        "builtin": type(error).__module__ == "builtins",
+        "exit": isinstance(error, SystemExit),
+        "skip": bool(names & SKIPS),
+        "text": "".join(traceback.format_exception_only(type(error), error))[-2000:],
+    }
+
+
+# ------------------------------------------------------------ the harness's side (trusted)
+
+
+class SolutionGone(BaseException):
+    """The program stopped serving calls; a BaseException so no test's ``except`` eats it."""
+
+
+class CandidateError(Exception):
+    """The program's function raised an exception that is not a builtin one."""
 
 
 class Solution:
@@ -194,7 +169,7 @@ class Solution:
     def start(self, deadline):
         requests_r, self.requests = os.pipe()
         self.responses, responses_w = os.pipe()
-        argv = [sys.executable, "-I", "-c", SERVER, self.path, self.entry_point]
+        argv = [sys.executable, "-I", HERE, "serve", self.path, self.entry_point]
         self.process = subprocess.Popen(
             [*argv, str(requests_r), str(responses_w)],
             stdin=subprocess.DEVNULL,
@@ -235,7 +210,8 @@ class Solution:
         if "unsupported" in response:
             if response["unsupported"].startswith("eq_override"):
                 self.signals.add("eq_override")
-            raise TypeError("the program " + response["unsupported"].split(" ", 1)[-1])
+            what = response["unsupported"].removeprefix("eq_override ")
+            raise TypeError(f"the program returned {what}, which is not plain data")
         error = response["raised"]
         self.note(error)
         if error["exit"] or error["skip"]:
@@ -374,4 +350,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["serve"]:
+        serve(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+    else:
+        main()
