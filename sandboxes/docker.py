@@ -209,7 +209,7 @@ class DockerSandbox:
         self.client = client or docker_client()
         try:
             self.client.images.get(image)
-        except Exception as error:
+        except ENGINE_ERRORS as error:
             raise SandboxUnavailableError(
                 f"the Docker image {image!r} is not there ({error}); build it with "
                 "'palaestra sandbox build-image' (as root)."
@@ -293,7 +293,7 @@ class DockerSandbox:
                 working_dir="/work",
                 mem_limit=limits.memory_bytes,
                 memswap_limit=limits.memory_bytes,
-                pids_limit=limits.max_processes + 4,  # + the runner and the cleaner
+                pids_limit=limits.max_processes + 4,  # + the reaper, the runner, the cleaner
                 nano_cpus=int(self.cpus * 1e9),
                 cap_drop=["ALL"],
                 security_opt=["no-new-privileges"],
@@ -312,7 +312,7 @@ class DockerSandbox:
         if self._container is not None:
             container, self._container = self._container, None
             # already gone, or the engine is: nothing left to release
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(*ENGINE_ERRORS):
                 container.remove(force=True)
 
 

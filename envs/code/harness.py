@@ -114,7 +114,7 @@ def serve(path, entry_point, requests_fd, responses_fd):
         now = vars(builtins)
         return any(now.get(k) is not v for k, v in original.items() if k != "_")
 
-    namespace = {"__name__": "solution", "__builtins__": builtins}
+    namespace: dict = {"__name__": "solution", "__builtins__": builtins}
     try:
         with open(path) as source:
             exec(compile(source.read(), path, "exec"), namespace)
