@@ -16,6 +16,10 @@ work. The pieces:
 - ``tool_env``: ``ToolEnv``, the multi-turn tool-use base (tasks + tools + a verifier).
 - ``tool_lookup``: ``ToolLookupEnv``, catalog questions that need ``lookup`` + ``calculator``.
 - ``bfcl``: ``BFCLEnv``, the Berkeley Function Calling Leaderboard's single-turn categories.
+- ``code``: ``CodeEnv`` and ``CodeToolEnv``, programs graded by hidden tests in a sandbox.
+- ``humaneval``: the 164 HumanEval problems as ``CodeEnv`` / ``CodeToolEnv`` tasks.
+- ``search``: ``SearchEnv``, BM25 retrievers (in process or over HTTP) and a generated
+  encyclopedia.
 - ``errors``: the ``EnvError`` hierarchy.
 
 This package imports no torch and never sees token ids.
