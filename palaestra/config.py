@@ -56,8 +56,15 @@ class RolloutConfig(_Section):
 
 
 class GRPOConfig(_Section):
+    advantage: Literal["grpo", "rloo", "reinforce_pp"] = "grpo"
+    """How rewards become advantages: ``grpo`` (group mean baseline, std scaling per
+    ``scale_by_std``), ``rloo`` (leave-one-out baseline) or ``reinforce_pp`` (group mean
+    baseline, whitened over the batch); see ``trainer.advantages``."""
     scale_by_std: bool = True
     """Divide group-centred rewards by the group's std (GRPO); false gives Dr.GRPO."""
+    ratio_level: Literal["token", "sequence"] = "token"
+    """Importance ratio per token (GRPO, DAPO) or per sequence, the geometric mean of its
+    token ratios (GSPO; pair with ``aggregation: seq-mean-token-mean``)."""
     clip_low: float = Field(0.2, ge=0, lt=1)
     """Lower clip range: ratios below 1 - clip_low stop pushing down."""
     clip_high: float = Field(0.2, ge=0)
@@ -86,6 +93,11 @@ class GRPOConfig(_Section):
 
     @model_validator(mode="after")
     def _check_turn_credit(self) -> GRPOConfig:
+        if self.turn_credit == "return_to_go" and self.advantage != "grpo":
+            raise ValueError(
+                "turn_credit 'return_to_go' computes GRPO's group advantages per turn; it "
+                f"does not combine with advantage {self.advantage!r}"
+            )
         if (
             self.turn_credit == "return_to_go"
             and self.kl_coef > 0

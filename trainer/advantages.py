@@ -27,7 +27,13 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["group_advantages", "grouped_advantages", "grouped_turn_advantages"]
+__all__ = [
+    "group_advantages",
+    "grouped_advantages",
+    "grouped_turn_advantages",
+    "reinforce_pp_advantages",
+    "rloo_advantages",
+]
 
 
 def group_advantages(
@@ -95,6 +101,33 @@ def grouped_advantages(
     if not scale_by_std:
         return centered_N
     return centered_N / (std_N + eps)
+
+
+def rloo_advantages(rewards_N: torch.Tensor, group_ids_N: torch.Tensor) -> torch.Tensor:
+    """REINFORCE leave-one-out (Ahmadian et al. 2024, arXiv:2402.14740): each completion's
+    baseline is the mean reward of the *other* completions of its group::
+
+        A_i = r_i - mean_{j != i} r_j = G / (G - 1) * (r_i - mean(r))
+
+    A group of one has no other completion and gets advantage 0.
+    """
+    centered_N = grouped_advantages(rewards_N, group_ids_N, scale_by_std=False)
+    _, group_of_N, sizes_K = torch.unique(group_ids_N, return_inverse=True, return_counts=True)
+    sizes_N = sizes_K[group_of_N].to(centered_N.dtype)
+    return torch.where(sizes_N > 1, centered_N * sizes_N / (sizes_N - 1).clamp(min=1), 0.0)
+
+
+def reinforce_pp_advantages(
+    rewards_N: torch.Tensor, group_ids_N: torch.Tensor, *, eps: float = 1e-6
+) -> torch.Tensor:
+    """REINFORCE++ with a group baseline (Hu et al. 2025, arXiv:2501.03262): subtract the
+    group's mean reward, then whiten over the whole batch (mean 0, unbiased std 1), which
+    keeps the scale of every group's advantages comparable without a per-group std."""
+    _check_eps(eps, scale_by_std=True)
+    centered_N = grouped_advantages(rewards_N, group_ids_N, scale_by_std=False)
+    if centered_N.numel() < 2:
+        return centered_N - centered_N.mean()
+    return (centered_N - centered_N.mean()) / (centered_N.std(correction=1) + eps)
 
 
 def grouped_turn_advantages(

@@ -47,6 +47,8 @@ KLEstimator = Literal["k1", "k2", "k3"]
 Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 KL_ESTIMATORS: tuple[str, ...] = get_args(KLEstimator)
 AGGREGATIONS: tuple[str, ...] = get_args(Aggregation)
+RatioLevel = Literal["token", "sequence"]
+RATIO_LEVELS: tuple[str, ...] = get_args(RatioLevel)
 
 
 def kl_estimate(
@@ -139,8 +141,9 @@ def policy_loss(
     max_seq_len: int | None = None,
     is_weights_BT: torch.Tensor | None = None,
     token_advantages_BT: torch.Tensor | None = None,
+    ratio_level: RatioLevel = "token",
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Token-level clipped surrogate: the GRPO / DAPO / Dr.GRPO policy loss.
+    """Token-level clipped surrogate: the GRPO / DAPO / Dr.GRPO / GSPO policy loss.
 
     PPO-clip (Schulman et al. 2017, arXiv:1707.06347) applied per token as in GRPO (Shao et
     al. 2024, arXiv:2402.03300), with DAPO's asymmetric "clip-higher" range (Yu et al. 2025,
@@ -184,6 +187,10 @@ def policy_loss(
             ``behaviour_weights``: with them, ``old_logprobs_BT`` is the proximal policy (the
             learner's weights before this step) and the weights correct for the engine that
             sampled the tokens (decoupled PPO). ``None`` weighs every token 1.
+        ratio_level: ``"token"`` (GRPO, DAPO) or ``"sequence"`` (GSPO, Zheng et al. 2025,
+            arXiv:2507.18071): every token of sequence ``i`` takes the sequence's ratio
+            ``exp(mean_t (logprobs_it - old_logprobs_it))``, clipped as a whole; pair it with
+            ``"seq-mean-token-mean"`` for the paper's per-sequence objective.
         token_advantages_BT: an advantage per token ``(B, T)``, used instead of
             ``advantages_B`` (multi-turn episodes whose turns are credited separately,
             ``advantages.grouped_turn_advantages``); ``A_i`` above is then ``A_it``.
@@ -198,6 +205,7 @@ def policy_loss(
     _check_token_tensors(logprobs_BT, mask_BT=mask_BT, old_logprobs_BT=old_logprobs_BT)
     _check_shape("advantages_B", advantages_B, logprobs_BT.shape[:1])
     _check_choice("aggregation", aggregation, AGGREGATIONS)
+    _check_choice("ratio_level", ratio_level, RATIO_LEVELS)
     _check_choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
     _check_clip_range(clip_low, clip_high)
     _check_kl_args(ref_logprobs_BT, logprobs_BT, kl_coef)
@@ -206,7 +214,11 @@ def policy_loss(
     keep_BT = mask_BT.bool()
     maskf_BT = keep_BT.to(logprobs_BT.dtype)
     # Masked positions get log-ratio 0 (ratio 1, zero grad) whatever they hold: no inf * 0.
-    ratio_BT = torch.exp(torch.where(keep_BT, logprobs_BT - old_logprobs_BT, 0.0))
+    log_ratio_BT = torch.where(keep_BT, logprobs_BT - old_logprobs_BT, 0.0)
+    if ratio_level == "sequence":  # the mean over the sequence's tokens, for all of them
+        tokens_B1 = maskf_BT.sum(-1, keepdim=True).clamp(min=1)
+        log_ratio_BT = (log_ratio_BT.sum(-1, keepdim=True) / tokens_B1).expand_as(log_ratio_BT)
+    ratio_BT = torch.exp(log_ratio_BT)
     if token_advantages_BT is not None:
         _check_shape("token_advantages_BT", token_advantages_BT, logprobs_BT.shape)
         adv_BT = token_advantages_BT.to(logprobs_BT.dtype)

@@ -58,3 +58,21 @@ def test_engine_choice_and_the_vllm_engine_refuses_top_p():
         load_config(None, ["engine=sglang"])
     with pytest.raises(ConfigError, match="top_p"):
         load_config(None, ["engine=vllm", "rollout.top_p=0.9"])
+
+
+def test_per_turn_credit_refuses_what_it_cannot_combine_with():
+    with pytest.raises(ConfigError, match="does not combine with advantage 'rloo'"):
+        load_config(None, ["grpo.turn_credit=return_to_go", "grpo.advantage=rloo"])
+    with pytest.raises(ConfigError, match="set kl_placement: loss"):
+        load_config(None, ["grpo.turn_credit=return_to_go", "grpo.kl_coef=0.1"])
+    config = load_config(
+        None, ["grpo.turn_credit=return_to_go", "grpo.kl_coef=0.1", "grpo.kl_placement=loss"]
+    )
+    assert config.grpo.turn_credit == "return_to_go"
+
+
+def test_the_openai_engine_needs_a_server_url():
+    with pytest.raises(ConfigError, match="needs server.url"):
+        load_config(None, ["engine=openai"])
+    config = load_config(None, ["engine=openai", "server.url=http://127.0.0.1:8000"])
+    assert config.server.model_name is None  # the model's name is used

@@ -238,3 +238,28 @@ def test_turn_advantages_of_single_turn_episodes_are_grpo_advantages():
     per_turn = grouped_turn_advantages([[r] for r in rewards.tolist()], groups)
 
     assert torch.cat(per_turn) == pytest.approx(grouped_advantages(rewards, groups), abs=1e-6)
+
+
+def test_rloo_baseline_is_the_mean_of_the_other_completions():
+    from palaestra.trainer.advantages import rloo_advantages
+
+    rewards = torch.tensor([1.0, 0.0, 0.0, 2.0, 5.0])
+    groups = torch.tensor([0, 0, 0, 1, 1])
+
+    # group 0: 1 - (0 + 0)/2 = 1, 0 - (1 + 0)/2 = -0.5 twice; group 1: 2 - 5, 5 - 2
+    assert rloo_advantages(rewards, groups).tolist() == pytest.approx([1.0, -0.5, -0.5, -3.0, 3.0])
+    assert rloo_advantages(torch.tensor([4.0]), torch.tensor([7])).tolist() == [0.0]
+
+
+def test_reinforce_pp_centres_per_group_then_whitens_over_the_batch():
+    from palaestra.trainer.advantages import reinforce_pp_advantages
+
+    rewards = torch.tensor([1.0, 0.0, 0.0, 2.0, 5.0, 5.0])
+    groups = torch.tensor([0, 0, 0, 1, 1, 1])
+    # centred: [2/3, -1/3, -1/3, -2, 1, 1] (mean 0); unbiased std over the batch
+    centred = [2 / 3, -1 / 3, -1 / 3, -2.0, 1.0, 1.0]
+    std = math.sqrt(sum(c * c for c in centred) / 5)
+
+    advantages = reinforce_pp_advantages(rewards, groups, eps=1e-12)
+
+    assert advantages.tolist() == pytest.approx([c / std for c in centred])

@@ -229,6 +229,21 @@ def test_turns_credited_by_return_to_go_train_on_a_two_turn_env(tmp_path):
     assert all(math.isfinite(r["loss"]) and r["sync/max_abs_dlogprob"] < 1e-3 for r in records)
 
 
+@pytest.mark.parametrize(
+    "algorithm",
+    [
+        ["grpo.advantage=rloo"],
+        ["grpo.advantage=reinforce_pp"],
+        ["grpo.ratio_level=sequence", "grpo.aggregation=seq-mean-token-mean"],  # GSPO
+    ],
+)
+def test_the_policy_gradient_variants_train_through_the_stage(tmp_path, algorithm):
+    records = train_records(tmp_path, ["model=tiny-random", *TWO_STEPS, *algorithm])
+
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(math.isfinite(r["loss"]) and r["sync/max_abs_dlogprob"] < 1e-3 for r in records)
+
+
 def test_importance_sampling_logs_a_near_zero_mismatch_when_engine_and_learner_agree(tmp_path):
     """fp32 engine and fp32 learner on the same weights: proximal == behaviour, ESS == 1."""
     config = load_config(

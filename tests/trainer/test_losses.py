@@ -383,6 +383,7 @@ def _trl_loss(
     max_completion_length: int,
     num_items_in_batch: float | None = None,
     accumulation_steps: int = 1,
+    importance_sampling_level: str = "token",
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Run TRL's own ``GRPOTrainer._compute_loss`` on ``batch`` (clip range 0.8-1.28).
 
@@ -405,7 +406,7 @@ def _trl_loss(
         current_gradient_accumulation_steps=accumulation_steps,
         top_entropy_quantile=1.0,
         off_policy_mask_threshold=None,
-        importance_sampling_level="token",
+        importance_sampling_level=importance_sampling_level,
         use_vllm=False,
         aux_loss_enabled=False,
         _entropy_bonus_enabled=False,
@@ -467,6 +468,44 @@ def test_matches_trl_grpo_loss_on_one_batch(trl_grpo_trainer, loss_type, aggrega
     assert 0 < metrics["clip_frac_low"] + metrics["clip_frac_high"] < 1
     if beta:
         assert metrics["kl"] == pytest.approx(trl_metrics["kl"])
+
+
+@pytest.mark.parametrize(
+    ("loss_type", "aggregation"), [("grpo", "seq-mean-token-mean"), ("dapo", "token-mean")]
+)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sequence_level_ratios_match_trl_gspo(trl_grpo_trainer, loss_type, aggregation, seed):
+    """GSPO: TRL's ``importance_sampling_level="sequence"`` is our ``ratio_level``."""
+    ours_batch, trl_batch = _random_batch(seed), _random_batch(seed)
+    ours, _ = policy_loss(
+        **ours_batch, clip_high=0.28, aggregation=aggregation, ratio_level="sequence"
+    )
+    theirs, _ = _trl_loss(
+        trl_grpo_trainer,
+        trl_batch,
+        loss_type=loss_type,
+        beta=0.0,
+        max_completion_length=9,
+        importance_sampling_level="sequence",
+    )
+
+    torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(_grad(ours, ours_batch), _grad(theirs, trl_batch))
+    token_level, _ = policy_loss(**_random_batch(seed), clip_high=0.28, aggregation=aggregation)
+    assert not torch.isclose(ours, token_level)  # the level changes the loss on this batch
+
+
+def test_a_sequence_ratio_is_the_geometric_mean_of_its_token_ratios():
+    logprobs = torch.tensor([[0.0, -1.0, -2.0]], requires_grad=True)
+    old = torch.tensor([[0.0, -1.1, -2.3]])  # token log-ratios 0.1 and 0.3: mean 0.2
+    mask = torch.tensor([[0.0, 1.0, 1.0]])
+
+    loss, metrics = policy_loss(
+        logprobs, old, torch.tensor([1.0]), mask, clip_high=0.5, ratio_level="sequence"
+    )
+
+    assert loss.item() == pytest.approx(-math.exp(0.2))
+    assert metrics["ratio_mean"] == pytest.approx(math.exp(0.2))
 
 
 def test_matches_trl_on_the_hand_batch(trl_grpo_trainer):

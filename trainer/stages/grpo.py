@@ -58,7 +58,12 @@ from palaestra.config import TrainConfig
 from palaestra.envs.core import Messages
 from palaestra.models import load_model, resolve_model, turn_end_ids
 from palaestra.rundir import RunDir
-from palaestra.trainer.advantages import grouped_advantages, grouped_turn_advantages
+from palaestra.trainer.advantages import (
+    grouped_advantages,
+    grouped_turn_advantages,
+    reinforce_pp_advantages,
+    rloo_advantages,
+)
 from palaestra.trainer.batch import TokenBatch, collate, rows_of_token_values
 from palaestra.trainer.checkpoint import save_checkpoint
 from palaestra.trainer.errors import AllEpisodesFailedError
@@ -295,7 +300,7 @@ def _learn(cfg: TrainConfig, parts: _Parts, trajectories: list[Trajectory]) -> d
             )
             rewards_E = rewards_E + batch.sum_per_episode(penalty_B, len(trajectories))
     group_ids = torch.tensor([tr.group_id for tr in trajectories])
-    advantages_E = grouped_advantages(rewards_E, group_ids, scale_by_std=cfg.grpo.scale_by_std)
+    advantages_E = _advantages(cfg, rewards_E, group_ids)
     batch = dataclasses.replace(batch, advantages_B=advantages_E[_rows_episode(batch)])
     if cfg.grpo.turn_credit == "return_to_go":
         batch = dataclasses.replace(
@@ -303,6 +308,15 @@ def _learn(cfg: TrainConfig, parts: _Parts, trajectories: list[Trajectory]) -> d
         )
     batch, mismatch = _behaviour_correction(cfg, parts.learner, batch)
     return parts.learner.step(batch, _loss_fn(cfg)) | mismatch | kl_metrics
+
+
+def _advantages(cfg: TrainConfig, rewards_E: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """One advantage per episode, by the configured estimator."""
+    if cfg.grpo.advantage == "rloo":
+        return rloo_advantages(rewards_E, group_ids)
+    if cfg.grpo.advantage == "reinforce_pp":
+        return reinforce_pp_advantages(rewards_E, group_ids)
+    return grouped_advantages(rewards_E, group_ids, scale_by_std=cfg.grpo.scale_by_std)
 
 
 def _rows_episode(batch: TokenBatch) -> torch.Tensor:
@@ -417,6 +431,7 @@ def _loss_fn(cfg: TrainConfig) -> Any:
             ref_logprobs_BT=batch.ref_logprobs_BT if in_loss else None,
             is_weights_BT=batch.is_weights_BT,
             token_advantages_BT=batch.token_advantages_BT,
+            ratio_level=g.ratio_level,
             kl_coef=g.kl_coef if in_loss else 0.0,
             kl_estimator=g.kl_estimator,
             num_tokens=num_tokens,
