@@ -11,15 +11,21 @@ oldest policy version that sampled any of its episodes. A weight update can land
 group is being generated, so ``next_batch`` checks every group and drops those over the
 bound, taking the next group instead; the drops are counted.
 
+Dynamic sampling (DAPO, Yu et al. 2025, arXiv:2503.14476): with ``DynamicSampling``, a
+step's groups that its ``keep`` test rejects (groups whose rewards are all equal, which
+carry no gradient) are dropped and replaced by groups of new tasks sampled at the same
+gate, for at most ``max_rounds`` rounds. If the rounds run out, rejected groups fill the
+step's remaining places, so every step still gets its groups; all of it is counted.
+
 What this module does not do: train, or choose which tasks make up a step (the caller's
-``requests_for_step`` does).
+``requests_for_step`` and ``DynamicSampling.more_requests`` do).
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 from palaestra.agent.engines.base import Engine, SamplingParams
@@ -28,6 +34,19 @@ from palaestra.agent.rollout import EnvPool, EpisodeRequest, generate_groups
 from palaestra.agent.trajectory import Trajectory
 
 RequestsForStep = Callable[[int], Sequence[Sequence[EpisodeRequest]]]
+
+
+@dataclass(frozen=True)
+class DynamicSampling:
+    """Drop the groups ``keep`` rejects and sample replacements (DAPO's dynamic sampling)."""
+
+    keep: Callable[[list[Trajectory]], bool]
+    """Whether a finished group is worth training on."""
+    more_requests: Callable[[int, int, int], Sequence[Sequence[EpisodeRequest]]]
+    """``(step, round, n)`` -> ``n`` groups of new tasks for replacement round ``round``
+    (from 1) of training step ``step``; their group ids must not repeat the step's."""
+    max_rounds: int = 3
+    """Replacement rounds per step before rejected groups are used to fill it."""
 
 
 @dataclass
@@ -42,6 +61,12 @@ class ProducerStats:
     """Groups dropped because they were older than ``max_staleness`` when consumed."""
     staleness: Counter[int] = field(default_factory=Counter)
     """How many consumed groups had each staleness (in policy versions)."""
+    groups_rejected: int = 0
+    """Groups dynamic sampling rejected (and replaced, or used only to fill a step)."""
+    replacement_rounds: int = 0
+    """Rounds of replacement groups sampled by dynamic sampling."""
+    rejected_groups_used: int = 0
+    """Rejected groups that filled a step after its replacement rounds ran out."""
 
 
 class RolloutProducer:
@@ -61,6 +86,7 @@ class RolloutProducer:
         max_episode_s: float | None = None,
         max_staleness: int = 0,
         queue_groups: int = 64,
+        dynamic_sampling: DynamicSampling | None = None,
     ) -> None:
         """``max_turns``, ``max_total_tokens`` and ``max_episode_s`` limit every episode
         (see ``agent.rollout.run_episode``); ``queue_groups`` bounds the queue."""
@@ -70,6 +96,7 @@ class RolloutProducer:
         self.requests_for_step = requests_for_step
         self.env_id, self.max_turns, self.max_staleness = env_id, max_turns, max_staleness
         self.max_total_tokens, self.max_episode_s = max_total_tokens, max_episode_s
+        self.dynamic_sampling = dynamic_sampling
         self.stats = ProducerStats()
         self._queue: asyncio.Queue[list[Trajectory]] = asyncio.Queue(maxsize=queue_groups)
         self._version_changed = asyncio.Condition()
@@ -131,20 +158,50 @@ class RolloutProducer:
                 await self._version_changed.wait_for(
                     lambda: self.engine.policy_version >= oldest_allowed  # noqa: B023 (awaited here)
                 )
-            async for group in generate_groups(
-                self.pool,
-                self.engine,
-                self.renderer,
-                self.sampling,
-                self.requests_for_step(step),
-                env_id=self.env_id,
-                max_turns=self.max_turns,
-                max_total_tokens=self.max_total_tokens,
-                max_episode_s=self.max_episode_s,
-            ):
-                await self._queue.put(group)
-                self.stats.groups_produced += 1
+            await self._produce_step(step)
             async with self._step_done:
                 self.stats.steps_produced = step
                 self._step_done.notify_all()
             step += 1
+
+    async def _produce_step(self, step: int) -> None:
+        """Put exactly as many groups on the queue as ``requests_for_step(step)`` asks for."""
+        requests = self.requests_for_step(step)
+        wanted, kept, rejected = len(requests), 0, list[list[Trajectory]]()
+        rounds = 0
+        while True:
+            async for group in self._generate(requests):
+                if self.dynamic_sampling is None or self.dynamic_sampling.keep(group):
+                    await self._put(group)
+                    kept += 1
+                else:
+                    self.stats.groups_rejected += 1
+                    rejected.append(group)
+            ds = self.dynamic_sampling
+            if ds is None or kept >= wanted or rounds >= ds.max_rounds:
+                break
+            rounds += 1
+            self.stats.replacement_rounds += 1
+            requests = ds.more_requests(step, rounds, wanted - kept)
+        for group in rejected[: max(wanted - kept, 0)]:  # out of rounds: fill the step
+            await self._put(group)
+            self.stats.rejected_groups_used += 1
+
+    def _generate(
+        self, requests: Sequence[Sequence[EpisodeRequest]]
+    ) -> AsyncIterator[list[Trajectory]]:
+        return generate_groups(
+            self.pool,
+            self.engine,
+            self.renderer,
+            self.sampling,
+            requests,
+            env_id=self.env_id,
+            max_turns=self.max_turns,
+            max_total_tokens=self.max_total_tokens,
+            max_episode_s=self.max_episode_s,
+        )
+
+    async def _put(self, group: list[Trajectory]) -> None:
+        await self._queue.put(group)
+        self.stats.groups_produced += 1

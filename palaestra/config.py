@@ -62,6 +62,12 @@ class GRPOConfig(_Section):
     baseline, whitened over the batch); see ``trainer.advantages``."""
     scale_by_std: bool = True
     """Divide group-centred rewards by the group's std (GRPO); false gives Dr.GRPO."""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling: drop groups whose rewards are all equal (no gradient) and
+    sample groups of new tasks in their place, for at most ``dynamic_sampling_rounds``
+    rounds per step; then the dropped groups fill the step. Counts are logged."""
+    dynamic_sampling_rounds: int = Field(3, ge=1)
+    """Replacement rounds per step for ``dynamic_sampling``."""
     ratio_level: Literal["token", "sequence"] = "token"
     """Importance ratio per token (GRPO, DAPO) or per sequence, the geometric mean of its
     token ratios (GSPO; pair with ``aggregation: seq-mean-token-mean``)."""

@@ -136,3 +136,75 @@ async def test_a_producer_that_dies_raises_its_error_in_the_waiting_learner(part
     with pytest.raises(ValueError, match="no tasks left"):
         await asyncio.wait_for(waiting, timeout=5)
     await p.stop()
+
+
+def backfill(step: int, round: int, n: int) -> list[list[EpisodeRequest]]:
+    """Replacement groups with ids 100 * round + i, new tasks."""
+    return [
+        [
+            EpisodeRequest(100 * round + g, reset_seed=1000 * round + g, sampling_seed=j)
+            for j in range(SIZE)
+        ]
+        for g in range(n)
+    ]
+
+
+async def test_dynamic_sampling_replaces_rejected_groups_with_new_ones(parts):
+    from palaestra.agent.producer import DynamicSampling
+
+    pool, engine, renderer = parts
+    rounds_asked = []
+
+    def more(step, round, n):
+        rounds_asked.append((step, round, n))
+        return backfill(step, round, n)
+
+    # the first round's groups (ids 0, 1) are rejected; replacements (ids >= 100) are kept
+    sampling = DynamicSampling(keep=lambda g: g[0].group_id >= 100, more_requests=more)
+    p = RolloutProducer(
+        pool,
+        engine,
+        renderer,
+        SamplingParams(),
+        requests_for_step,
+        env_id="m",
+        dynamic_sampling=sampling,
+    )
+    p.start()
+    batch = await p.next_batch(step=1, num_groups=GROUPS)
+    await p.stop()
+
+    assert sorted(g[0].group_id for g in batch) == [100, 101]
+    assert rounds_asked == [(1, 1, GROUPS)]
+    assert (p.stats.groups_rejected, p.stats.replacement_rounds, p.stats.rejected_groups_used) == (
+        2,
+        1,
+        0,
+    )
+
+
+async def test_dynamic_sampling_out_of_rounds_fills_the_step_with_rejected_groups(parts):
+    from palaestra.agent.producer import DynamicSampling
+
+    pool, engine, renderer = parts
+    # every group has one answer, so equal rewards: all rejected, round after round
+    sampling = DynamicSampling(
+        keep=lambda g: len({t.reward for t in g}) > 1, more_requests=backfill, max_rounds=2
+    )
+    p = RolloutProducer(
+        pool,
+        engine,
+        renderer,
+        SamplingParams(),
+        requests_for_step,
+        env_id="m",
+        dynamic_sampling=sampling,
+    )
+    p.start()
+    batch = await p.next_batch(step=1, num_groups=GROUPS)
+    await p.wait_produced(1)
+    await p.stop()
+
+    assert len(batch) == GROUPS  # the step still gets its groups
+    assert p.stats.groups_rejected == GROUPS * 3  # the first round and two replacement rounds
+    assert (p.stats.replacement_rounds, p.stats.rejected_groups_used) == (2, GROUPS)

@@ -235,6 +235,7 @@ def test_turns_credited_by_return_to_go_train_on_a_two_turn_env(tmp_path):
         ["grpo.advantage=rloo"],
         ["grpo.advantage=reinforce_pp"],
         ["grpo.ratio_level=sequence", "grpo.aggregation=seq-mean-token-mean"],  # GSPO
+        ["grpo.dynamic_sampling=true", "grpo.dynamic_sampling_rounds=2"],  # DAPO
     ],
 )
 def test_the_policy_gradient_variants_train_through_the_stage(tmp_path, algorithm):
@@ -242,6 +243,11 @@ def test_the_policy_gradient_variants_train_through_the_stage(tmp_path, algorith
 
     assert [r["step"] for r in records] == [1, 2]
     assert all(math.isfinite(r["loss"]) and r["sync/max_abs_dlogprob"] < 1e-3 for r in records)
+    if "grpo.dynamic_sampling=true" in algorithm:  # uniform groups were counted, never lost
+        last = records[-1]
+        rejected = last["dynamic_sampling/groups_rejected_total"]
+        assert rejected >= last["dynamic_sampling/rejected_groups_used_total"]
+        assert all(r["staleness/groups_0"] == 2 for r in records)  # every step got its groups
 
 
 def test_importance_sampling_logs_a_near_zero_mismatch_when_engine_and_learner_agree(tmp_path):

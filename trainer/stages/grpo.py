@@ -49,7 +49,7 @@ from palaestra import envs
 from palaestra.agent.engines.base import Engine, SamplingParams
 from palaestra.agent.engines.build import ServerSettings, build_engine, close_engine
 from palaestra.agent.evaluate import EvalResult, evaluate
-from palaestra.agent.producer import RolloutProducer
+from palaestra.agent.producer import DynamicSampling, RolloutProducer
 from palaestra.agent.render import ChatRenderer
 from palaestra.agent.rollout import EnvPool, EpisodeRequest, episode_metrics
 from palaestra.agent.template_audit import audit_for_training
@@ -147,6 +147,13 @@ async def _train_with(cfg: TrainConfig, parts: _Parts, run: RunDir, pool: EnvPoo
         max_episode_s=cfg.rollout.max_episode_s,
         max_staleness=cfg.rollout.max_staleness,
         queue_groups=cfg.rollout.tasks_per_step * (cfg.rollout.max_staleness + 1),
+        dynamic_sampling=DynamicSampling(
+            keep=_informative,
+            more_requests=lambda step, round, n: _group_requests(cfg, step, round, n),
+            max_rounds=cfg.grpo.dynamic_sampling_rounds,
+        )
+        if cfg.grpo.dynamic_sampling
+        else None,
     )
     steps = cfg.trainer.steps
     bar = tqdm(range(1, steps + 1), desc="grpo", disable=not cfg.run.progress, file=sys.stderr)
@@ -264,7 +271,7 @@ async def _train_step(
         metrics |= await _verify_sync(cfg, parts, first.token_ids[slice(*first.segments[0])])
     # 7. log
     metrics |= _rollout_metrics(trajectories, [tr for g in groups for tr in g])
-    metrics |= _staleness_metrics(staleness, producer, cfg.rollout.max_staleness)
+    metrics |= _producer_metrics(staleness, producer, cfg.rollout.max_staleness)
     metrics |= {
         "time/rollout_wait_s": rollout_wait_s,
         "time/train_s": train_s,
@@ -361,14 +368,18 @@ async def _verify_sync(
     }
 
 
-def _group_requests(cfg: TrainConfig, step: int) -> list[list[EpisodeRequest]]:
+def _group_requests(
+    cfg: TrainConfig, step: int, round: int = 0, count: int | None = None
+) -> list[list[EpisodeRequest]]:
     """The groups of training step ``step``: one reset seed per group, so all its episodes
-    get the same task, and distinct sampling seeds. A function of the seed and the step
-    only, so a step's tasks do not depend on when they are sampled."""
-    rng = np.random.default_rng([cfg.seed, step])
-    first_group_id = (step - 1) * cfg.rollout.tasks_per_step
+    get the same task, and distinct sampling seeds. A function of the seed, the step and the
+    dynamic-sampling ``round`` (0: the step's own groups) only, so a step's tasks do not
+    depend on when they are sampled; group ids are unique across steps and rounds."""
+    rng = np.random.default_rng([cfg.seed, step, round])
+    tasks = cfg.rollout.tasks_per_step
+    first_group_id = ((step - 1) * (cfg.grpo.dynamic_sampling_rounds + 1) + round) * tasks
     groups = []
-    for g in range(cfg.rollout.tasks_per_step):
+    for g in range(tasks if count is None else count):
         reset_seed = int(rng.integers(2**31))
         groups.append(
             [
@@ -383,15 +394,25 @@ def _group_requests(cfg: TrainConfig, step: int) -> list[list[EpisodeRequest]]:
     return groups
 
 
-def _staleness_metrics(
+def _informative(group: list[Trajectory]) -> bool:
+    """Whether a group's trainable episodes differ in reward (else its advantages are 0)."""
+    rewards = {tr.reward for tr in group if not tr.stop_reason.is_infra_failure}
+    return len(rewards) > 1
+
+
+def _producer_metrics(
     staleness: list[int], producer: RolloutProducer, max_staleness: int
 ) -> dict[str, float]:
-    """This step's staleness histogram (groups per lag, in policy versions) and drop count."""
+    """This step's staleness histogram (groups per lag, in policy versions), and the
+    producer's running counts of stale and dynamic-sampling drops."""
     return {
         "staleness/mean": float(np.mean(staleness)),
         "staleness/max": float(max(staleness)),
         **{f"staleness/groups_{k}": float(staleness.count(k)) for k in range(max_staleness + 1)},
         "staleness/dropped_groups_total": float(producer.stats.groups_dropped_stale),
+        "dynamic_sampling/groups_rejected_total": float(producer.stats.groups_rejected),
+        "dynamic_sampling/replacement_rounds_total": float(producer.stats.replacement_rounds),
+        "dynamic_sampling/rejected_groups_used_total": float(producer.stats.rejected_groups_used),
     }
 
 
