@@ -72,7 +72,7 @@ def test_per_turn_credit_refuses_what_it_cannot_combine_with():
 
 
 def test_the_openai_engine_needs_a_server_url():
-    with pytest.raises(ConfigError, match="needs server.url"):
+    with pytest.raises(ConfigError, match=r"needs server\.url"):
         load_config(None, ["engine=openai"])
     config = load_config(None, ["engine=openai", "server.url=http://127.0.0.1:8000"])
     assert config.server.model_name is None  # the model's name is used
