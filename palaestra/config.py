@@ -68,6 +68,15 @@ class GRPOConfig(_Section):
     rounds per step; then the dropped groups fill the step. Counts are logged."""
     dynamic_sampling_rounds: int = Field(3, ge=1)
     """Replacement rounds per step for ``dynamic_sampling``."""
+    overlong_buffer: int = Field(0, ge=0)
+    """DAPO's soft overlong punishment: answers longer than ``max_tokens * max_turns -
+    overlong_buffer`` sampled tokens lose reward linearly, up to ``overlong_penalty`` at the
+    limit; 0 turns it off."""
+    overlong_penalty: float = Field(1.0, gt=0)
+    """The largest reward an over-long answer loses."""
+    overlong_filter: bool = False
+    """DAPO's overlong filtering: answers cut at the token limit count in their group's
+    advantages but are left out of the loss."""
     ratio_level: Literal["token", "sequence"] = "token"
     """Importance ratio per token (GRPO, DAPO) or per sequence, the geometric mean of its
     token ratios (GSPO; pair with ``aggregation: seq-mean-token-mean``)."""

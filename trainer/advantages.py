@@ -31,6 +31,7 @@ __all__ = [
     "group_advantages",
     "grouped_advantages",
     "grouped_turn_advantages",
+    "overlong_penalty",
     "reinforce_pp_advantages",
     "rloo_advantages",
 ]
@@ -101,6 +102,25 @@ def grouped_advantages(
     if not scale_by_std:
         return centered_N
     return centered_N / (std_N + eps)
+
+
+def overlong_penalty(
+    lengths_N: torch.Tensor, *, max_length: int, buffer: int, factor: float = 1.0
+) -> torch.Tensor:
+    """DAPO's soft overlong punishment, added to the rewards of over-long answers::
+
+        0                                      if L <= max_length - buffer
+        factor * (max_length - buffer - L) / buffer   if max_length - buffer < L <= max_length
+        -factor                                if L > max_length
+
+    ``L`` is an answer's sampled-token count; the penalty grows linearly over the last
+    ``buffer`` tokens before ``max_length``.
+    """
+    if not 0 < buffer <= max_length:
+        raise ValueError(f"buffer must be in (0, max_length={max_length}], got {buffer}")
+    lengths_N = lengths_N.to(torch.float32)
+    soft_N = (max_length - buffer - lengths_N) / buffer
+    return factor * soft_N.clamp(min=-1.0, max=0.0)
 
 
 def rloo_advantages(rewards_N: torch.Tensor, group_ids_N: torch.Tensor) -> torch.Tensor:

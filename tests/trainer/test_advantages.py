@@ -263,3 +263,17 @@ def test_reinforce_pp_centres_per_group_then_whitens_over_the_batch():
     advantages = reinforce_pp_advantages(rewards, groups, eps=1e-12)
 
     assert advantages.tolist() == pytest.approx([c / std for c in centred])
+
+
+def test_soft_overlong_penalty_ramps_over_the_buffer():
+    from palaestra.trainer.advantages import overlong_penalty
+
+    lengths = torch.tensor([10, 16, 17, 18, 20, 21])
+    # max 20, buffer 4: free up to 16, then -(L - 16) / 4, then -1 past 20
+    expected = [0.0, 0.0, -0.25, -0.5, -1.0, -1.0]
+
+    assert overlong_penalty(lengths, max_length=20, buffer=4).tolist() == pytest.approx(expected)
+    halved = overlong_penalty(lengths, max_length=20, buffer=4, factor=0.5)
+    assert halved.tolist() == pytest.approx([x / 2 for x in expected])
+    with pytest.raises(ValueError, match="buffer"):
+        overlong_penalty(lengths, max_length=20, buffer=0)

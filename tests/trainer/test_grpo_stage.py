@@ -236,6 +236,7 @@ def test_turns_credited_by_return_to_go_train_on_a_two_turn_env(tmp_path):
         ["grpo.advantage=reinforce_pp"],
         ["grpo.ratio_level=sequence", "grpo.aggregation=seq-mean-token-mean"],  # GSPO
         ["grpo.dynamic_sampling=true", "grpo.dynamic_sampling_rounds=2"],  # DAPO
+        ["grpo.overlong_buffer=3", "grpo.overlong_filter=true"],  # DAPO's length handling
     ],
 )
 def test_the_policy_gradient_variants_train_through_the_stage(tmp_path, algorithm):
@@ -248,6 +249,8 @@ def test_the_policy_gradient_variants_train_through_the_stage(tmp_path, algorith
         rejected = last["dynamic_sampling/groups_rejected_total"]
         assert rejected >= last["dynamic_sampling/rejected_groups_used_total"]
         assert all(r["staleness/groups_0"] == 2 for r in records)  # every step got its groups
+    if "grpo.overlong_buffer=3" in algorithm:  # the random model's 6-token answers run long
+        assert all(r["reward/overlong_penalty"] < 0 for r in records)
 
 
 def test_importance_sampling_logs_a_near_zero_mismatch_when_engine_and_learner_agree(tmp_path):
@@ -278,3 +281,21 @@ def test_importance_sampling_logs_a_near_zero_mismatch_when_engine_and_learner_a
         assert record["mismatch/abs_dlogprob"] < 1e-4
         assert record["mismatch/ess"] == pytest.approx(1.0, abs=1e-4)
         assert record["mismatch/capped_frac"] == 0.0
+
+
+def test_overlong_filtering_masks_the_loss_of_truncated_episodes_only():
+    from palaestra.agent.trajectory import StopReason, Trajectory
+    from palaestra.trainer.batch import collate
+    from palaestra.trainer.stages.grpo import _without_truncated
+
+    def episode(stop):
+        return Trajectory(
+            (1, 2, 3), (0, 1, 1), (0.0, -0.1, -0.2), (), 0.0, {}, stop, 0, 0, "e", "t"
+        )
+
+    cut, done = episode(StopReason.MAX_TOKENS), episode(StopReason.ANSWERED)
+    batch = collate([cut, done], [1.0, -1.0], pad_id=0)
+
+    assert _without_truncated(batch, [cut, done]).loss_mask_BT.tolist() == [[0, 0, 0], [0, 1, 1]]
+    everything_cut = collate([cut, cut], [1.0, -1.0], pad_id=0)
+    assert _without_truncated(everything_cut, [cut, cut]) is everything_cut  # nothing left else

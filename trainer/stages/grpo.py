@@ -53,7 +53,7 @@ from palaestra.agent.producer import DynamicSampling, RolloutProducer
 from palaestra.agent.render import ChatRenderer
 from palaestra.agent.rollout import EnvPool, EpisodeRequest, episode_metrics
 from palaestra.agent.template_audit import audit_for_training
-from palaestra.agent.trajectory import Trajectory
+from palaestra.agent.trajectory import StopReason, Trajectory
 from palaestra.config import TrainConfig
 from palaestra.envs.core import Messages
 from palaestra.models import load_model, resolve_model, turn_end_ids
@@ -61,6 +61,7 @@ from palaestra.rundir import RunDir
 from palaestra.trainer.advantages import (
     grouped_advantages,
     grouped_turn_advantages,
+    overlong_penalty,
     reinforce_pp_advantages,
     rloo_advantages,
 )
@@ -292,12 +293,12 @@ def _learn(cfg: TrainConfig, parts: _Parts, trajectories: list[Trajectory]) -> d
     # one row per training sample: a trajectory, or each segment of one the template split
     batch = collate(trajectories, [0.0] * len(trajectories), pad_id=parts.tokenizer.pad_token_id)
     rewards_E = torch.tensor([tr.reward for tr in trajectories])
-    kl_metrics: dict[str, float] = {}
+    reward_metrics: dict[str, float] = {}
     if parts.reference is not None:
         ref_BT = parts.learner.score(parts.reference, batch)
         batch = batch.with_ref_logprobs(ref_BT)
         if cfg.grpo.kl_placement == "reward":  # each row's penalty, summed per episode
-            penalty_B, kl_metrics = kl_penalized_rewards(
+            penalty_B, reward_metrics = kl_penalized_rewards(
                 torch.zeros(len(batch)),
                 batch.old_logprobs_BT,
                 ref_BT,
@@ -306,15 +307,27 @@ def _learn(cfg: TrainConfig, parts: _Parts, trajectories: list[Trajectory]) -> d
                 estimator=cfg.grpo.kl_estimator,
             )
             rewards_E = rewards_E + batch.sum_per_episode(penalty_B, len(trajectories))
+    if cfg.grpo.overlong_buffer:
+        lengths_E = torch.tensor([tr.num_sampled_tokens for tr in trajectories])
+        penalty_E = overlong_penalty(
+            lengths_E,
+            max_length=cfg.rollout.max_tokens * cfg.rollout.max_turns,
+            buffer=min(cfg.grpo.overlong_buffer, cfg.rollout.max_tokens * cfg.rollout.max_turns),
+            factor=cfg.grpo.overlong_penalty,
+        )
+        rewards_E = rewards_E + penalty_E
+        reward_metrics["reward/overlong_penalty"] = float(penalty_E.mean())
     group_ids = torch.tensor([tr.group_id for tr in trajectories])
     advantages_E = _advantages(cfg, rewards_E, group_ids)
     batch = dataclasses.replace(batch, advantages_B=advantages_E[_rows_episode(batch)])
+    if cfg.grpo.overlong_filter:
+        batch = _without_truncated(batch, trajectories)
     if cfg.grpo.turn_credit == "return_to_go":
         batch = dataclasses.replace(
             batch, token_advantages_BT=_turn_advantages_BT(cfg, trajectories, group_ids)
         )
     batch, mismatch = _behaviour_correction(cfg, parts.learner, batch)
-    return parts.learner.step(batch, _loss_fn(cfg)) | mismatch | kl_metrics
+    return parts.learner.step(batch, _loss_fn(cfg)) | mismatch | reward_metrics
 
 
 def _advantages(cfg: TrainConfig, rewards_E: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
@@ -324,6 +337,16 @@ def _advantages(cfg: TrainConfig, rewards_E: torch.Tensor, group_ids: torch.Tens
     if cfg.grpo.advantage == "reinforce_pp":
         return reinforce_pp_advantages(rewards_E, group_ids)
     return grouped_advantages(rewards_E, group_ids, scale_by_std=cfg.grpo.scale_by_std)
+
+
+def _without_truncated(batch: TokenBatch, trajectories: list[Trajectory]) -> TokenBatch:
+    """The batch with the loss masked on episodes cut at the token limit (unless that is
+    every episode: then nothing would be left to train on, and the batch stays whole)."""
+    truncated_E = torch.tensor([tr.stop_reason is StopReason.MAX_TOKENS for tr in trajectories])
+    keep_B = ~truncated_E[_rows_episode(batch)]
+    if not keep_B.any():
+        return batch
+    return dataclasses.replace(batch, loss_mask_BT=batch.loss_mask_BT * keep_B[:, None])
 
 
 def _rows_episode(batch: TokenBatch) -> torch.Tensor:
