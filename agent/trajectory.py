@@ -28,6 +28,7 @@ This module holds records only: no tokenizer, no torch.
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any
@@ -159,12 +160,26 @@ class Trajectory:
         ends = [*self.segment_starts[1:], len(self.token_ids)]
         return list(zip(self.segment_starts, ends, strict=True))
 
-    def returns_to_go(self) -> tuple[float, ...]:
-        """Per token: on a sampled token of turn ``k``, the sum of the step rewards of turns
-        ``k`` and later (undiscounted); 0.0 on prompt, tool and env tokens."""
-        out = [0.0] * len(self.token_ids)
+    def turn_returns_to_go(self) -> tuple[float, ...]:
+        """Per turn ``k``: the sum of the step rewards of turns ``k`` and later (undiscounted)."""
+        out: list[float] = []
         to_go = 0.0
         for turn in reversed(self.turns):
             to_go += turn.reward
-            out[turn.start : turn.end] = [to_go] * (turn.end - turn.start)
+            out.append(to_go)
+        return tuple(reversed(out))
+
+    def per_token(self, turn_values: Sequence[float]) -> tuple[float, ...]:
+        """One value per turn spread over that turn's sampled tokens; 0.0 on prompt, tool
+        and env tokens."""
+        if len(turn_values) != len(self.turns):
+            raise ValueError(f"{len(turn_values)} values for {len(self.turns)} turns")
+        out = [0.0] * len(self.token_ids)
+        for turn, value in zip(self.turns, turn_values, strict=True):
+            out[turn.start : turn.end] = [value] * (turn.end - turn.start)
         return tuple(out)
+
+    def returns_to_go(self) -> tuple[float, ...]:
+        """Per token: on a sampled token of turn ``k``, the sum of the step rewards of turns
+        ``k`` and later (undiscounted); 0.0 on prompt, tool and env tokens."""
+        return self.per_token(self.turn_returns_to_go())

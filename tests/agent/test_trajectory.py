@@ -61,5 +61,9 @@ def test_bad_segment_starts_are_refused(starts):
 def test_returns_to_go_sum_the_rewards_of_this_turn_and_later_ones():
     turns = [Turn(1, 3, "a", "stop", reward=0.5), Turn(4, 5, "b", "stop", reward=2.0)]
     t = trajectory([0, 1, 1, 0, 1], turns=turns)
+    assert t.turn_returns_to_go() == (2.5, 2.0)
     assert t.returns_to_go() == (0.0, 2.5, 2.5, 0.0, 2.0)
     assert t.reward == 2.5
+    assert t.per_token([-1.0, 3.0]) == (0.0, -1.0, -1.0, 0.0, 3.0)
+    with pytest.raises(ValueError, match="1 values for 2 turns"):
+        t.per_token([1.0])

@@ -251,8 +251,9 @@ async def _train_step(
     rollout_wait_s = time.perf_counter() - started
     staleness = [(step - 1) - min(tr.policy_version for tr in g) for g in groups]
     # 2. filter infrastructure failures
-    trajectories = [tr for g in groups for tr in g if not tr.stop_reason.is_infra_failure]
-    infra_failures = sum(len(g) for g in groups) - len(trajectories)
+    episodes = [tr for g in groups for tr in g]
+    trajectories = [tr for tr in episodes if not tr.stop_reason.is_infra_failure]
+    infra_failures = len(episodes) - len(trajectories)
     if not trajectories:
         raise AllEpisodesFailedError(
             f"step {step}: all {infra_failures} episodes failed for infrastructure reasons "
@@ -271,7 +272,7 @@ async def _train_step(
         first = trajectories[0]  # one real sequence: its first training sample
         metrics |= await _verify_sync(cfg, parts, first.token_ids[slice(*first.segments[0])])
     # 7. log
-    metrics |= _rollout_metrics(trajectories, [tr for g in groups for tr in g])
+    metrics |= _rollout_metrics(trajectories, episodes)
     metrics |= _producer_metrics(staleness, producer, cfg.rollout.max_staleness)
     metrics |= {
         "time/rollout_wait_s": rollout_wait_s,
@@ -309,10 +310,11 @@ def _learn(cfg: TrainConfig, parts: _Parts, trajectories: list[Trajectory]) -> d
             rewards_E = rewards_E + batch.sum_per_episode(penalty_B, len(trajectories))
     if cfg.grpo.overlong_buffer:
         lengths_E = torch.tensor([tr.num_sampled_tokens for tr in trajectories])
+        max_length = cfg.rollout.max_tokens * cfg.rollout.max_turns
         penalty_E = overlong_penalty(
             lengths_E,
-            max_length=cfg.rollout.max_tokens * cfg.rollout.max_turns,
-            buffer=min(cfg.grpo.overlong_buffer, cfg.rollout.max_tokens * cfg.rollout.max_turns),
+            max_length=max_length,
+            buffer=min(cfg.grpo.overlong_buffer, max_length),
             factor=cfg.grpo.overlong_penalty,
         )
         rewards_E = rewards_E + penalty_E
@@ -361,17 +363,12 @@ def _turn_advantages_BT(
 ) -> torch.Tensor:
     """Each sampled token gets its turn's advantage: the return-to-go from that turn
     against the group's mean at the same turn index (``grouped_turn_advantages``)."""
-    returns = [
-        [sum(turn.reward for turn in tr.turns[k:]) for k in range(len(tr.turns))]
-        for tr in trajectories
-    ]
+    returns = [tr.turn_returns_to_go() for tr in trajectories]
     per_turn = grouped_turn_advantages(returns, group_ids, scale_by_std=cfg.grpo.scale_by_std)
-    per_token: list[list[float]] = []
-    for tr, advantages in zip(trajectories, per_turn, strict=True):
-        values = [0.0] * len(tr.token_ids)
-        for turn, advantage in zip(tr.turns, advantages.tolist(), strict=True):
-            values[turn.start : turn.end] = [advantage] * (turn.end - turn.start)
-        per_token.append(values)
+    per_token = [
+        tr.per_token(advantages.tolist())
+        for tr, advantages in zip(trajectories, per_turn, strict=True)
+    ]
     return rows_of_token_values(trajectories, per_token)
 
 
@@ -573,9 +570,9 @@ _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
 def _return_freed_memory() -> None:
     """Hand freed heap pages back to the OS, where the C library can (glibc's malloc_trim).
 
-    Rollouts decode on a worker thread and learning runs on the main thread, so their
-    allocations land in different malloc arenas; without trimming, each arena keeps its
-    high-water mark and peak memory becomes the sum of the two phases instead of the larger.
+    Rollouts decode and learning run on different worker threads, so their allocations
+    land in different malloc arenas; without trimming, each arena keeps its high-water mark
+    and peak memory becomes the sum of the two phases instead of the larger.
     """
     trim = getattr(_LIBC, "malloc_trim", None)
     if trim is not None:
