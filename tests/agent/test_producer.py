@@ -33,7 +33,7 @@ def parts(tokenizer, math_tasks):
     pool.close()
 
 
-def producer(parts, max_staleness: int) -> RolloutProducer:
+def producer(parts, max_staleness: int = 0, dynamic_sampling=None) -> RolloutProducer:
     pool, engine, renderer = parts
     return RolloutProducer(
         pool,
@@ -43,6 +43,7 @@ def producer(parts, max_staleness: int) -> RolloutProducer:
         requests_for_step,
         env_id="m",
         max_staleness=max_staleness,
+        dynamic_sampling=dynamic_sampling,
     )
 
 
@@ -152,7 +153,6 @@ def backfill(step: int, round: int, n: int) -> list[list[EpisodeRequest]]:
 async def test_dynamic_sampling_replaces_rejected_groups_with_new_ones(parts):
     from palaestra.agent.producer import DynamicSampling
 
-    pool, engine, renderer = parts
     rounds_asked = []
 
     def more(step, round, n):
@@ -161,15 +161,7 @@ async def test_dynamic_sampling_replaces_rejected_groups_with_new_ones(parts):
 
     # the first round's groups (ids 0, 1) are rejected; replacements (ids >= 100) are kept
     sampling = DynamicSampling(keep=lambda g: g[0].group_id >= 100, more_requests=more)
-    p = RolloutProducer(
-        pool,
-        engine,
-        renderer,
-        SamplingParams(),
-        requests_for_step,
-        env_id="m",
-        dynamic_sampling=sampling,
-    )
+    p = producer(parts, dynamic_sampling=sampling)
     p.start()
     batch = await p.next_batch(step=1, num_groups=GROUPS)
     await p.stop()
@@ -186,20 +178,11 @@ async def test_dynamic_sampling_replaces_rejected_groups_with_new_ones(parts):
 async def test_dynamic_sampling_out_of_rounds_fills_the_step_with_rejected_groups(parts):
     from palaestra.agent.producer import DynamicSampling
 
-    pool, engine, renderer = parts
     # every group has one answer, so equal rewards: all rejected, round after round
     sampling = DynamicSampling(
         keep=lambda g: len({t.reward for t in g}) > 1, more_requests=backfill, max_rounds=2
     )
-    p = RolloutProducer(
-        pool,
-        engine,
-        renderer,
-        SamplingParams(),
-        requests_for_step,
-        env_id="m",
-        dynamic_sampling=sampling,
-    )
+    p = producer(parts, dynamic_sampling=sampling)
     p.start()
     batch = await p.next_batch(step=1, num_groups=GROUPS)
     await p.wait_produced(1)
