@@ -23,11 +23,25 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
+class LearnedRewardConfig(_Section):
+    """A reward model (trained by a ``reward_model`` stage) scoring an env's episodes."""
+
+    path: str
+    """The reward model's checkpoint directory (``checkpoints/final`` of its stage)."""
+    mode: Literal["replace", "add"] = "replace"
+    """``replace`` the env's reward with the learned one, or ``add`` it to the env's."""
+    weight: float = 1.0
+    """Multiplies the learned reward."""
+
+
 class EnvConfig(_Section):
     id: str = "palaestra/Math-v0"
     """Registered env id (``palaestra envs`` lists them)."""
     kwargs: dict[str, Any] = Field(default_factory=dict)
     """Keyword arguments for the env constructor (e.g. ``source``, ``size``)."""
+    reward_model: LearnedRewardConfig | None = None
+    """Score finished episodes with a learned reward model (the RLHF path); see
+    ``palaestra.agent.learned_reward`` for what it does and the reward-hacking caveat."""
 
 
 class RolloutConfig(_Section):
@@ -125,6 +139,68 @@ class GRPOConfig(_Section):
         return self
 
 
+class PPOConfig(_Section):
+    """PPO with a learned critic (``stage: ppo``). The policy's clipped surrogate uses the
+    ``grpo`` section's clip range, aggregation, KL and importance-sampling settings."""
+
+    gamma: float = Field(1.0, ge=0, le=1)
+    """Discount per sampled token."""
+    lam: float = Field(0.95, ge=0, le=1)
+    """GAE's lambda: 0 is one-step TD, 1 is Monte Carlo returns."""
+    value_clip: float | None = Field(0.2, gt=0)
+    """Clip each new value to within this of the value at sampling time (PPO's clipped
+    value loss); null turns clipping off."""
+    critic_lr: float = Field(1e-5, gt=0)
+    """AdamW learning rate of the critic (the policy's is ``trainer.lr``)."""
+    critic_model: str | None = None
+    """Where the critic's body starts: a model name or directory (e.g. a reward model's
+    checkpoint); default the policy's starting weights. It gets a fresh scalar value head."""
+    critic_warmup_steps: int = Field(0, ge=0)
+    """First steps that train only the critic, so the policy starts on useful values."""
+    whiten_advantages: bool = True
+    """Normalise advantages to mean 0, std 1 over the batch's sampled tokens."""
+
+
+class DPOConfig(_Section):
+    """The preference family (``stage: dpo`` and ``stage: online_dpo``)."""
+
+    loss: Literal["sigmoid", "ipo", "kto", "simpo", "orpo"] = "sigmoid"
+    """``sigmoid`` (DPO; cDPO with ``label_smoothing``), ``ipo``, ``kto`` (unpaired),
+    ``simpo`` and ``orpo`` (both reference-free); see ``trainer.losses``."""
+    beta: float = Field(0.1, gt=0)
+    """Strength of the implicit KL to the reference (DPO, IPO, KTO); SimPO's reward scale;
+    ORPO's weight of the odds-ratio term."""
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    """cDPO: the assumed probability that a pair's preference label is flipped."""
+    simpo_gamma: float = Field(0.5, ge=0)
+    """SimPO's target reward margin."""
+    desirable_weight: float = Field(1.0, gt=0)
+    """KTO: weight of desirable (``label: true``) examples."""
+    undesirable_weight: float = Field(1.0, gt=0)
+    """KTO: weight of undesirable (``label: false``) examples."""
+    pairs_per_group: int = Field(1, ge=1)
+    """``online_dpo``: most (success, failure) pairs taken from each group of rollouts."""
+
+
+class DataConfig(_Section):
+    """Dataset for the ``sft``, ``dpo`` and ``reward_model`` stages (JSON lines)."""
+
+    path: Path | None = None
+    """Training data. SFT: ``{"messages": [...]}`` or ``{"prompt", "completion"}`` per line.
+    Preferences: ``{"prompt", "chosen", "rejected"}`` (strings or chat messages); KTO also
+    takes unpaired ``{"prompt", "completion", "label": true|false}``."""
+    eval_path: Path | None = None
+    """Held-out data in the same format; without it, ``eval_size`` rows of ``path`` are
+    held out."""
+    eval_size: int = Field(0, ge=0)
+    """Rows of ``path`` held out for evaluation when ``eval_path`` is not given."""
+    batch_size: int = Field(8, ge=1)
+    """Examples (or pairs) per optimizer step; the data cycles, reshuffled each pass."""
+    max_length: int = Field(512, ge=8)
+    """Most tokens per example (prompt and answer); longer examples are cut from the end
+    and counted."""
+
+
 class ServerConfig(_Section):
     """An OpenAI-compatible server for ``engine: openai`` (a ``vllm serve`` process)."""
 
@@ -189,11 +265,18 @@ class RunConfig(_Section):
     """Show a progress bar."""
 
 
-class TrainConfig(_Section):
-    """A GRPO run: model, env, rollout, algorithm, optimisation, evaluation and outputs."""
+STAGES = ("sft", "dpo", "reward_model", "grpo", "ppo", "online_dpo")
+Stage = Literal["sft", "dpo", "reward_model", "grpo", "ppo", "online_dpo"]
 
-    stage: Literal["grpo"] = "grpo"
-    """Training stage to run."""
+
+class TrainConfig(_Section):
+    """One training stage: model, data or env, algorithm, optimisation, evaluation, outputs."""
+
+    stage: Stage = "grpo"
+    """Training stage to run: ``sft`` (supervised, assistant tokens only), ``dpo`` (the
+    preference family on a dataset), ``reward_model`` (Bradley-Terry), ``grpo`` (also DAPO,
+    Dr.GRPO, GSPO, RLOO, REINFORCE++), ``ppo`` (with a critic) or ``online_dpo``
+    (preference pairs from the model's own rollouts)."""
     model: str = "smollm2-135m"
     """``smollm2-135m`` (embedded), ``tiny-random`` (tests) or a local HF model directory."""
     device: str = "cpu"
@@ -217,6 +300,9 @@ class TrainConfig(_Section):
     env: EnvConfig = EnvConfig()
     rollout: RolloutConfig = RolloutConfig()
     grpo: GRPOConfig = GRPOConfig()
+    ppo: PPOConfig = PPOConfig()
+    dpo: DPOConfig = DPOConfig()
+    data: DataConfig = DataConfig()
     trainer: TrainerConfig = TrainerConfig()
     eval: EvalConfig = EvalConfig()
     run: RunConfig = RunConfig()
@@ -225,6 +311,14 @@ class TrainConfig(_Section):
     def _check_device(self) -> TrainConfig:
         if self.device != "cpu" and not self.device.startswith("cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _check_data(self) -> TrainConfig:
+        if self.stage in ("sft", "dpo", "reward_model") and self.data.path is None:
+            raise ValueError(
+                f"stage {self.stage!r} trains on a dataset: set data.path to a JSON-lines file"
+            )
         return self
 
     @model_validator(mode="after")

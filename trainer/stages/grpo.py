@@ -29,12 +29,8 @@ Evaluation on the env's held-out split runs before and after training.
 from __future__ import annotations
 
 import asyncio
-import copy
-import ctypes
-import ctypes.util
 import dataclasses
 import os
-import resource
 import sys
 import time
 from collections.abc import Sequence
@@ -48,7 +44,7 @@ from tqdm import tqdm
 from palaestra import envs
 from palaestra.agent.engines.base import Engine, SamplingParams
 from palaestra.agent.engines.build import ServerSettings, build_engine, close_engine
-from palaestra.agent.evaluate import EvalResult, evaluate
+from palaestra.agent.evaluate import EvalResult
 from palaestra.agent.producer import DynamicSampling, RolloutProducer
 from palaestra.agent.render import ChatRenderer
 from palaestra.agent.rollout import EnvPool, EpisodeRequest, episode_metrics
@@ -70,25 +66,22 @@ from palaestra.trainer.checkpoint import save_checkpoint
 from palaestra.trainer.errors import AllEpisodesFailedError
 from palaestra.trainer.learner import Learner
 from palaestra.trainer.losses import behaviour_weights, kl_penalized_rewards, policy_loss
+from palaestra.trainer.stages.common import (
+    StageResult,
+    build_learner,
+    evaluate_on_env,
+    frozen_copy,
+    peak_rss_gb,
+    return_freed_memory,
+    rss_gb,
+)
 from palaestra.trainer.weight_sync import default_tolerance, verify_engine_weights
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
-@dataclass(frozen=True)
-class GRPOResult:
-    """What a GRPO run produced."""
-
-    before: EvalResult | None
-    """Held-out evaluation before training (if enabled)."""
-    after: EvalResult | None
-    """Held-out evaluation after training (if enabled)."""
-    checkpoint: str
-    """Path of the final checkpoint."""
-
-
-def run_grpo(config: TrainConfig, run: RunDir) -> GRPOResult:
+def run_grpo(config: TrainConfig, run: RunDir) -> StageResult:
     """Run a GRPO stage as configured, writing into ``run``."""
     return asyncio.run(_run(config, run))
 
@@ -109,7 +102,7 @@ class _Parts:
         await close_engine(self.engine)
 
 
-async def _run(cfg: TrainConfig, run: RunDir) -> GRPOResult:
+async def _run(cfg: TrainConfig, run: RunDir) -> StageResult:
     torch.manual_seed(cfg.seed)
     parts = _build(cfg)
     try:
@@ -118,7 +111,7 @@ async def _run(cfg: TrainConfig, run: RunDir) -> GRPOResult:
         await parts.aclose()
 
 
-async def _train(cfg: TrainConfig, parts: _Parts, run: RunDir) -> GRPOResult:
+async def _train(cfg: TrainConfig, parts: _Parts, run: RunDir) -> StageResult:
     episodes = cfg.rollout.tasks_per_step * cfg.rollout.group_size
     pool = EnvPool(lambda: envs.make(cfg.env.id, **cfg.env.kwargs, split="train"), episodes)
     try:
@@ -127,7 +120,7 @@ async def _train(cfg: TrainConfig, parts: _Parts, run: RunDir) -> GRPOResult:
         pool.close()
 
 
-async def _train_with(cfg: TrainConfig, parts: _Parts, run: RunDir, pool: EnvPool) -> GRPOResult:
+async def _train_with(cfg: TrainConfig, parts: _Parts, run: RunDir, pool: EnvPool) -> StageResult:
     _audit_template(cfg, parts, pool)
     if cfg.verify_every:  # the engine must start from the learner's weights
         await _verify_sync(cfg, parts, parts.renderer.prompt_ids(_PROBE))
@@ -163,7 +156,7 @@ async def _train_with(cfg: TrainConfig, parts: _Parts, run: RunDir, pool: EnvPoo
     try:
         for step in bar:
             metrics = await _train_step(cfg, parts, producer, run, step)
-            _return_freed_memory()
+            return_freed_memory()
             bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", loss=f"{metrics['loss']:.4f}")
             if cfg.run.save_every and step % cfg.run.save_every == 0 and step < steps:
                 save_checkpoint(parts.model, parts.tokenizer, run.checkpoints / f"step-{step}")
@@ -178,7 +171,7 @@ async def _train_with(cfg: TrainConfig, parts: _Parts, run: RunDir, pool: EnvPoo
     after = await _evaluate(cfg, parts, run, step=steps) if cfg.eval.after else None
     final = save_checkpoint(parts.model, parts.tokenizer, run.checkpoints / "final")
     run.plot()
-    return GRPOResult(before=before, after=after, checkpoint=str(final))
+    return StageResult("grpo", str(final), before=before, after=after)
 
 
 def _audit_template(cfg: TrainConfig, parts: _Parts, pool: EnvPool) -> None:
@@ -206,7 +199,7 @@ def _build(cfg: TrainConfig) -> _Parts:
     server = cfg.server
     engine = build_engine(
         cfg.engine,
-        model=_frozen_copy(model) if cfg.engine == "transformers" else model,
+        model=frozen_copy(model) if cfg.engine == "transformers" else model,
         model_dir=model_dir,
         eos_token_ids=turn_end_ids(model, tokenizer),
         pad_token_id=tokenizer.pad_token_id,
@@ -224,20 +217,8 @@ def _build(cfg: TrainConfig) -> _Parts:
         if cfg.engine == "openai"
         else None,
     )
-    t = cfg.trainer
-    learner = Learner(
-        model,
-        lr=t.lr,
-        betas=t.betas,
-        weight_decay=t.weight_decay,
-        warmup_steps=t.warmup_steps,
-        max_grad_norm=t.max_grad_norm,
-        micro_batch_size=t.micro_batch_size,
-        dtype=t.dtype,
-        temperature=cfg.rollout.temperature,
-        gradient_checkpointing=t.gradient_checkpointing,
-    )
-    reference = _frozen_copy(model) if cfg.grpo.kl_coef > 0 else None
+    learner = build_learner(cfg, model)
+    reference = frozen_copy(model) if cfg.grpo.kl_coef > 0 else None
     return _Parts(model, tokenizer, reference, engine, ChatRenderer(tokenizer), learner)
 
 
@@ -279,8 +260,8 @@ async def _train_step(
         "time/train_s": train_s,
         "time/sync_s": sync_s,
         "time/step_s": time.perf_counter() - started,
-        "memory/rss_gb": _rss_gb(),
-        "memory/peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "memory/rss_gb": rss_gb(),
+        "memory/peak_rss_gb": peak_rss_gb(),
     }
     run.log(step, metrics)
     if cfg.run.log_trajectories:
@@ -515,65 +496,4 @@ def _rollout_metrics(
 
 
 async def _evaluate(cfg: TrainConfig, parts: _Parts, run: RunDir, *, step: int) -> EvalResult:
-    e = cfg.eval
-    pool = EnvPool(lambda: envs.make(cfg.env.id, **cfg.env.kwargs, split="test"), 64)
-    sampling = SamplingParams(
-        max_tokens=e.max_tokens or cfg.rollout.max_tokens, temperature=e.temperature
-    )
-    try:
-        result, episodes = await evaluate(
-            pool,
-            parts.engine,
-            parts.renderer,
-            sampling,
-            env_id=cfg.env.id,
-            num_tasks=e.num_tasks,
-            samples=e.samples,
-            max_turns=cfg.rollout.max_turns,
-            max_total_tokens=cfg.rollout.max_total_tokens,
-            max_episode_s=cfg.rollout.max_episode_s,
-            seed=cfg.seed,
-        )
-    finally:
-        pool.close()
-    run.log(
-        step,
-        {
-            "accuracy": result.accuracy,
-            "mean_tokens": result.mean_tokens,
-            **{f"pass@{k}": v for k, v in result.pass_at.items()},
-        },
-        kind="eval",
-    )
-    run.log_trajectories(
-        step, episodes[: cfg.run.log_trajectories], parts.renderer.decode, kind="eval"
-    )
-    print(f"[eval @ step {step}] {result.summary()}", file=sys.stderr)
-    return result
-
-
-def _frozen_copy(model: PreTrainedModel) -> PreTrainedModel:
-    clone = copy.deepcopy(model)
-    clone.requires_grad_(False)
-    return clone.eval()
-
-
-def _rss_gb() -> float:
-    """Resident memory of this process now, in GiB."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
-
-
-_LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-
-
-def _return_freed_memory() -> None:
-    """Hand freed heap pages back to the OS, where the C library can (glibc's malloc_trim).
-
-    Rollouts decode and learning run on different worker threads, so their allocations
-    land in different malloc arenas; without trimming, each arena keeps its high-water mark
-    and peak memory becomes the sum of the two phases instead of the larger.
-    """
-    trim = getattr(_LIBC, "malloc_trim", None)
-    if trim is not None:
-        trim(0)
+    return await evaluate_on_env(cfg, parts.engine, parts.renderer, run, step=step)

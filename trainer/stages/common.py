@@ -1,0 +1,138 @@
+"""What every training stage shares: its result, the learner built from the config, the
+held-out evaluation on the env, frozen model copies and memory bookkeeping.
+
+A stage is a function ``run_<stage>(config, run) -> StageResult`` in its own module of
+this package; ``palaestra.pipeline`` runs a list of them in order, each on the checkpoint
+the one before wrote.
+"""
+
+from __future__ import annotations
+
+import copy
+import ctypes
+import ctypes.util
+import os
+import resource
+import sys
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from palaestra import envs
+from palaestra.agent.engines.base import Engine, SamplingParams
+from palaestra.agent.evaluate import EvalResult, evaluate
+from palaestra.agent.render import ChatRenderer
+from palaestra.agent.rollout import EnvPool
+from palaestra.config import TrainConfig
+from palaestra.rundir import RunDir
+from palaestra.trainer.learner import Learner
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """What a stage produced: its final checkpoint and how it changed the model."""
+
+    stage: str
+    """The stage's name (``sft``, ``dpo``, ``grpo``, ...)."""
+    checkpoint: str
+    """Path of the final checkpoint; the next stage of a pipeline starts from it."""
+    before: EvalResult | None = None
+    """Held-out evaluation on the env before training (if enabled)."""
+    after: EvalResult | None = None
+    """Held-out evaluation on the env after training (if enabled)."""
+    metrics: dict[str, float] = field(default_factory=dict)
+    """The stage's own held-out measures, before and after (e.g. ``eval/loss_before``,
+    ``eval/loss_after`` for SFT; ``eval/pref_accuracy_after`` for DPO)."""
+
+
+def build_learner(cfg: TrainConfig, model: PreTrainedModel, *, lr: float | None = None) -> Learner:
+    """A learner over ``model`` with the ``trainer`` section's optimisation settings (and
+    ``lr`` in place of ``trainer.lr`` when given, e.g. for a critic)."""
+    t = cfg.trainer
+    return Learner(
+        model,
+        lr=t.lr if lr is None else lr,
+        betas=t.betas,
+        weight_decay=t.weight_decay,
+        warmup_steps=t.warmup_steps,
+        max_grad_norm=t.max_grad_norm,
+        micro_batch_size=t.micro_batch_size,
+        dtype=t.dtype,
+        temperature=cfg.rollout.temperature,
+        gradient_checkpointing=t.gradient_checkpointing,
+    )
+
+
+async def evaluate_on_env(
+    cfg: TrainConfig, engine: Engine, renderer: ChatRenderer, run: RunDir, *, step: int
+) -> EvalResult:
+    """Evaluate ``engine``'s policy on the env's held-out split as the ``eval`` section
+    says; logs the result to ``run`` (kind ``eval``) and prints a summary."""
+    e = cfg.eval
+    pool = EnvPool(lambda: envs.make(cfg.env.id, **cfg.env.kwargs, split="test"), 64)
+    sampling = SamplingParams(
+        max_tokens=e.max_tokens or cfg.rollout.max_tokens, temperature=e.temperature
+    )
+    try:
+        result, episodes = await evaluate(
+            pool,
+            engine,
+            renderer,
+            sampling,
+            env_id=cfg.env.id,
+            num_tasks=e.num_tasks,
+            samples=e.samples,
+            max_turns=cfg.rollout.max_turns,
+            max_total_tokens=cfg.rollout.max_total_tokens,
+            max_episode_s=cfg.rollout.max_episode_s,
+            seed=cfg.seed,
+        )
+    finally:
+        pool.close()
+    run.log(
+        step,
+        {
+            "accuracy": result.accuracy,
+            "mean_tokens": result.mean_tokens,
+            **{f"pass@{k}": v for k, v in result.pass_at.items()},
+        },
+        kind="eval",
+    )
+    run.log_trajectories(step, episodes[: cfg.run.log_trajectories], renderer.decode, kind="eval")
+    print(f"[eval @ step {step}] {result.summary()}", file=sys.stderr)
+    return result
+
+
+def frozen_copy(model: PreTrainedModel) -> PreTrainedModel:
+    """A copy of ``model`` with no gradients, in eval mode (a reference, or an engine's)."""
+    clone = copy.deepcopy(model)
+    clone.requires_grad_(False)
+    return clone.eval()
+
+
+def rss_gb() -> float:
+    """Resident memory of this process now, in GiB."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
+def peak_rss_gb() -> float:
+    """The most resident memory this process has had, in GiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+
+
+def return_freed_memory() -> None:
+    """Hand freed heap pages back to the OS, where the C library can (glibc's malloc_trim).
+
+    Rollouts decode and learning run on different worker threads, so their allocations
+    land in different malloc arenas; without trimming, each arena keeps its high-water mark
+    and peak memory becomes the sum of the two phases instead of the larger.
+    """
+    trim = getattr(_LIBC, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
