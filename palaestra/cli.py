@@ -2,7 +2,7 @@
 
 ::
 
-    palaestra train CONFIG.yaml [dotted.key=value ...]
+    palaestra train CONFIG.yaml [dotted.key=value ...] [--resume RUN_DIR]
     palaestra eval --model smollm2-135m --env palaestra/Math-v0 [--num-tasks 200 --samples 8]
     palaestra envs
     palaestra sandbox build-image
@@ -60,6 +60,12 @@ def _parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="run a training config")
     train.add_argument("config", type=Path, help="YAML config file")
     train.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    train.add_argument(
+        "--resume",
+        type=Path,
+        metavar="RUN_DIR",
+        help="continue a stopped pipeline run: finished stages are skipped",
+    )
     train.set_defaults(run=_train)
 
     ev = sub.add_parser("eval", help="evaluate a model on an env's held-out split")
@@ -131,18 +137,35 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from palaestra.config import load_config
+    from palaestra.config import load_pipeline, read_config
+    from palaestra.errors import ConfigError
+    from palaestra.pipeline import run_pipeline, run_stage
     from palaestra.rundir import RunDir
 
-    config = load_config(args.config, args.overrides)
+    raw = read_config(args.config, args.overrides)
+    stages = load_pipeline(args.config, args.overrides)
     _quiet_libraries()
-    name = config.run.name or f"{args.config.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if "stages" in raw:
+        if args.resume is not None:
+            root = args.resume
+        else:
+            shared = stages[0].run
+            root = _free_dir(shared.output_dir, shared.name or _run_name(args.config))
+        print(f"run directory: {root}", file=sys.stderr)
+        results = run_pipeline(stages, root, raw, resume=args.resume is not None)
+        for i, result in enumerate(results, 1):
+            print(f"stage {i} ({result['stage']}): {_summary(result)}")
+        print(f"report: {root / 'report.md'}")
+        print(f"checkpoint: {results[-1]['checkpoint']}")
+        return 0
+    if args.resume is not None:
+        raise ConfigError("--resume continues a pipeline (a config with stages: [...])")
+    (config,) = stages
+    name = config.run.name or _run_name(args.config)
     run = RunDir.create(config.run.output_dir, name, config.model_dump(mode="json"))
     print(f"run directory: {run.root}", file=sys.stderr)
-    from palaestra.trainer.stages.grpo import run_grpo
-
     try:
-        result = run_grpo(config, run)
+        result = run_stage(config, run)
     finally:
         run.close()
     if result.before is not None and result.after is not None:
@@ -151,8 +174,32 @@ def _train(args: argparse.Namespace) -> int:
             f"held-out accuracy: {result.before.accuracy:.3f} -> {result.after.accuracy:.3f} "
             f"({delta:+.1f} points)"
         )
+    for key, value in result.metrics.items():
+        print(f"{key}: {value:.4f}")
     print(f"checkpoint: {result.checkpoint}")
     return 0
+
+
+def _run_name(config: Path) -> str:
+    return f"{config.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _free_dir(parent: Path, name: str) -> Path:
+    """``parent/name``, suffixed with a counter if taken."""
+    root, n = parent / name, 1
+    while root.exists():
+        n += 1
+        root = parent / f"{name}-{n}"
+    return root
+
+
+def _summary(result: dict) -> str:
+    """One line: env accuracy after the stage and its own measures."""
+    parts = []
+    if result["after"] is not None:
+        parts.append(f"held-out accuracy {result['after']['accuracy']:.3f}")
+    parts += [f"{k} {v:.3f}" for k, v in result["metrics"].items() if k.endswith("_after")]
+    return ", ".join(parts) or "done"
 
 
 def _eval(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ loops and the CLI do that.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Literal
 
@@ -337,7 +338,11 @@ class TrainConfig(_Section):
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``dotted.key=value`` overrides; values are parsed as YAML (``3``, ``true``, ``[1,2]``)."""
+    """Apply ``dotted.key=value`` overrides; values are parsed as YAML (``3``, ``true``, ``[1,2]``).
+
+    In a pipeline config, ``stages.<i>.key=value`` (``i`` counted from 0) or
+    ``stages.<name>.key=value`` (a stage name that appears once) changes one stage.
+    """
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
@@ -345,37 +350,116 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         node = data
         *parents, leaf = key.split(".")
         for part in parents:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
+            child = _stage_entry(node, part, item) if isinstance(node, list) else None
+            if child is None:
+                if not isinstance(node, dict):
+                    raise ConfigError(f"override {item!r}: {part!r} is not a section")
+                child = node.setdefault(part, {})
+            if not isinstance(child, dict | list):
                 raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
             node = child
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: name a key inside a stage (stages.<i>.key)")
         node[leaf] = yaml.safe_load(raw)
     return data
 
 
+def _stage_entry(stages: list[Any], part: str, item: str) -> dict[str, Any]:
+    """The stage a ``stages.<i>`` or ``stages.<name>`` override names."""
+    if part.isdigit():
+        if int(part) >= len(stages):
+            raise ConfigError(f"override {item!r}: there are only {len(stages)} stages (0-based)")
+        return stages[int(part)]
+    named = [s for s in stages if isinstance(s, dict) and s.get("stage") == part]
+    if len(named) != 1:
+        raise ConfigError(
+            f"override {item!r}: {len(named)} stages are named {part!r}; use stages.<index>"
+        )
+    return named[0]
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:  # type: ignore[assignment]
-    """Load a YAML config, apply overrides and validate; raises ``ConfigError`` naming the field."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping at the top level")
-        data = loaded or {}
-    data = apply_overrides(data, list(overrides))
+    """Load a one-stage YAML config, apply overrides and validate; raises ``ConfigError``
+    naming the field. A config with ``stages:`` is a pipeline: use ``load_pipeline``."""
+    stages = load_pipeline(path, overrides)
+    if len(stages) != 1:
+        raise ConfigError(f"config {path} is a pipeline of {len(stages)} stages")
+    return stages[0]
+
+
+def load_pipeline(path: str | Path | None, overrides: list[str] = ()) -> list[TrainConfig]:  # type: ignore[assignment]
+    """Load a config as a list of stages, every one validated before anything runs.
+
+    A config without ``stages`` is one stage. With ``stages: [{stage: sft, ...}, ...]``,
+    each entry is merged over the config's other (shared) keys, section by section, so a
+    stage names only what differs. Every stage after the first starts from the checkpoint
+    the one before writes, so only the shared ``model`` names a model. A stage after the
+    first evaluates on the env only after training (its "before" is the previous stage's
+    "after") unless it sets ``eval.before`` itself.
+    """
+    data = read_config(path, overrides)
+    entries = data.pop("stages", None)
+    if entries is None:
+        return [_validate(data, path)]
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError(f"config {path}: stages must be a non-empty list of stage mappings")
+    configs = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "stage" not in entry:
+            raise ConfigError(f"config {path}: stages[{i}] must be a mapping with a 'stage' key")
+        if i > 0 and "model" in entry:
+            raise ConfigError(
+                f"config {path}: stages[{i}] sets model, but a stage after the first trains "
+                "the checkpoint of the stage before; set model at the top level"
+            )
+        merged = _merge(data, entry)
+        if i > 0 and "before" not in entry.get("eval", {}):
+            merged.setdefault("eval", {})["before"] = False
+        configs.append(_validate(merged, path, where=f"stages[{i}] ({entry['stage']})"))
+    return configs
+
+
+def read_config(path: str | Path | None, overrides: list[str] = ()) -> dict[str, Any]:  # type: ignore[assignment]
+    """The config as plain data: the YAML file (or nothing) with the overrides applied,
+    not yet validated."""
+    return apply_overrides(_read_yaml(path), list(overrides))
+
+
+def _read_yaml(path: str | Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        loaded = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return loaded or {}
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``over`` merged in, mappings key by key (``over`` wins on values)."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _validate(data: dict[str, Any], path: str | Path | None, where: str = "") -> TrainConfig:
     try:
         return TrainConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, path)) from None
+        raise ConfigError(_describe(exc, path, where)) from None
 
 
-def _describe(exc: ValidationError, path: str | Path | None) -> str:
+def _describe(exc: ValidationError, path: str | Path | None, stage: str = "") -> str:
     where = f"in {path}" if path else "in the overrides"
-    lines = [f"invalid config {where}:"]
+    lines = [f"invalid config {where}{', ' + stage if stage else ''}:"]
     for err in exc.errors():
         field = ".".join(str(p) for p in err["loc"]) or "(top level)"
         if err["type"] == "extra_forbidden":

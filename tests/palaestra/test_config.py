@@ -76,3 +76,55 @@ def test_the_openai_engine_needs_a_server_url():
         load_config(None, ["engine=openai"])
     config = load_config(None, ["engine=openai", "server.url=http://127.0.0.1:8000"])
     assert config.server.model_name is None  # the model's name is used
+
+
+PIPELINE = """
+model: tiny-random
+trainer: {lr: 1.0e-5, steps: 4}
+stages:
+  - stage: sft
+    data: {path: sft.jsonl}
+    trainer: {steps: 2}
+  - stage: dpo
+    data: {path: prefs.jsonl}
+    dpo: {beta: 0.2}
+  - stage: grpo
+"""
+
+
+def test_pipeline_stages_merge_over_the_shared_keys(tmp_path):
+    from palaestra.config import load_pipeline
+
+    sft, dpo, grpo = load_pipeline(write(tmp_path, PIPELINE))
+    assert [c.stage for c in (sft, dpo, grpo)] == ["sft", "dpo", "grpo"]
+    assert sft.trainer.steps == 2 and sft.trainer.lr == pytest.approx(1e-5)  # merged, not replaced
+    assert dpo.trainer.steps == 4 and dpo.dpo.beta == pytest.approx(0.2)
+    assert all(c.model == "tiny-random" for c in (sft, dpo, grpo))
+    # later stages do not re-evaluate what the stage before evaluated after training
+    assert sft.eval.before and not dpo.eval.before and not grpo.eval.before
+
+
+def test_pipeline_overrides_address_a_stage_by_index_or_name(tmp_path):
+    from palaestra.config import load_pipeline
+
+    path = write(tmp_path, PIPELINE)
+    sft, dpo, grpo = load_pipeline(path, ["stages.1.dpo.loss=ipo", "stages.grpo.trainer.steps=9"])
+    assert dpo.dpo.loss == "ipo" and grpo.trainer.steps == 9 and sft.trainer.steps == 2
+    with pytest.raises(ConfigError, match="only 3 stages"):
+        load_pipeline(path, ["stages.5.trainer.steps=1"])
+    with pytest.raises(ConfigError, match="0 stages are named 'ppo'"):
+        load_pipeline(path, ["stages.ppo.trainer.steps=1"])
+
+
+def test_pipeline_errors_name_the_stage_and_field(tmp_path):
+    from palaestra.config import load_pipeline
+
+    bad = PIPELINE.replace("beta: 0.2", "beta: -1")
+    with pytest.raises(ConfigError, match=r"stages\[1\] \(dpo\)[\s\S]*dpo\.beta"):
+        load_pipeline(write(tmp_path, bad))
+    with pytest.raises(ConfigError, match="set data.path"):
+        load_pipeline(write(tmp_path, PIPELINE.replace("    data: {path: sft.jsonl}\n", "")))
+    with pytest.raises(ConfigError, match="sets model"):
+        load_pipeline(write(tmp_path, PIPELINE + "    model: other\n"))
+    with pytest.raises(ConfigError, match="is a pipeline of 3 stages"):
+        load_config(write(tmp_path, PIPELINE))

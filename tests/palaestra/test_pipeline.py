@@ -1,0 +1,102 @@
+"""Pipelines: stages run in order on one model, report their effect, resume between stages."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from palaestra.config import load_pipeline, read_config
+from palaestra.pipeline import run_pipeline
+
+TWO_STAGES = """
+model: tiny-random
+env:
+  id: palaestra/Math-v0
+  kwargs: {source: "reasoning_gym:chain_sum"}
+rollout: {tasks_per_step: 2, group_size: 2, max_tokens: 8}
+trainer: {steps: 1, micro_batch_size: 4}
+eval: {num_tasks: 4}
+run: {progress: false, log_trajectories: 0}
+stages:
+  - stage: grpo
+  - stage: grpo
+    grpo: {advantage: rloo}
+"""
+
+
+def pipeline(tmp_path, text, overrides=()):
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(text)
+    return load_pipeline(path, list(overrides)), read_config(path, list(overrides))
+
+
+@pytest.mark.slow
+def test_each_stage_trains_the_checkpoint_of_the_one_before(tmp_path):
+    stages, raw = pipeline(tmp_path, TWO_STAGES)
+    root = tmp_path / "run"
+    results = run_pipeline(stages, root, raw)
+
+    first, second = results
+    assert first["checkpoint"] == str(root / "1-grpo" / "checkpoints" / "final")
+    assert second["checkpoint"] == str(root / "2-grpo" / "checkpoints" / "final")
+    # the second stage's resolved config names the first stage's checkpoint as its model
+    config = yaml.safe_load((root / "2-grpo" / "config.yaml").read_text())
+    assert config["model"] == first["checkpoint"] and config["grpo"]["advantage"] == "rloo"
+    # the first stage evaluates before and after; the second only after
+    assert first["before"] is not None and first["after"] is not None
+    assert second["before"] is None and second["after"] is not None
+    state = json.loads((root / "pipeline.json").read_text())
+    assert [s["status"] for s in state["stages"]] == ["done", "done"]
+    report = (root / "report.md").read_text()
+    assert "| 1-grpo |" in report and "| 2-grpo |" in report
+    # the second row's "before" is the first stage's "after"
+    after_first = f"{100 * first['after']['accuracy']:.1f}%"
+    assert f"| {after_first} → " in report.splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_a_stopped_pipeline_resumes_after_its_last_finished_stage(tmp_path):
+    broken = ["stages.1.env.kwargs.source=jsonl:" + str(tmp_path / "missing.jsonl")]
+    stages, raw = pipeline(tmp_path, TWO_STAGES, broken)
+    root = tmp_path / "run"
+    with pytest.raises(Exception, match="missing.jsonl"):
+        run_pipeline(stages, root, raw)
+    state = json.loads((root / "pipeline.json").read_text())
+    assert [s["status"] for s in state["stages"]] == ["done", "running"]
+    first_final = root / "1-grpo" / "checkpoints" / "final"
+    stamp = (first_final / "model.safetensors").stat().st_mtime_ns
+
+    stages, raw = pipeline(tmp_path, TWO_STAGES)  # the second stage fixed
+    results = run_pipeline(stages, root, raw, resume=True)
+
+    assert (first_final / "model.safetensors").stat().st_mtime_ns == stamp  # not retrained
+    assert results[0]["checkpoint"] == str(first_final)
+    assert (root / "2-grpo.incomplete-1").is_dir()  # the failed attempt is kept aside
+    assert (root / "2-grpo" / "checkpoints" / "final").is_dir()
+    assert [s["status"] for s in json.loads((root / "pipeline.json").read_text())["stages"]] == [
+        "done",
+        "done",
+    ]
+
+
+def test_resume_refuses_a_finished_stage_whose_config_changed(tmp_path):
+    from palaestra.errors import ConfigError
+
+    stages, raw = pipeline(tmp_path, TWO_STAGES)
+    root = tmp_path / "run"
+    root.mkdir()
+    done = {
+        "name": "1-grpo",
+        "stage": "grpo",
+        "config": stages[0].model_dump(mode="json"),
+        "status": "done",
+        "result": {"checkpoint": "x", "stage": "grpo", "before": None, "after": None, "metrics": {}},
+    }
+    (root / "pipeline.json").write_text(json.dumps({"stages": [done]}))
+    changed, raw = pipeline(tmp_path, TWO_STAGES, ["stages.0.trainer.lr=0.5"])
+    with pytest.raises(ConfigError, match=r"1-grpo finished with a different config \(sections trainer"):
+        run_pipeline(changed, root, raw, resume=True)
+    with pytest.raises(ConfigError, match="no pipeline.json"):
+        run_pipeline(stages, tmp_path / "elsewhere", raw, resume=True)
