@@ -17,6 +17,9 @@ it (``grouped_turn_advantages``): the return-to-go from the turn, minus the mean
 return-to-go at the same turn index in the group. On single-turn episodes this is exactly
 GRPO's advantage.
 
+PPO's advantages come from a learned critic instead of a group: ``gae`` runs generalised
+advantage estimation over the tokens the model sampled.
+
 This module does not spread advantages over tokens, apply a KL penalty (see ``losses.kl_penalized_rewards``), or gather rewards
 across processes: call it on the full set of groups, after any gather.
 """
@@ -28,6 +31,7 @@ from collections.abc import Sequence
 import torch
 
 __all__ = [
+    "gae",
     "group_advantages",
     "grouped_advantages",
     "grouped_turn_advantages",
@@ -198,6 +202,61 @@ def grouped_turn_advantages(
         centered_M = centered_M / (std_N[episode_M] + eps)
     advantages = centered_M.to(torch.float32)
     return [advantages[episode_M == n] for n in range(len(returns_to_go))]
+
+
+def gae(
+    rewards_BT: torch.Tensor,
+    values_BT: torch.Tensor,
+    mask_BT: torch.Tensor,
+    *,
+    gamma: float,
+    lam: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over the tokens the model sampled (Schulman et al.
+    2016, arXiv:1506.02438).
+
+    Each row's sampled tokens (``mask_BT`` 1) are the steps of one episode, in order; the
+    other positions (prompt, tool results, env messages, padding) are not steps: the
+    recursion goes from one sampled token straight to the next, so a tool reply between
+    two assistant turns neither gets a value nor breaks the bootstrapping. With ``t'`` the
+    next sampled token after ``t`` and ``V = 0`` after the last one (the episode ends)::
+
+        delta_t = r_t + gamma * V_t' - V_t
+        A_t     = delta_t + gamma * lam * A_t'
+        R_t     = A_t + V_t            (the critic's regression target)
+
+    ``lam = 1`` gives Monte Carlo returns minus values, ``lam = 0`` one-step TD errors.
+
+    Args:
+        rewards_BT: reward at each sampled token (the episode's or turn's reward on its
+            last token, any per-token penalty on every token); 0 elsewhere.
+        values_BT: the critic's value of the state before each sampled token.
+        mask_BT: 1 on sampled tokens.
+        gamma: discount per sampled token, in [0, 1].
+        lam: GAE's lambda, in [0, 1].
+
+    Returns:
+        ``(advantages_BT, returns_BT)``, 0 where ``mask_BT`` is 0. Computed without grad.
+    """
+    if not (0 <= gamma <= 1 and 0 <= lam <= 1):
+        raise ValueError(f"gamma and lam must be in [0, 1], got {gamma}, {lam}")
+    if rewards_BT.shape != values_BT.shape or rewards_BT.shape != mask_BT.shape:
+        raise ValueError("rewards_BT, values_BT and mask_BT must have the same shape")
+    keep_BT = mask_BT.bool()
+    with torch.no_grad():
+        advantages_BT = torch.zeros_like(values_BT, dtype=torch.float32)
+        next_value_B = torch.zeros(values_BT.shape[0])
+        next_advantage_B = torch.zeros(values_BT.shape[0])
+        for t in reversed(range(values_BT.shape[1])):
+            step_B = keep_BT[:, t]
+            value_B = values_BT[:, t].float()
+            delta_B = rewards_BT[:, t].float() + gamma * next_value_B - value_B
+            advantage_B = delta_B + gamma * lam * next_advantage_B
+            advantages_BT[:, t] = torch.where(step_B, advantage_B, 0.0)
+            next_value_B = torch.where(step_B, value_B, next_value_B)
+            next_advantage_B = torch.where(step_B, advantage_B, next_advantage_B)
+        returns_BT = torch.where(keep_BT, advantages_BT + values_BT.float(), 0.0)
+    return advantages_BT, returns_BT
 
 
 def _centered_and_std(

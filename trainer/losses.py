@@ -23,8 +23,9 @@ Dr.GRPO    ``scale_by_std=False``             ``"seq-mean-token-sum-norm"``, ``m
 The KL to the reference model goes either into the reward (``kl_penalized_rewards``, the
 default placement: the k1 estimate there gives an unbiased penalty on the sequence) or
 into the loss (``policy_loss(ref_logprobs_BT=..., kl_coef=...)``, GRPO paper's placement,
-usually with k3). This module does not compute log-probabilities, advantages
-(``advantages.py``) or value losses.
+usually with k3). PPO's critic trains on ``value_loss``; SFT, the DPO family (DPO, cDPO,
+IPO, SimPO, ORPO), KTO and the Bradley-Terry reward model have a function each at the end.
+This module does not compute log-probabilities or advantages (``advantages.py``).
 """
 
 from __future__ import annotations
@@ -38,9 +39,15 @@ __all__ = [
     "AGGREGATIONS",
     "KL_ESTIMATORS",
     "LOSSES",
+    "PREFERENCE_LOSSES",
+    "bradley_terry_loss",
     "kl_estimate",
     "kl_penalized_rewards",
+    "kto_loss",
     "policy_loss",
+    "preference_loss",
+    "sft_loss",
+    "value_loss",
 ]
 
 KLEstimator = Literal["k1", "k2", "k3"]
@@ -396,3 +403,246 @@ def behaviour_weights(
             "mismatch/capped_frac": ((raw_BT > cap) & keep_BT).sum().item() / n.item(),
         }
     return weights_BT, metrics
+
+
+# --- value loss (PPO's critic) -------------------------------------------------------------
+
+
+def value_loss(
+    values_BT: torch.Tensor,
+    old_values_BT: torch.Tensor,
+    returns_BT: torch.Tensor,
+    mask_BT: torch.Tensor,
+    *,
+    clip: float | None = None,
+    num_tokens: float | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """PPO's value loss over sampled tokens, optionally clipped (Schulman et al. 2017).
+
+    ``L = sum_t mask_t * 0.5 * max((V_t - R_t)^2, (V_old_t + clip(V_t - V_old_t, -c, c) - R_t)^2)
+    / num_tokens``; without ``clip`` only the first term. Clipping keeps the critic within
+    ``c`` of its values at sampling time, as the policy's ratio clip does for the policy.
+
+    Args:
+        values_BT: the critic's values now (with grad).
+        old_values_BT: its values when the batch was sampled (no grad).
+        returns_BT: the regression targets (GAE returns, ``advantages + old values``).
+        mask_BT: 1 on sampled tokens, the only positions with values.
+        clip: the clip range ``c``, or None for an unclipped squared error.
+        num_tokens: the normaliser (the step's sampled tokens); default this call's count.
+
+    Returns:
+        ``(loss, {"value_loss", "value_clip_frac", "explained_variance"})``.
+    """
+    _check_token_tensors(
+        values_BT, old_values_BT=old_values_BT, returns_BT=returns_BT, mask_BT=mask_BT
+    )
+    keep_BT = mask_BT.bool()
+    error_BT = (values_BT - returns_BT) ** 2
+    if clip is not None:
+        clipped_BT = old_values_BT + (values_BT - old_values_BT).clamp(-clip, clip)
+        error_BT = torch.maximum(error_BT, (clipped_BT - returns_BT) ** 2)
+    count = float(keep_BT.sum().clamp(min=1)) if num_tokens is None else num_tokens
+    loss = 0.5 * torch.where(keep_BT, error_BT, 0.0).sum() / count
+    with torch.no_grad():
+        v, r = values_BT[keep_BT].float(), returns_BT[keep_BT].float()
+        clipped = (values_BT - old_values_BT).abs() > clip if clip is not None else None
+        metrics = {
+            "value_loss": loss.item(),
+            "value_clip_frac": float(clipped[keep_BT].float().mean())
+            if clipped is not None
+            else 0.0,
+            "explained_variance": float(1 - (r - v).var() / r.var())
+            if r.numel() > 1 and r.var() > 0
+            else 0.0,
+        }
+    return loss, metrics
+
+
+# --- supervised and preference losses ------------------------------------------------------
+
+PreferenceLossName = Literal["sigmoid", "ipo", "simpo", "orpo"]
+PREFERENCE_LOSSES: tuple[str, ...] = get_args(PreferenceLossName)
+REFERENCE_FREE: tuple[str, ...] = ("simpo", "orpo")
+
+
+def sft_loss(
+    logprobs_BT: torch.Tensor, mask_BT: torch.Tensor, *, num_tokens: float | None = None
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Supervised fine-tuning: the negative log-likelihood of the target tokens.
+
+    ``L = -sum_t mask_t * log pi(x_t) / num_tokens``: a token mean over the step's target
+    tokens (assistant tokens of a chat), so micro-batches add up to the whole batch's mean.
+
+    Returns:
+        ``(loss, {"nll": this call's mean NLL per target token})``.
+    """
+    _check_token_tensors(logprobs_BT, mask_BT=mask_BT)
+    keep_BT = mask_BT.bool()
+    nll = -torch.where(keep_BT, logprobs_BT, 0.0).sum()
+    count = float(keep_BT.sum().clamp(min=1))
+    loss = nll / (count if num_tokens is None else num_tokens)
+    return loss, {"nll": nll.item() / count}
+
+
+def preference_loss(
+    chosen_logps_P: torch.Tensor,
+    rejected_logps_P: torch.Tensor,
+    *,
+    loss: PreferenceLossName,
+    beta: float,
+    ref_chosen_logps_P: torch.Tensor | None = None,
+    ref_rejected_logps_P: torch.Tensor | None = None,
+    chosen_lengths_P: torch.Tensor | None = None,
+    rejected_lengths_P: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+    simpo_gamma: float = 0.5,
+    num_pairs: float | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Pairwise preference losses on ``P`` (chosen, rejected) pairs.
+
+    Inputs are each answer's SUMMED token log-probs (``c``, ``r``; ``c_ref``, ``r_ref`` under
+    the frozen reference) and its token count (``l_c``, ``l_r``); ``s = sigmoid``:
+
+    - ``sigmoid``, DPO (Rafailov et al. 2023), with cDPO's label smoothing ``e`` (the chance
+      a label is flipped): ``d = (c - c_ref) - (r - r_ref)``,
+      ``L = -(1 - e) log s(beta d) - e log s(-beta d)``.
+    - ``ipo`` (Azar et al. 2023, Eq. 17), on per-token log-ratios as TRL does:
+      ``d = (c - c_ref) / l_c - (r - r_ref) / l_r``, ``L = (d - 1 / (2 beta))^2``.
+    - ``simpo`` (Meng et al. 2024), reference-free, length-normalised, target margin
+      ``gamma``: ``L = -(1 - e) log s(beta d - gamma) - e log s(-(beta d - gamma))`` with
+      ``d = c / l_c - r / l_r``.
+    - ``orpo`` (Hong et al. 2024), reference-free: with the mean token log-probs
+      ``m_c = c / l_c``, ``m_r = r / l_r`` and ``log odds(m) = m - log(1 - exp(m))``,
+      ``L = -m_c - beta log s(log odds(m_c) - log odds(m_r))``: the chosen answer's NLL plus
+      the odds-ratio term. TRL averages the NLL over all chosen tokens of the batch; here
+      it is each pair's mean, so the two agree when the chosen answers are equally long.
+
+    The loss is the sum over pairs divided by ``num_pairs`` (the step's pair count; default
+    ``P``), so micro-batches add up to the whole batch's mean.
+
+    Returns:
+        ``(loss, metrics)``: the implicit rewards ``rewards/chosen``, ``rewards/rejected``
+        (``beta`` times the log-ratio to the reference; times the mean token log-prob for
+        the reference-free losses), their ``rewards/margin`` and ``rewards/accuracy`` (the
+        fraction of pairs ranked right), means over this call's pairs.
+    """
+    _check_choice("loss", loss, PREFERENCE_LOSSES)
+    _check_shape("rejected_logps_P", rejected_logps_P, chosen_logps_P.shape)
+    if beta <= 0 or not 0 <= label_smoothing < 0.5:
+        raise ValueError(
+            f"need beta > 0 and 0 <= label_smoothing < 0.5, got {beta}, {label_smoothing}"
+        )
+    c, r = chosen_logps_P.float(), rejected_logps_P.float()
+    if loss in ("ipo", "simpo", "orpo"):
+        if chosen_lengths_P is None or rejected_lengths_P is None:
+            raise ValueError(f"loss {loss!r} averages over answer tokens: pass the lengths")
+        l_c, l_r = chosen_lengths_P.float().clamp(min=1), rejected_lengths_P.float().clamp(min=1)
+    if loss in REFERENCE_FREE:
+        reward_c, reward_r = beta * c / l_c, beta * r / l_r
+    else:
+        if ref_chosen_logps_P is None or ref_rejected_logps_P is None:
+            raise ValueError(f"loss {loss!r} needs the reference model's log-probs")
+        log_ratio_c, log_ratio_r = c - ref_chosen_logps_P.float(), r - ref_rejected_logps_P.float()
+        reward_c, reward_r = beta * log_ratio_c, beta * log_ratio_r
+    if loss == "sigmoid":
+        losses_P = _smoothed_logistic(beta * (log_ratio_c - log_ratio_r), label_smoothing)
+    elif loss == "ipo":
+        losses_P = (log_ratio_c / l_c - log_ratio_r / l_r - 1 / (2 * beta)) ** 2
+    elif loss == "simpo":
+        losses_P = _smoothed_logistic(beta * (c / l_c - r / l_r) - simpo_gamma, label_smoothing)
+    else:  # orpo
+        m_c, m_r = c / l_c, r / l_r
+        log_odds_P = (m_c - _log1mexp(m_c)) - (m_r - _log1mexp(m_r))
+        losses_P = -m_c - beta * torch.nn.functional.logsigmoid(log_odds_P)
+    total = losses_P.sum() / (len(losses_P) if num_pairs is None else num_pairs)
+    with torch.no_grad():
+        margin_P = reward_c - reward_r
+        metrics = {
+            "rewards/chosen": reward_c.mean().item(),
+            "rewards/rejected": reward_r.mean().item(),
+            "rewards/margin": margin_P.mean().item(),
+            "rewards/accuracy": (margin_P > 0).float().mean().item(),
+        }
+    return total, metrics
+
+
+def kto_loss(
+    logps_N: torch.Tensor,
+    ref_logps_N: torch.Tensor,
+    desirable_N: torch.Tensor,
+    *,
+    kl: torch.Tensor | float,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+    num_examples: float | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """KTO on unpaired answers labelled desirable or not (Ethayarajh et al. 2024, Eq. 7).
+
+    With the log-ratio ``z = logp - logp_ref`` of each answer (summed over its tokens) and
+    the reference point ``z0 = max(KL, 0)``, treated as a constant:
+    ``L = w_D (1 - s(beta (z - z0)))`` for desirable answers and
+    ``L = w_U (1 - s(beta (z0 - z)))`` for undesirable ones, summed and divided by
+    ``num_examples`` (default ``N``). ``kl`` is the batch estimate of ``KL(pi || pi_ref)``
+    that TRL uses: the mean log-ratio of answers paired with OTHER examples' prompts
+    (mismatched pairs), computed by the caller.
+
+    Returns:
+        ``(loss, {"kl", "rewards/desirable", "rewards/undesirable"})``, rewards ``beta z``.
+    """
+    _check_shape("ref_logps_N", ref_logps_N, logps_N.shape)
+    _check_shape("desirable_N", desirable_N, logps_N.shape)
+    z0 = torch.as_tensor(kl, dtype=torch.float32).detach().clamp(min=0)
+    z_N = logps_N.float() - ref_logps_N.float()
+    good_N = desirable_N.bool()
+    losses_N = torch.where(
+        good_N,
+        desirable_weight * (1 - torch.sigmoid(beta * (z_N - z0))),
+        undesirable_weight * (1 - torch.sigmoid(beta * (z0 - z_N))),
+    )
+    total = losses_N.sum() / (len(losses_N) if num_examples is None else num_examples)
+    with torch.no_grad():
+        rewards_N = beta * z_N
+        metrics = {
+            "kl": z0.item(),
+            "rewards/desirable": rewards_N[good_N].mean().item() if good_N.any() else 0.0,
+            "rewards/undesirable": rewards_N[~good_N].mean().item() if (~good_N).any() else 0.0,
+        }
+    return total, metrics
+
+
+def bradley_terry_loss(
+    chosen_rewards_P: torch.Tensor,
+    rejected_rewards_P: torch.Tensor,
+    *,
+    margin_P: torch.Tensor | None = None,
+    num_pairs: float | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Reward-model loss under the Bradley-Terry model (Ouyang et al. 2022, Eq. 1).
+
+    ``P(chosen > rejected) = s(r_c - r_r)``; ``L = -log s(r_c - r_r - m)`` summed over pairs
+    and divided by ``num_pairs`` (default ``P``); the optional margin ``m`` asks for a gap.
+
+    Returns:
+        ``(loss, {"accuracy", "margin"})`` over this call's pairs.
+    """
+    _check_shape("rejected_rewards_P", rejected_rewards_P, chosen_rewards_P.shape)
+    diff_P = chosen_rewards_P.float() - rejected_rewards_P.float()
+    shifted_P = diff_P if margin_P is None else diff_P - margin_P.float()
+    losses_P = -torch.nn.functional.logsigmoid(shifted_P)
+    total = losses_P.sum() / (len(losses_P) if num_pairs is None else num_pairs)
+    with torch.no_grad():
+        metrics = {"accuracy": (diff_P > 0).float().mean().item(), "margin": diff_P.mean().item()}
+    return total, metrics
+
+
+def _smoothed_logistic(logits_P: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """``-(1 - e) log s(x) - e log s(-x)``: the logistic loss with flip probability ``e``."""
+    logsigmoid = torch.nn.functional.logsigmoid
+    return -(1 - smoothing) * logsigmoid(logits_P) - smoothing * logsigmoid(-logits_P)
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """``log(1 - exp(x))`` for ``x < 0``, accurate near 0 and for very negative ``x``."""
+    return torch.where(x > -0.693, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))

@@ -9,7 +9,7 @@ from collections import defaultdict
 import pytest
 import torch
 
-from palaestra.trainer.advantages import group_advantages, grouped_advantages
+from palaestra.trainer.advantages import gae, group_advantages, grouped_advantages, rloo_advantages
 
 EPS = 1e-6
 
@@ -277,3 +277,89 @@ def test_soft_overlong_penalty_ramps_over_the_buffer():
     assert halved.tolist() == pytest.approx([x / 2 for x in expected])
     with pytest.raises(ValueError, match="buffer"):
         overlong_penalty(lengths, max_length=20, buffer=0)
+
+
+# --- RLOO against TRL ----------------------------------------------------------------------
+
+
+def _trl_rloo_advantages(rewards: torch.Tensor, num_generations: int) -> torch.Tensor:
+    """Run the lines of TRL 1.16's ``RLOOTrainer`` that turn rewards into advantages.
+
+    They sit inline in ``_generate_and_score_completions``, after generation and reward
+    calls that need a real model; the block is taken from TRL's source as installed, from
+    ``grouped_rewards = ...`` to the final ``nan_to_num``, and executed on ``rewards``.
+    """
+    import inspect
+    import textwrap
+    import types
+
+    from trl.trainer.rloo_trainer import RLOOTrainer
+    from trl.trainer.utils import nanstd
+
+    source = inspect.getsource(RLOOTrainer._generate_and_score_completions)
+    start = source.index("grouped_rewards = rewards.view(-1, num_generations)")
+    end_marker = "advantages = torch.nan_to_num(advantages, nan=0.0)"
+    end = source.index(end_marker, start) + len(end_marker)
+    block = textwrap.dedent(" " * 8 + source[start:end])
+    scope = {
+        "rewards": rewards,
+        "num_generations": num_generations,
+        "torch": torch,
+        "nanstd": nanstd,
+        "self": types.SimpleNamespace(normalize_advantages=False),
+    }
+    exec(compile(block, "trl-rloo-advantages", "exec"), scope)
+    return scope["advantages"]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_rloo_matches_trl(seed):
+    g = torch.Generator().manual_seed(seed)
+    rewards = torch.randint(0, 3, (12,), generator=g).float()  # 3 prompts x 4 completions
+    group_ids = torch.arange(3).repeat_interleave(4)
+    torch.testing.assert_close(
+        rloo_advantages(rewards, group_ids), _trl_rloo_advantages(rewards, 4)
+    )
+
+
+# --- GAE -----------------------------------------------------------------------------------
+
+
+def test_gae_by_hand_over_model_tokens_with_a_tool_reply_between_turns():
+    # positions: 0 prompt | 1, 2 turn one | 3, 4 tool reply | 5, 6 turn two | 7 padding
+    mask = torch.tensor([[0, 1, 1, 0, 0, 1, 1, 0]])
+    values = torch.tensor([[9.0, 0.5, 0.4, 9.0, 9.0, 0.6, 0.8, 9.0]])  # 9s are never read
+    rewards = torch.tensor(
+        [[0.0, 0.0, 0.2, 0.0, 0.0, 0.0, 1.0, 0.0]]
+    )  # turn rewards on last tokens
+    gamma, lam = 0.9, 0.8
+    # backwards over the model tokens 6, 5, 2, 1 (the tool reply is not a step):
+    d6 = 1.0 + 0.9 * 0.0 - 0.8  # = 0.2, the episode ends after token 6
+    a6 = d6
+    d5 = 0.0 + 0.9 * 0.8 - 0.6  # = 0.12
+    a5 = d5 + 0.9 * 0.8 * a6  # = 0.264
+    d2 = 0.2 + 0.9 * 0.6 - 0.4  # = 0.34, bootstraps from token 5 across the tool reply
+    a2 = d2 + 0.72 * a5  # = 0.53008
+    d1 = 0.0 + 0.9 * 0.4 - 0.5  # = -0.14
+    a1 = d1 + 0.72 * a2  # = 0.2416576
+    advantages, returns = gae(rewards, values, mask, gamma=gamma, lam=lam)
+    expected = torch.tensor([[0.0, a1, a2, 0.0, 0.0, a5, a6, 0.0]])
+    torch.testing.assert_close(advantages, expected)
+    torch.testing.assert_close(returns, torch.where(mask.bool(), expected + values, 0.0))
+
+
+def test_gae_limits_are_monte_carlo_and_one_step_td():
+    mask = torch.tensor([[1, 1, 1, 0]])
+    values = torch.tensor([[0.3, 0.1, 0.7, 0.0]])
+    rewards = torch.tensor([[0.5, 0.0, 2.0, 0.0]])
+    mc, returns = gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    # lam = gamma = 1: the rewards still to come, minus the value
+    torch.testing.assert_close(mc, torch.tensor([[2.5 - 0.3, 2.0 - 0.1, 2.0 - 0.7, 0.0]]))
+    torch.testing.assert_close(returns, torch.tensor([[2.5, 2.0, 2.0, 0.0]]))
+    td, _ = gae(rewards, values, mask, gamma=0.5, lam=0.0)
+    # lam = 0: r_t + gamma V_t+1 - V_t
+    torch.testing.assert_close(
+        td, torch.tensor([[0.5 + 0.05 - 0.3, 0.0 + 0.35 - 0.1, 2.0 - 0.7, 0.0]])
+    )
+    with pytest.raises(ValueError, match="gamma and lam"):
+        gae(rewards, values, mask, gamma=1.5, lam=0.9)
