@@ -2,6 +2,7 @@
 
 TrainerError
 ├── AllEpisodesFailedError   a step had no episode to train on (every one was an infra failure)
+├── DataError                a dataset file is unreadable or a record is malformed (file:line)
 └── WeightSyncError          the engine's logprobs disagree with the learner's after a sync
 """
 
@@ -12,6 +13,10 @@ class TrainerError(Exception):
 
 class AllEpisodesFailedError(TrainerError):
     """Every episode of a step failed for infrastructure reasons; the message has the first error."""
+
+
+class DataError(TrainerError):
+    """A dataset cannot be used: the message names the file, the line and what to fix."""
 
 
 class WeightSyncError(TrainerError):

@@ -442,13 +442,14 @@ def value_loss(
     if clip is not None:
         clipped_BT = old_values_BT + (values_BT - old_values_BT).clamp(-clip, clip)
         error_BT = torch.maximum(error_BT, (clipped_BT - returns_BT) ** 2)
-    count = float(keep_BT.sum().clamp(min=1)) if num_tokens is None else num_tokens
-    loss = 0.5 * torch.where(keep_BT, error_BT, 0.0).sum() / count
+    here = float(keep_BT.sum().clamp(min=1))
+    total = 0.5 * torch.where(keep_BT, error_BT, 0.0).sum()
+    loss = total / (here if num_tokens is None else num_tokens)
     with torch.no_grad():
         v, r = values_BT[keep_BT].float(), returns_BT[keep_BT].float()
         clipped = (values_BT - old_values_BT).abs() > clip if clip is not None else None
         metrics = {
-            "value_loss": loss.item(),
+            "value_loss": total.item() / here,
             "value_clip_frac": float(clipped[keep_BT].float().mean())
             if clipped is not None
             else 0.0,
@@ -475,14 +476,14 @@ def sft_loss(
     tokens (assistant tokens of a chat), so micro-batches add up to the whole batch's mean.
 
     Returns:
-        ``(loss, {"nll": this call's mean NLL per target token})``.
+        ``(loss, {"loss": this call's mean NLL per target token})``.
     """
     _check_token_tensors(logprobs_BT, mask_BT=mask_BT)
     keep_BT = mask_BT.bool()
     nll = -torch.where(keep_BT, logprobs_BT, 0.0).sum()
     count = float(keep_BT.sum().clamp(min=1))
     loss = nll / (count if num_tokens is None else num_tokens)
-    return loss, {"nll": nll.item() / count}
+    return loss, {"loss": nll.item() / count}
 
 
 def preference_loss(
@@ -522,7 +523,7 @@ def preference_loss(
     ``P``), so micro-batches add up to the whole batch's mean.
 
     Returns:
-        ``(loss, metrics)``: the implicit rewards ``rewards/chosen``, ``rewards/rejected``
+        ``(loss, metrics)``: this call's mean ``loss`` per pair, the implicit rewards ``rewards/chosen``, ``rewards/rejected``
         (``beta`` times the log-ratio to the reference; times the mean token log-prob for
         the reference-free losses), their ``rewards/margin`` and ``rewards/accuracy`` (the
         fraction of pairs ranked right), means over this call's pairs.
@@ -559,6 +560,7 @@ def preference_loss(
     with torch.no_grad():
         margin_P = reward_c - reward_r
         metrics = {
+            "loss": losses_P.mean().item(),
             "rewards/chosen": reward_c.mean().item(),
             "rewards/rejected": reward_r.mean().item(),
             "rewards/margin": margin_P.mean().item(),
@@ -589,7 +591,8 @@ def kto_loss(
     (mismatched pairs), computed by the caller.
 
     Returns:
-        ``(loss, {"kl", "rewards/desirable", "rewards/undesirable"})``, rewards ``beta z``.
+        ``(loss, {"loss", "kl", "rewards/desirable", "rewards/undesirable"})``, with the
+        mean loss per answer of this call and rewards ``beta z``.
     """
     _check_shape("ref_logps_N", ref_logps_N, logps_N.shape)
     _check_shape("desirable_N", desirable_N, logps_N.shape)
@@ -605,6 +608,7 @@ def kto_loss(
     with torch.no_grad():
         rewards_N = beta * z_N
         metrics = {
+            "loss": losses_N.mean().item(),
             "kl": z0.item(),
             "rewards/desirable": rewards_N[good_N].mean().item() if good_N.any() else 0.0,
             "rewards/undesirable": rewards_N[~good_N].mean().item() if (~good_N).any() else 0.0,
@@ -625,7 +629,7 @@ def bradley_terry_loss(
     and divided by ``num_pairs`` (default ``P``); the optional margin ``m`` asks for a gap.
 
     Returns:
-        ``(loss, {"accuracy", "margin"})`` over this call's pairs.
+        ``(loss, {"loss", "accuracy", "margin"})``, means over this call's pairs.
     """
     _check_shape("rejected_rewards_P", rejected_rewards_P, chosen_rewards_P.shape)
     diff_P = chosen_rewards_P.float() - rejected_rewards_P.float()
@@ -633,7 +637,11 @@ def bradley_terry_loss(
     losses_P = -torch.nn.functional.logsigmoid(shifted_P)
     total = losses_P.sum() / (len(losses_P) if num_pairs is None else num_pairs)
     with torch.no_grad():
-        metrics = {"accuracy": (diff_P > 0).float().mean().item(), "margin": diff_P.mean().item()}
+        metrics = {
+            "loss": losses_P.mean().item(),
+            "accuracy": (diff_P > 0).float().mean().item(),
+            "margin": diff_P.mean().item(),
+        }
     return total, metrics
 
 

@@ -46,7 +46,7 @@ def test_sft_loss_is_the_token_mean_nll_of_the_target_tokens():
     a, _ = sft_loss(logprobs[:1], mask[:1], num_tokens=3)
     b, _ = sft_loss(logprobs[1:], mask[1:], num_tokens=3)
     assert (a + b).item() == pytest.approx(loss.item())
-    assert metrics["nll"] == pytest.approx(2.0)
+    assert metrics["loss"] == pytest.approx(2.0)
 
 
 def test_dpo_sigmoid_by_hand():

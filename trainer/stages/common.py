@@ -19,15 +19,18 @@ from typing import TYPE_CHECKING
 
 from palaestra import envs
 from palaestra.agent.engines.base import Engine, SamplingParams
+from palaestra.agent.engines.build import build_engine, close_engine
 from palaestra.agent.evaluate import EvalResult, evaluate
 from palaestra.agent.render import ChatRenderer
 from palaestra.agent.rollout import EnvPool
 from palaestra.config import TrainConfig
+from palaestra.models import resolve_model, turn_end_ids
 from palaestra.rundir import RunDir
+from palaestra.trainer.checkpoint import save_checkpoint
 from palaestra.trainer.learner import Learner
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
@@ -47,20 +50,22 @@ class StageResult:
     ``eval/loss_after`` for SFT; ``eval/pref_accuracy_after`` for DPO)."""
 
 
-def build_learner(cfg: TrainConfig, model: PreTrainedModel, *, lr: float | None = None) -> Learner:
-    """A learner over ``model`` with the ``trainer`` section's optimisation settings (and
-    ``lr`` in place of ``trainer.lr`` when given, e.g. for a critic)."""
+def build_learner(
+    cfg: TrainConfig, model: PreTrainedModel, *, temperature: float | None = None
+) -> Learner:
+    """A learner over ``model`` with the ``trainer`` section's optimisation settings, scoring
+    at the rollout temperature (or ``temperature``: 1 for stages trained on datasets)."""
     t = cfg.trainer
     return Learner(
         model,
-        lr=t.lr if lr is None else lr,
+        lr=t.lr,
         betas=t.betas,
         weight_decay=t.weight_decay,
         warmup_steps=t.warmup_steps,
         max_grad_norm=t.max_grad_norm,
         micro_batch_size=t.micro_batch_size,
         dtype=t.dtype,
-        temperature=cfg.rollout.temperature,
+        temperature=cfg.rollout.temperature if temperature is None else temperature,
         gradient_checkpointing=t.gradient_checkpointing,
     )
 
@@ -103,6 +108,41 @@ async def evaluate_on_env(
     run.log_trajectories(step, episodes[: cfg.run.log_trajectories], renderer.decode, kind="eval")
     print(f"[eval @ step {step}] {result.summary()}", file=sys.stderr)
     return result
+
+
+async def evaluate_model(
+    cfg: TrainConfig,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    run: RunDir,
+    *,
+    step: int,
+) -> EvalResult:
+    """``evaluate_on_env`` for a stage without a rollout engine: samples with a frozen copy
+    of ``model`` (the engine casts its model to ``engine_dtype``), dropped afterwards."""
+    engine = build_engine(
+        "transformers",
+        model=frozen_copy(model),
+        model_dir=resolve_model(cfg.model),
+        eos_token_ids=turn_end_ids(model, tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        dtype=cfg.engine_dtype,
+        device=cfg.device,
+        seed=cfg.seed,
+    )
+    try:
+        return await evaluate_on_env(cfg, engine, ChatRenderer(tokenizer), run, step=step)
+    finally:
+        await close_engine(engine)
+
+
+def save_interrupted(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, run: RunDir, step: int
+) -> None:
+    """After a failure at ``step``, keep what the steps before trained (``interrupted``)."""
+    if step > 1:
+        path = save_checkpoint(model, tokenizer, run.checkpoints / "interrupted")
+        print(f"training stopped at step {step}; weights saved to {path}", file=sys.stderr)
 
 
 def frozen_copy(model: PreTrainedModel) -> PreTrainedModel:

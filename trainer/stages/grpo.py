@@ -74,6 +74,7 @@ from palaestra.trainer.stages.common import (
     peak_rss_gb,
     return_freed_memory,
     rss_gb,
+    save_interrupted,
 )
 from palaestra.trainer.weight_sync import default_tolerance, verify_engine_weights
 
@@ -161,9 +162,7 @@ async def _train_with(cfg: TrainConfig, parts: _Parts, run: RunDir, pool: EnvPoo
             if cfg.run.save_every and step % cfg.run.save_every == 0 and step < steps:
                 save_checkpoint(parts.model, parts.tokenizer, run.checkpoints / f"step-{step}")
     except BaseException:
-        if step > 1:  # keep what was trained so far
-            path = save_checkpoint(parts.model, parts.tokenizer, run.checkpoints / "interrupted")
-            print(f"training stopped at step {step}; weights saved to {path}", file=sys.stderr)
+        save_interrupted(parts.model, parts.tokenizer, run, step)
         raise
     finally:
         bar.close()

@@ -1,0 +1,284 @@
+"""Datasets for the SFT, DPO-family and reward-model stages: JSON lines to token rows.
+
+Formats, one JSON object a line (a message is ``{"role": ..., "content": ...}``; a string
+prompt is one user message, a string answer one assistant message):
+
+- SFT: ``{"messages": [...]}`` (the loss is on every assistant message) or
+  ``{"prompt": ..., "completion": ...}`` (the loss is on the completion).
+- Preferences: ``{"prompt": ..., "chosen": ..., "rejected": ...}``.
+- Unpaired (KTO): ``{"prompt": ..., "completion": ..., "label": true | false}``; a paired
+  file serves KTO too, each pair giving one desirable and one undesirable answer.
+
+Tokens come from the model's chat template, rendered the way rollouts render them: each
+prompt part is the template's text up to the assistant's generation prompt, and each
+assistant message is the text the template puts after it, up to and including the token
+that ends the turn (``<|im_end|>`` for ChatML), which the model must learn to emit. The
+loss mask is 1 exactly on those assistant tokens. A template that renders an earlier part
+of the conversation differently once later messages are added cannot be trained on this
+way and raises ``DataError``.
+
+What this module does not do: compute losses or log-probs (``losses``, ``learner``).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from palaestra.envs.core import Messages
+from palaestra.trainer.batch import TokenBatch
+from palaestra.trainer.errors import DataError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+@dataclass(frozen=True)
+class ChatExample:
+    """A conversation trained on from message ``train_from`` on (its assistant messages)."""
+
+    messages: Messages
+    """The whole conversation."""
+    train_from: int = 0
+    """Index of the first message whose assistant turns carry loss (earlier: the prompt)."""
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """Two answers to one prompt, the first preferred."""
+
+    prompt: Messages
+    chosen: Messages
+    """The preferred answer's messages (usually one assistant message)."""
+    rejected: Messages
+
+
+@dataclass(frozen=True)
+class LabelledAnswer:
+    """One answer to a prompt, marked desirable or not (KTO)."""
+
+    prompt: Messages
+    completion: Messages
+    desirable: bool
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One tokenised conversation."""
+
+    ids: list[int]
+    mask: list[int]
+    """1 on trained (assistant) tokens."""
+    truncated: bool
+    """Whether the conversation was cut to ``max_length``."""
+
+
+def read_jsonl(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` for each non-empty line; ``DataError`` names a bad line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"dataset {path} does not exist")
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{number}: each line must be a JSON object")
+        rows.append((number, row))
+    if not rows:
+        raise DataError(f"dataset {path} is empty")
+    return rows
+
+
+def read_sft(path: str | Path) -> list[ChatExample]:
+    """SFT examples: ``{"messages"}`` or ``{"prompt", "completion"}`` per line."""
+    examples = []
+    for number, row in read_jsonl(path):
+        where = f"{path}:{number}"
+        if "messages" in row:
+            messages = _messages(row["messages"], f"{where}: messages", "user")
+            if not any(m["role"] == "assistant" for m in messages):
+                raise DataError(f"{where}: messages has no assistant message to train on")
+            examples.append(ChatExample(messages))
+        elif "prompt" in row and "completion" in row:
+            prompt = _messages(row["prompt"], f"{where}: prompt", "user")
+            answer = _messages(row["completion"], f"{where}: completion", "assistant")
+            examples.append(ChatExample([*prompt, *answer], train_from=len(prompt)))
+        else:
+            raise DataError(
+                f'{where}: an SFT line needs "messages", or "prompt" and "completion"; '
+                f"found keys {sorted(row)}"
+            )
+    return examples
+
+
+def read_preferences(path: str | Path) -> list[PreferencePair | LabelledAnswer]:
+    """Preference pairs ``{"prompt", "chosen", "rejected"}`` or labelled answers
+    ``{"prompt", "completion", "label"}`` (KTO), one per line."""
+    examples: list[PreferencePair | LabelledAnswer] = []
+    for number, row in read_jsonl(path):
+        where = f"{path}:{number}"
+        if "prompt" not in row:
+            raise DataError(f'{where}: missing "prompt"')
+        prompt = _messages(row["prompt"], f"{where}: prompt", "user")
+        if "chosen" in row and "rejected" in row:
+            chosen = _messages(row["chosen"], f"{where}: chosen", "assistant")
+            rejected = _messages(row["rejected"], f"{where}: rejected", "assistant")
+            examples.append(PreferencePair(prompt, chosen, rejected))
+        elif "completion" in row and "label" in row:
+            if not isinstance(row["label"], bool):
+                raise DataError(f'{where}: "label" must be true or false, got {row["label"]!r}')
+            answer = _messages(row["completion"], f"{where}: completion", "assistant")
+            examples.append(LabelledAnswer(prompt, answer, row["label"]))
+        else:
+            raise DataError(
+                f'{where}: a preference line needs "chosen" and "rejected" (pairs) or '
+                f'"completion" and "label" (KTO); found keys {sorted(row)}'
+            )
+    return examples
+
+
+def pairs_only(
+    examples: Sequence[PreferencePair | LabelledAnswer], path: Any
+) -> list[PreferencePair]:
+    """The examples as pairs; ``DataError`` if the file holds unpaired answers."""
+    if not all(isinstance(e, PreferencePair) for e in examples):
+        raise DataError(
+            f"{path} holds unpaired answers (prompt, completion, label): only the KTO loss "
+            'takes them; use dpo.loss: kto, or write "chosen" and "rejected" pairs'
+        )
+    return list(examples)  # type: ignore[arg-type]
+
+
+def labelled(examples: Sequence[PreferencePair | LabelledAnswer]) -> list[LabelledAnswer]:
+    """Examples as labelled answers (KTO): a pair gives a desirable and an undesirable one."""
+    out = []
+    for e in examples:
+        if isinstance(e, PreferencePair):
+            out += [
+                LabelledAnswer(e.prompt, e.chosen, True),
+                LabelledAnswer(e.prompt, e.rejected, False),
+            ]
+        else:
+            out.append(e)
+    return out
+
+
+def held_out(rows: list[Any], eval_size: int, seed: int, path: Any) -> tuple[list[Any], list[Any]]:
+    """``(train, eval)``: ``eval_size`` rows drawn at random (seeded) for evaluation."""
+    if eval_size >= len(rows):
+        raise DataError(
+            f"{path} has {len(rows)} examples; data.eval_size={eval_size} would leave none to "
+            "train on: lower data.eval_size or give data.eval_path"
+        )
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    chosen = set(order[:eval_size])
+    return [r for i, r in enumerate(rows) if i not in chosen], [rows[i] for i in sorted(chosen)]
+
+
+def batch_indices(n: int, batch_size: int, seed: int) -> Iterator[list[int]]:
+    """Endless batches of indices into ``n`` examples: each pass is a fresh seeded shuffle,
+    and a batch that runs past the end of a pass continues into the next."""
+    rng = random.Random(seed)
+    order: list[int] = []
+    while True:
+        while len(order) < batch_size:
+            fresh = list(range(n))
+            rng.shuffle(fresh)
+            order += fresh
+        yield order[:batch_size]
+        order = order[batch_size:]
+
+
+class ChatEncoder:
+    """Tokenises conversations with a chat template and assistant-only loss masks."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.end_text = str(tokenizer.eos_token or "")
+
+    def encode(self, messages: Messages, train_from: int = 0) -> Encoded:
+        """Ids and mask of ``messages``: assistant messages at index ``>= train_from`` are
+        trained on, through their end-of-turn token. The conversation ends after its last
+        trained message; it is cut from the end to ``max_length`` tokens."""
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        ids: list[int] = []
+        mask: list[int] = []
+        rendered = ""
+        for i, message in enumerate(messages[: last + 1]):
+            if message["role"] != "assistant":
+                continue
+            prompt = self._render(messages[:i], generation_prompt=True)
+            full = self._render(messages[: i + 1], generation_prompt=False)
+            if not prompt.startswith(rendered) or not full.startswith(prompt):
+                raise DataError(
+                    "the chat template renders earlier turns differently once later ones are "
+                    "added (it rewrites history), so assistant tokens cannot be masked exactly; "
+                    "train on one assistant turn per example"
+                )
+            answer = full[len(prompt) :]
+            cut = (
+                answer.find(self.end_text) + len(self.end_text)
+                if self.end_text in answer
+                else len(answer)
+            )
+            trained = 1 if i >= train_from else 0
+            for text, flag in ((prompt[len(rendered) :], 0), (answer[:cut], trained)):
+                part = self.tokenizer.encode(text, add_special_tokens=False)
+                ids += part
+                mask += [flag] * len(part)
+            rendered = prompt + answer[:cut]
+        truncated = len(ids) > self.max_length
+        return Encoded(ids[: self.max_length], mask[: self.max_length], truncated)
+
+    def _render(self, messages: Messages, *, generation_prompt: bool) -> str:
+        if not messages:
+            return ""
+        text = self.tokenizer.apply_chat_template(
+            [dict(m) for m in messages], add_generation_prompt=generation_prompt, tokenize=False
+        )
+        return str(text)
+
+
+def token_batch(rows: Sequence[Encoded], pad_id: int) -> TokenBatch:
+    """Right-padded rows as a ``TokenBatch`` (no behaviour logprobs, no advantages)."""
+    width = max(len(r.ids) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros((len(rows), width))
+    for b, row in enumerate(rows):
+        ids[b, : len(row.ids)] = torch.tensor(row.ids)
+        attention[b, : len(row.ids)] = 1
+        mask[b, : len(row.ids)] = torch.tensor(row.mask, dtype=torch.float32)
+    mask[:, 0] = 0.0  # token 0 has no logits to be scored from
+    return TokenBatch(ids, attention, mask, torch.zeros((len(rows), width)), torch.zeros(len(rows)))
+
+
+def _messages(value: Any, where: str, default_role: str) -> Messages:
+    """A string as one message of ``default_role``, or a checked list of messages."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise DataError(f"{where} is empty")
+        return [{"role": default_role, "content": value}]  # type: ignore[list-item]
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where} must be a string or a non-empty list of messages")
+    for k, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+            raise DataError(f'{where}[{k}] must be {{"role": ..., "content": "<text>"}}')
+        if m.get("role") not in ROLES:
+            raise DataError(f"{where}[{k}]: role must be one of {ROLES}, got {m.get('role')!r}")
+    return value
