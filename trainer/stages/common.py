@@ -14,13 +14,17 @@ import ctypes.util
 import os
 import resource
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+
+import gymnasium as gym
 
 from palaestra import envs
 from palaestra.agent.engines.base import Engine, SamplingParams
 from palaestra.agent.engines.build import build_engine, close_engine
 from palaestra.agent.evaluate import EvalResult, evaluate
+from palaestra.agent.learned_reward import LearnedReward, RewardModelScorer
 from palaestra.agent.render import ChatRenderer
 from palaestra.agent.rollout import EnvPool
 from palaestra.config import TrainConfig
@@ -67,6 +71,23 @@ def build_learner(
         dtype=t.dtype,
         temperature=cfg.rollout.temperature if temperature is None else temperature,
         gradient_checkpointing=t.gradient_checkpointing,
+    )
+
+
+def train_env_factory(cfg: TrainConfig) -> Callable[[], gym.Env]:
+    """A function building the configured env's training split; with
+    ``env.reward_model`` set, wrapped so a reward model scores each finished episode (the
+    model is loaded once here and shared by every env the function builds). Held-out
+    evaluation never wraps: it measures the env's own reward."""
+    learned = cfg.env.reward_model
+    if learned is None:
+        return lambda: envs.make(cfg.env.id, **cfg.env.kwargs, split="train")
+    scorer = RewardModelScorer(learned.path, device=cfg.device)
+    return lambda: LearnedReward(
+        envs.make(cfg.env.id, **cfg.env.kwargs, split="train"),
+        scorer,
+        mode=learned.mode,
+        weight=learned.weight,
     )
 
 

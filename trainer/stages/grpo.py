@@ -41,7 +41,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from palaestra import envs
 from palaestra.agent.engines.base import Engine, SamplingParams
 from palaestra.agent.engines.build import ServerSettings, build_engine, close_engine
 from palaestra.agent.evaluate import EvalResult
@@ -75,6 +74,7 @@ from palaestra.trainer.stages.common import (
     return_freed_memory,
     rss_gb,
     save_interrupted,
+    train_env_factory,
 )
 from palaestra.trainer.weight_sync import default_tolerance, verify_engine_weights
 
@@ -114,7 +114,7 @@ async def _run(cfg: TrainConfig, run: RunDir) -> StageResult:
 
 async def _train(cfg: TrainConfig, parts: _Parts, run: RunDir) -> StageResult:
     episodes = cfg.rollout.tasks_per_step * cfg.rollout.group_size
-    pool = EnvPool(lambda: envs.make(cfg.env.id, **cfg.env.kwargs, split="train"), episodes)
+    pool = EnvPool(train_env_factory(cfg), episodes)
     try:
         return await _train_with(cfg, parts, run, pool)
     finally:
