@@ -83,7 +83,9 @@ class RewardModelScorer:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, dtype=torch.float32
+        )
         self.model.to(device).eval()  # type: ignore[arg-type]
         self.device, self.batch_size = device, batch_size
         self._lock = threading.Lock()

@@ -158,6 +158,17 @@ def rows_of_token_values(
     return out_BT
 
 
+def token_values_of_rows(
+    trajectories: Sequence[Trajectory], values_BT: torch.Tensor
+) -> list[list[float]]:
+    """The inverse of ``rows_of_token_values``: per-row values back to one list per
+    trajectory, one value per token id."""
+    out = [[0.0] * len(t.token_ids) for t in trajectories]
+    for row, (e, start, end) in enumerate(_rows(trajectories)):
+        out[e][start:end] = values_BT[row, : end - start].tolist()
+    return out
+
+
 def _rows(trajectories: Sequence[Trajectory]) -> list[tuple[int, int, int]]:
     """``(trajectory index, start, end)`` of every training sample, in row order."""
     return [(e, start, end) for e, t in enumerate(trajectories) for start, end in t.segments]

@@ -31,7 +31,7 @@ def reward_model(tmp_path_factory):
             f"data.path={data}",
             "data.eval_size=8",
             "data.batch_size=8",
-            "trainer.steps=12",
+            "trainer.steps=20",
             "trainer.lr=0.01",
             "trainer.micro_batch_size=4",
             "run.progress=false",

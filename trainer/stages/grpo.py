@@ -33,7 +33,7 @@ import dataclasses
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -84,12 +84,27 @@ if TYPE_CHECKING:
 
 def run_grpo(config: TrainConfig, run: RunDir) -> StageResult:
     """Run a GRPO stage as configured, writing into ``run``."""
-    return asyncio.run(_run(config, run))
+    return asyncio.run(run_policy_gradient(config, run, _learn))
+
+
+Learn = Callable[[TrainConfig, "Parts", list[Trajectory]], dict[str, float]]
+"""Steps 3-5 of a policy-gradient stage: trajectories in, one learner step, metrics out.
+GRPO's is ``_learn``; PPO (``stages.ppo``) passes its own, with a critic, to the same loop."""
+
+
+async def run_policy_gradient(cfg: TrainConfig, run: RunDir, learn: Learn) -> StageResult:
+    """The loop of this module with ``learn`` as its steps 3-5 (see the module docstring)."""
+    torch.manual_seed(cfg.seed)
+    parts = _build(cfg, learn)
+    try:
+        return await _train(cfg, parts, run)
+    finally:
+        await parts.aclose()
 
 
 @dataclass
-class _Parts:
-    """What a GRPO run trains and samples with."""
+class Parts:
+    """What a policy-gradient run trains and samples with."""
 
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
@@ -97,22 +112,15 @@ class _Parts:
     engine: Engine
     renderer: ChatRenderer
     learner: Learner
+    learn: Learn
+    """Steps 3-5 of each training step."""
 
     async def aclose(self) -> None:
         """Stop the engine's processes or connections (vLLM runs its own processes)."""
         await close_engine(self.engine)
 
 
-async def _run(cfg: TrainConfig, run: RunDir) -> StageResult:
-    torch.manual_seed(cfg.seed)
-    parts = _build(cfg)
-    try:
-        return await _train(cfg, parts, run)
-    finally:
-        await parts.aclose()
-
-
-async def _train(cfg: TrainConfig, parts: _Parts, run: RunDir) -> StageResult:
+async def _train(cfg: TrainConfig, parts: Parts, run: RunDir) -> StageResult:
     episodes = cfg.rollout.tasks_per_step * cfg.rollout.group_size
     pool = EnvPool(train_env_factory(cfg), episodes)
     try:
@@ -121,7 +129,7 @@ async def _train(cfg: TrainConfig, parts: _Parts, run: RunDir) -> StageResult:
         pool.close()
 
 
-async def _train_with(cfg: TrainConfig, parts: _Parts, run: RunDir, pool: EnvPool) -> StageResult:
+async def _train_with(cfg: TrainConfig, parts: Parts, run: RunDir, pool: EnvPool) -> StageResult:
     _audit_template(cfg, parts, pool)
     if cfg.verify_every:  # the engine must start from the learner's weights
         await _verify_sync(cfg, parts, parts.renderer.prompt_ids(_PROBE))
@@ -151,14 +159,17 @@ async def _train_with(cfg: TrainConfig, parts: _Parts, run: RunDir, pool: EnvPoo
         else None,
     )
     steps = cfg.trainer.steps
-    bar = tqdm(range(1, steps + 1), desc="grpo", disable=not cfg.run.progress, file=sys.stderr)
+    bar = tqdm(range(1, steps + 1), desc=cfg.stage, disable=not cfg.run.progress, file=sys.stderr)
     step = 0
     producer.start()
     try:
         for step in bar:
             metrics = await _train_step(cfg, parts, producer, run, step)
             return_freed_memory()
-            bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", loss=f"{metrics['loss']:.4f}")
+            bar.set_postfix(
+                reward=f"{metrics['reward_mean']:.3f}",
+                loss=f"{metrics.get('loss', float('nan')):.4f}",
+            )
             if cfg.run.save_every and step % cfg.run.save_every == 0 and step < steps:
                 save_checkpoint(parts.model, parts.tokenizer, run.checkpoints / f"step-{step}")
     except BaseException:
@@ -170,10 +181,10 @@ async def _train_with(cfg: TrainConfig, parts: _Parts, run: RunDir, pool: EnvPoo
     after = await _evaluate(cfg, parts, run, step=steps) if cfg.eval.after else None
     final = save_checkpoint(parts.model, parts.tokenizer, run.checkpoints / "final")
     run.plot()
-    return StageResult("grpo", str(final), before=before, after=after)
+    return StageResult(cfg.stage, str(final), before=before, after=after)
 
 
-def _audit_template(cfg: TrainConfig, parts: _Parts, pool: EnvPool) -> None:
+def _audit_template(cfg: TrainConfig, parts: Parts, pool: EnvPool) -> None:
     """Check the chat template for what this run needs (more for multi-turn and tool envs)
     and print each verdict with what palaestra does about a failure."""
     _, info = pool.envs[0].reset(seed=cfg.seed)
@@ -191,7 +202,7 @@ _PROBE: Messages = [
 """A conversation whose tokens probe the engine's weights before training starts."""
 
 
-def _build(cfg: TrainConfig) -> _Parts:
+def _build(cfg: TrainConfig, learn: Learn) -> Parts:
     """Load the policy (and a reference when the KL is on), the engine and the learner."""
     model_dir = resolve_model(cfg.model)
     model, tokenizer = load_model(model_dir, device=cfg.device)
@@ -218,11 +229,11 @@ def _build(cfg: TrainConfig) -> _Parts:
     )
     learner = build_learner(cfg, model)
     reference = frozen_copy(model) if cfg.grpo.kl_coef > 0 else None
-    return _Parts(model, tokenizer, reference, engine, ChatRenderer(tokenizer), learner)
+    return Parts(model, tokenizer, reference, engine, ChatRenderer(tokenizer), learner, learn)
 
 
 async def _train_step(
-    cfg: TrainConfig, parts: _Parts, producer: RolloutProducer, run: RunDir, step: int
+    cfg: TrainConfig, parts: Parts, producer: RolloutProducer, run: RunDir, step: int
 ) -> dict[str, float]:
     """One GRPO step: collect, filter, reward, advantages, learn, sync, log."""
     started = time.perf_counter()
@@ -241,7 +252,7 @@ async def _train_step(
         )
     # 3-5. rewards, advantages, learner step: on a worker thread, so sampling goes on
     train_started = time.perf_counter()
-    metrics = await asyncio.to_thread(_learn, cfg, parts, trajectories)
+    metrics = await asyncio.to_thread(parts.learn, cfg, parts, trajectories)
     train_s = time.perf_counter() - train_started
     # 6. sync weights (waits for requests in flight to finish on the old weights)
     sync_started = time.perf_counter()
@@ -268,7 +279,7 @@ async def _train_step(
     return metrics
 
 
-def _learn(cfg: TrainConfig, parts: _Parts, trajectories: list[Trajectory]) -> dict[str, float]:
+def _learn(cfg: TrainConfig, parts: Parts, trajectories: list[Trajectory]) -> dict[str, float]:
     """Steps 3-5: rewards (KL-penalised if so configured), group advantages, learner step."""
     trajectories = sorted(trajectories, key=lambda tr: -len(tr.token_ids))  # less padding
     # one row per training sample: a trajectory, or each segment of one the template split
@@ -308,8 +319,8 @@ def _learn(cfg: TrainConfig, parts: _Parts, trajectories: list[Trajectory]) -> d
         batch = dataclasses.replace(
             batch, token_advantages_BT=_turn_advantages_BT(cfg, trajectories, group_ids)
         )
-    batch, mismatch = _behaviour_correction(cfg, parts.learner, batch)
-    return parts.learner.step(batch, _loss_fn(cfg)) | mismatch | reward_metrics
+    batch, mismatch = behaviour_correction(cfg, parts.learner, batch)
+    return parts.learner.step(batch, policy_loss_fn(cfg)) | mismatch | reward_metrics
 
 
 def _advantages(cfg: TrainConfig, rewards_E: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
@@ -353,7 +364,7 @@ def _turn_advantages_BT(
 
 
 async def _verify_sync(
-    cfg: TrainConfig, parts: _Parts, probe_ids: Sequence[int]
+    cfg: TrainConfig, parts: Parts, probe_ids: Sequence[int]
 ) -> dict[str, float]:
     """Check the engine scores ``probe_ids`` as the learner does; raises ``WeightSyncError``."""
     check = await verify_engine_weights(
@@ -416,7 +427,7 @@ def _producer_metrics(
     }
 
 
-def _behaviour_correction(
+def behaviour_correction(
     cfg: TrainConfig, learner: Learner, batch: TokenBatch
 ) -> tuple[TokenBatch, dict[str, float]]:
     """With importance sampling on: clip against the learner's logprobs before this step
@@ -436,7 +447,7 @@ def _behaviour_correction(
     ), metrics
 
 
-def _loss_fn(cfg: TrainConfig) -> Any:
+def policy_loss_fn(cfg: TrainConfig) -> Any:
     g = cfg.grpo
     in_loss = g.kl_coef > 0 and g.kl_placement == "loss"
 
@@ -494,5 +505,5 @@ def _rollout_metrics(
     }
 
 
-async def _evaluate(cfg: TrainConfig, parts: _Parts, run: RunDir, *, step: int) -> EvalResult:
+async def _evaluate(cfg: TrainConfig, parts: Parts, run: RunDir, *, step: int) -> EvalResult:
     return await evaluate_on_env(cfg, parts.engine, parts.renderer, run, step=step)

@@ -49,7 +49,9 @@ def run_reward_model(cfg: TrainConfig, run: RunDir) -> StageResult:
     torch.manual_seed(cfg.seed)
     model_dir = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_dir, num_labels=1, dtype=torch.float32
+    )
     model.config.pad_token_id = tokenizer.pad_token_id
     model.to(cfg.device)  # type: ignore[arg-type]
     pairs = pairs_only(read_preferences(cfg.data.path), cfg.data.path)  # type: ignore[arg-type]
