@@ -1,0 +1,139 @@
+"""Online DPO stage: preference pairs from the model's own rollouts in any env.
+
+Iterative (online) DPO: sample, judge with the env's reward, prefer the better episode.
+Rollouts, infrastructure-failure filtering, weight sync, logging and evaluation are the
+GRPO stage's loop (``grpo.run_policy_gradient``); this module replaces steps 3-5:
+
+1. **pair**: within each group (episodes of one task), the best episode is paired with
+   the worst, the second best with the second worst, and so on, up to
+   ``dpo.pairs_per_group`` pairs, while the better one's reward is strictly higher; a group
+   whose rewards are all equal gives no pair and is counted.
+2. **score**: each episode's log-prob is the sum over the tokens the model SAMPLED, in
+   every turn: prompt, tool results and env messages are masked out, and an episode the
+   chat template split into several samples sums over all of them. The reference (the
+   stage's starting model, frozen) scores each paired episode once.
+3. **step**: the ``dpo.loss`` preference loss (``sigmoid``/cDPO, ``ipo``, or the
+   reference-free ``simpo``/``orpo``) over the pairs, one AdamW step. A step with no pair
+   trains nothing and says so in its metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+
+import torch
+
+from palaestra.agent.trajectory import Trajectory
+from palaestra.config import TrainConfig
+from palaestra.models import load_model, resolve_model
+from palaestra.rundir import RunDir
+from palaestra.trainer.batch import TokenBatch, collate
+from palaestra.trainer.errors import TrainerError
+from palaestra.trainer.losses import REFERENCE_FREE, preference_loss
+from palaestra.trainer.stages.common import StageResult, frozen_copy
+from palaestra.trainer.stages.grpo import Parts, run_policy_gradient
+
+
+def run_online_dpo(cfg: TrainConfig, run: RunDir) -> StageResult:
+    """Run an online DPO stage as configured, writing into ``run``."""
+    if cfg.dpo.loss == "kto":
+        raise TrainerError("online_dpo trains on pairs; dpo.loss kto takes labelled answers")
+    reference = None
+    if cfg.dpo.loss not in REFERENCE_FREE:
+        reference = frozen_copy(load_model(resolve_model(cfg.model), device=cfg.device)[0])
+
+    def learn(cfg: TrainConfig, parts: Parts, trajectories: list[Trajectory]) -> dict[str, float]:
+        return _learn(cfg, parts, reference, trajectories)
+
+    return asyncio.run(run_policy_gradient(cfg, run, learn))
+
+
+def preference_pairs(
+    trajectories: list[Trajectory], per_group: int
+) -> tuple[list[tuple[Trajectory, Trajectory]], int]:
+    """``(chosen, rejected)`` pairs within each group and the number of groups that gave
+    none (all rewards equal): best with worst, then inwards, up to ``per_group``."""
+    groups: dict[int, list[Trajectory]] = defaultdict(list)
+    for tr in trajectories:
+        groups[tr.group_id].append(tr)
+    pairs, without = [], 0
+    for group in groups.values():
+        ranked = sorted(group, key=lambda tr: -tr.reward)
+        found = [
+            (ranked[k], ranked[-1 - k])
+            for k in range(min(per_group, len(ranked) // 2))
+            if ranked[k].reward > ranked[-1 - k].reward
+        ]
+        pairs += found
+        without += not found
+    return pairs, without
+
+
+def _learn(
+    cfg: TrainConfig,
+    parts: Parts,
+    reference: torch.nn.Module | None,
+    trajectories: list[Trajectory],
+) -> dict[str, float]:
+    pairs, without = preference_pairs(trajectories, cfg.dpo.pairs_per_group)
+    counts = {
+        "online_dpo/pairs": float(len(pairs)),
+        "online_dpo/groups_without_pair": float(without),
+    }
+    if not pairs:
+        return counts | {"online_dpo/skipped_update": 1.0}
+    episodes = [tr for pair in pairs for tr in pair]  # chosen0, rejected0, chosen1, ...
+    batch = collate(episodes, [0.0] * len(episodes), pad_id=parts.tokenizer.pad_token_id)
+    if reference is not None:
+        batch = batch.with_ref_logprobs(parts.learner.score(reference, batch))
+    split = len(batch) != len(episodes)
+    learner = parts.learner
+    size = learner.micro_batch_size
+    # micro-batches hold whole pairs: two rows each, or the whole batch when split episodes
+    # spread over more rows
+    learner.micro_batch_size = len(batch) if split else max(2, size // 2 * 2)
+    try:
+        metrics = learner.step(batch, _loss_fn(cfg, len(pairs)))
+    finally:
+        learner.micro_batch_size = size
+    return counts | metrics
+
+
+def _episode_sums(
+    batch: TokenBatch, logprobs_BT: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed sampled-token log-probs and sampled-token counts per episode of the batch."""
+    assert batch.episode_B is not None  # collate sets it
+    episodes = batch.episode_B - batch.episode_B.min()
+    n = int(episodes.max()) + 1
+    sums_B = (logprobs_BT * batch.loss_mask_BT).sum(dim=1)
+    lengths_B = batch.loss_mask_BT.sum(dim=1)
+    zeros = torch.zeros(n, dtype=sums_B.dtype, device=sums_B.device)
+    index = episodes.to(sums_B.device)
+    return zeros.index_add(0, index, sums_B), zeros.index_add(0, index, lengths_B)
+
+
+def _loss_fn(cfg: TrainConfig, num_pairs: int):  # type: ignore[no-untyped-def]
+    d = cfg.dpo
+
+    def loss(batch: TokenBatch, logprobs_BT: torch.Tensor, *, num_tokens: float, num_seqs: float):  # type: ignore[no-untyped-def]
+        sums_E, lengths_E = _episode_sums(batch, logprobs_BT)
+        ref_E = None
+        if batch.ref_logprobs_BT is not None:
+            ref_E = _episode_sums(batch, batch.ref_logprobs_BT)[0]
+        return preference_loss(
+            sums_E[0::2],
+            sums_E[1::2],
+            loss=d.loss,  # type: ignore[arg-type]
+            beta=d.beta,
+            ref_chosen_logps_P=None if ref_E is None else ref_E[0::2],
+            ref_rejected_logps_P=None if ref_E is None else ref_E[1::2],
+            chosen_lengths_P=lengths_E[0::2],
+            rejected_lengths_P=lengths_E[1::2],
+            label_smoothing=d.label_smoothing,
+            simpo_gamma=d.simpo_gamma,
+            num_pairs=num_pairs,
+        )
+
+    return loss
