@@ -163,3 +163,42 @@ def test_multi_turn_grpo_on_a_tool_env_through_the_cli(tmp_path):
         json.loads(x) for x in (tmp_path / "tools" / "trajectories.jsonl").read_text().splitlines()
     ]
     assert trajectories
+
+
+@pytest.mark.slow
+def test_the_sft_dpo_grpo_pipeline_example_runs_end_to_end(tmp_path):
+    """examples/pipeline_sft_dpo_grpo.yaml through the CLI, each stage cut to 1-2 steps."""
+    out = palaestra(
+        "train",
+        "examples/pipeline_sft_dpo_grpo.yaml",
+        "model=tiny-random",
+        "rollout.tasks_per_step=2",
+        "rollout.group_size=2",
+        "rollout.max_tokens=8",
+        "trainer.micro_batch_size=4",
+        "eval.num_tasks=4",
+        "stages.sft.trainer.steps=2",
+        "stages.dpo.trainer.steps=2",
+        "stages.grpo.trainer.steps=1",
+        "run.progress=false",
+        f"run.output_dir={tmp_path}",
+        "run.name=pipe",
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    root = tmp_path / "pipe"
+    assert [line.split(":")[0] for line in out.stdout.splitlines()[:3]] == [
+        "stage 1 (sft)",
+        "stage 2 (dpo)",
+        "stage 3 (grpo)",
+    ]
+    report = (root / "report.md").read_text()
+    for row in ("| 1-sft |", "| 2-dpo |", "| 3-grpo |"):
+        assert row in report
+    assert "loss " in report and "pref_accuracy " in report  # each stage's own measure
+    dpo = yaml.safe_load((root / "2-dpo" / "config.yaml").read_text())
+    assert dpo["model"] == str(root / "1-sft" / "checkpoints" / "final")
+    assert (root / "2-dpo" / "reference_logprobs.pt").exists()
+    assert (root / "3-grpo" / "checkpoints" / "final" / "model.safetensors").exists()
+
+    again = palaestra("train", "examples/pipeline_sft_dpo_grpo.yaml", "--resume", str(root))
+    assert again.returncode == 2 and "finished with a different config" in again.stderr
