@@ -86,7 +86,7 @@ class RewardModelScorer:
         self.model = AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=1, dtype=torch.float32
         )
-        self.model.to(device).eval()  # type: ignore[arg-type]
+        self.model.to(device).eval()
         self.device, self.batch_size = device, batch_size
         self._lock = threading.Lock()
 

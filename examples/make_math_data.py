@@ -54,7 +54,11 @@ def main(sft_rows: int = 256, pref_rows: int = 256, seed: int = 0) -> None:
         else:
             bad = wrong_value(expression, value, rng)
             prefs.append(
-                {"prompt": prompt, "chosen": worked(expression, value), "rejected": worked(expression, bad)}
+                {
+                    "prompt": prompt,
+                    "chosen": worked(expression, value),
+                    "rejected": worked(expression, bad),
+                }
             )
     env.close()
     for name, rows in (("math_sft.jsonl", sft), ("math_prefs.jsonl", prefs)):

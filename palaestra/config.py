@@ -347,7 +347,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
-        node = data
+        node: dict[str, Any] | list[Any] = data
         *parents, leaf = key.split(".")
         for part in parents:
             child = _stage_entry(node, part, item) if isinstance(node, list) else None

@@ -249,7 +249,9 @@ class ChatEncoder:
         if not messages:
             return ""
         text = self.tokenizer.apply_chat_template(
-            [dict(m) for m in messages], add_generation_prompt=generation_prompt, tokenize=False
+            [dict(m) for m in messages],  # type: ignore[arg-type]
+            add_generation_prompt=generation_prompt,
+            tokenize=False,
         )
         return str(text)
 
@@ -273,7 +275,7 @@ def _messages(value: Any, where: str, default_role: str) -> Messages:
     if isinstance(value, str):
         if not value.strip():
             raise DataError(f"{where} is empty")
-        return [{"role": default_role, "content": value}]  # type: ignore[list-item]
+        return [{"role": default_role, "content": value}]
     if not isinstance(value, list) or not value:
         raise DataError(f"{where} must be a string or a non-empty list of messages")
     for k, m in enumerate(value):

@@ -122,7 +122,7 @@ def test_pipeline_errors_name_the_stage_and_field(tmp_path):
     bad = PIPELINE.replace("beta: 0.2", "beta: -1")
     with pytest.raises(ConfigError, match=r"stages\[1\] \(dpo\)[\s\S]*dpo\.beta"):
         load_pipeline(write(tmp_path, bad))
-    with pytest.raises(ConfigError, match="set data.path"):
+    with pytest.raises(ConfigError, match=r"set data\.path"):
         load_pipeline(write(tmp_path, PIPELINE.replace("    data: {path: sft.jsonl}\n", "")))
     with pytest.raises(ConfigError, match="sets model"):
         load_pipeline(write(tmp_path, PIPELINE + "    model: other\n"))

@@ -61,7 +61,7 @@ def test_a_stopped_pipeline_resumes_after_its_last_finished_stage(tmp_path):
     broken = ["stages.1.env.kwargs.source=jsonl:" + str(tmp_path / "missing.jsonl")]
     stages, raw = pipeline(tmp_path, TWO_STAGES, broken)
     root = tmp_path / "run"
-    with pytest.raises(Exception, match="missing.jsonl"):
+    with pytest.raises(Exception, match=r"missing\.jsonl"):
         run_pipeline(stages, root, raw)
     state = json.loads((root / "pipeline.json").read_text())
     assert [s["status"] for s in state["stages"]] == ["done", "running"]
@@ -92,11 +92,19 @@ def test_resume_refuses_a_finished_stage_whose_config_changed(tmp_path):
         "stage": "grpo",
         "config": stages[0].model_dump(mode="json"),
         "status": "done",
-        "result": {"checkpoint": "x", "stage": "grpo", "before": None, "after": None, "metrics": {}},
+        "result": {
+            "checkpoint": "x",
+            "stage": "grpo",
+            "before": None,
+            "after": None,
+            "metrics": {},
+        },
     }
     (root / "pipeline.json").write_text(json.dumps({"stages": [done]}))
     changed, raw = pipeline(tmp_path, TWO_STAGES, ["stages.0.trainer.lr=0.5"])
-    with pytest.raises(ConfigError, match=r"1-grpo finished with a different config \(sections trainer"):
+    with pytest.raises(
+        ConfigError, match=r"1-grpo finished with a different config \(sections trainer"
+    ):
         run_pipeline(changed, root, raw, resume=True)
-    with pytest.raises(ConfigError, match="no pipeline.json"):
+    with pytest.raises(ConfigError, match=r"no pipeline\.json"):
         run_pipeline(stages, tmp_path / "elsewhere", raw, resume=True)

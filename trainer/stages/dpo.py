@@ -105,8 +105,8 @@ def run_dpo(cfg: TrainConfig, run: RunDir) -> StageResult:
     # 2. reference log-probs, once
     if cfg.dpo.loss not in REFERENCE_FREE:
         reference = frozen_copy(model)
-        for rows in (train, held, *([kl_rows] if kto else [])):
-            rows.ref = _per_row_logprobs(learner, reference, rows.rows, pad_id)
+        for answers_of in (train, held, *([kl_rows] if kto else [])):
+            answers_of.ref = _per_row_logprobs(learner, reference, answers_of.rows, pad_id)
         del reference
         torch.save({"train": train.ref, "held_out": held.ref}, run.root / "reference_logprobs.pt")
     before = (
@@ -127,8 +127,8 @@ def run_dpo(cfg: TrainConfig, run: RunDir) -> StageResult:
                 kl = _kl_estimate(learner, kl_rows, picked, pad_id)
                 step_metrics = learner.step(batch, _kto_loss_fn(cfg, kl))
             else:
-                rows = [r for i in picked for r in (2 * i, 2 * i + 1)]
-                step_metrics = learner.step(train.batch(rows, pad_id), _pair_loss_fn(cfg))
+                pair_rows = [r for i in picked for r in (2 * i, 2 * i + 1)]
+                step_metrics = learner.step(train.batch(pair_rows, pad_id), _pair_loss_fn(cfg))
             step_metrics |= {
                 "answers": float(per_step),
                 "time/step_s": time.perf_counter() - started,
@@ -163,7 +163,7 @@ def _load(
     return examples, []
 
 
-def _encode(encoder: ChatEncoder, prompt: list, answer: list) -> Encoded:  # type: ignore[type-arg]
+def _encode(encoder: ChatEncoder, prompt: list, answer: list) -> Encoded:
     return encoder.encode([*prompt, *answer], train_from=len(prompt))
 
 
@@ -174,7 +174,7 @@ def _pair_rows(encoder: ChatEncoder, pairs: Sequence[PreferencePair]) -> list[En
 
 def _per_row_logprobs(
     learner: Learner, model, rows: list[Encoded], pad_id: int
-) -> list[torch.Tensor]:  # type: ignore[no-untyped-def]
+) -> list[torch.Tensor]:
     """Each row's per-token log-probs under ``model`` (0 off the answer), trimmed to its length."""
     out: list[torch.Tensor] = []
     for start in range(0, len(rows), 16):
@@ -189,10 +189,10 @@ def _sums(batch: TokenBatch, logprobs_BT: torch.Tensor) -> tuple[torch.Tensor, t
     return (logprobs_BT * batch.loss_mask_BT).sum(dim=1), batch.loss_mask_BT.sum(dim=1)
 
 
-def _pair_loss_fn(cfg: TrainConfig):  # type: ignore[no-untyped-def]
+def _pair_loss_fn(cfg: TrainConfig):
     d = cfg.dpo
 
-    def loss(batch: TokenBatch, logprobs_BT: torch.Tensor, *, num_tokens: float, num_seqs: float):  # type: ignore[no-untyped-def]
+    def loss(batch: TokenBatch, logprobs_BT: torch.Tensor, *, num_tokens: float, num_seqs: float):
         sums_B, lengths_B = _sums(batch, logprobs_BT)
         ref_B = (
             _sums(batch, batch.ref_logprobs_BT)[0] if batch.ref_logprobs_BT is not None else None
@@ -214,11 +214,11 @@ def _pair_loss_fn(cfg: TrainConfig):  # type: ignore[no-untyped-def]
     return loss
 
 
-def _kto_loss_fn(cfg: TrainConfig, kl: float):  # type: ignore[no-untyped-def]
+def _kto_loss_fn(cfg: TrainConfig, kl: float):
     """KTO over answer rows; a row's advantage field carries its label (+1 desirable)."""
     d = cfg.dpo
 
-    def loss(batch: TokenBatch, logprobs_BT: torch.Tensor, *, num_tokens: float, num_seqs: float):  # type: ignore[no-untyped-def]
+    def loss(batch: TokenBatch, logprobs_BT: torch.Tensor, *, num_tokens: float, num_seqs: float):
         assert batch.ref_logprobs_BT is not None  # KTO always has a reference
         return kto_loss(
             _sums(batch, logprobs_BT)[0],

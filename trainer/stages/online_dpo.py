@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -33,6 +34,9 @@ from palaestra.trainer.errors import TrainerError
 from palaestra.trainer.losses import REFERENCE_FREE, preference_loss
 from palaestra.trainer.stages.common import StageResult, frozen_copy
 from palaestra.trainer.stages.grpo import Parts, run_policy_gradient
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 def run_online_dpo(cfg: TrainConfig, run: RunDir) -> StageResult:
@@ -73,7 +77,7 @@ def preference_pairs(
 def _learn(
     cfg: TrainConfig,
     parts: Parts,
-    reference: torch.nn.Module | None,
+    reference: PreTrainedModel | None,
     trajectories: list[Trajectory],
 ) -> dict[str, float]:
     pairs, without = preference_pairs(trajectories, cfg.dpo.pairs_per_group)
@@ -114,10 +118,10 @@ def _episode_sums(
     return zeros.index_add(0, index, sums_B), zeros.index_add(0, index, lengths_B)
 
 
-def _loss_fn(cfg: TrainConfig, num_pairs: int):  # type: ignore[no-untyped-def]
+def _loss_fn(cfg: TrainConfig, num_pairs: int):
     d = cfg.dpo
 
-    def loss(batch: TokenBatch, logprobs_BT: torch.Tensor, *, num_tokens: float, num_seqs: float):  # type: ignore[no-untyped-def]
+    def loss(batch: TokenBatch, logprobs_BT: torch.Tensor, *, num_tokens: float, num_seqs: float):
         sums_E, lengths_E = _episode_sums(batch, logprobs_BT)
         ref_E = None
         if batch.ref_logprobs_BT is not None:

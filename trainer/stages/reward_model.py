@@ -53,7 +53,7 @@ def run_reward_model(cfg: TrainConfig, run: RunDir) -> StageResult:
         model_dir, num_labels=1, dtype=torch.float32
     )
     model.config.pad_token_id = tokenizer.pad_token_id
-    model.to(cfg.device)  # type: ignore[arg-type]
+    model.to(cfg.device)
     pairs = pairs_only(read_preferences(cfg.data.path), cfg.data.path)  # type: ignore[arg-type]
     if cfg.data.eval_path is not None:
         train, held = pairs, pairs_only(read_preferences(cfg.data.eval_path), cfg.data.eval_path)
@@ -111,7 +111,7 @@ def run_reward_model(cfg: TrainConfig, run: RunDir) -> StageResult:
 
 def _scores(
     model, tokenizer, pairs: list[PreferencePair], cfg: TrainConfig
-) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[no-untyped-def]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores of the chosen and of the rejected conversations, shape ``(P,)`` each."""
     conversations: list[Messages] = [
         [*p.prompt, *answer] for p in pairs for answer in (p.chosen, p.rejected)
@@ -123,7 +123,7 @@ def _scores(
 
 def _accuracy(
     model, tokenizer, pairs: list[PreferencePair], cfg: TrainConfig, when: str
-) -> dict[str, float]:  # type: ignore[no-untyped-def]
+) -> dict[str, float]:
     """Held-out pair accuracy (chosen scored above rejected) and mean margin."""
     if not pairs:
         return {}

@@ -128,5 +128,5 @@ def heldout_nll(learner: Learner, rows: list[Encoded], pad_id: int, size: int = 
     return total / max(count, 1.0)
 
 
-def _loss(batch, logprobs_BT, *, num_tokens: float, num_seqs: float):  # type: ignore[no-untyped-def]
+def _loss(batch, logprobs_BT, *, num_tokens: float, num_seqs: float):
     return sft_loss(logprobs_BT, batch.loss_mask_BT, num_tokens=num_tokens)
