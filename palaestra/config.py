@@ -236,6 +236,10 @@ class TrainerConfig(_Section):
     """Autocast dtype for forward/backward; master weights stay float32."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
+    max_time_s: float | None = Field(None, gt=0)
+    """Stop after the first step that ends this many seconds after training started
+    (evaluation before training not counted), even if ``steps`` are left: a fixed time
+    budget (policy-gradient stages)."""
 
 
 class EvalConfig(_Section):

@@ -559,3 +559,39 @@ async def test_each_turn_records_the_policy_version_that_sampled_it(tokenizer):
 
     assert t.turn_policy_versions == (0, 1)
     assert t.policy_version == 0  # the oldest, which decides the episode's staleness
+
+
+class WaitsForAll(TextEnv):
+    """A tool whose step returns only once ``n`` episodes are inside it at the same time."""
+
+    def __init__(self, barrier):
+        self.barrier = barrier
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return [{"role": "user", "content": "Call the tool."}], {"task_id": f"t{seed}"}
+
+    def step(self, action):
+        self.barrier.wait(timeout=20)  # raises BrokenBarrierError if they never all arrive
+        return [], 1.0, True, False, {}
+
+
+async def test_blocking_env_steps_of_every_episode_in_flight_run_side_by_side(tokenizer):
+    """Python's default executor has cpu_count + 4 threads (6 on 2 cores); the rollout
+    reserves one per episode, so 16 blocking tool calls wait at the same time."""
+    import threading
+
+    n = 16
+    barrier = threading.Barrier(n)
+    pool = EnvPool(lambda: WaitsForAll(barrier), n)
+    engine = FakeEngine(lambda prompt: [28, tokenizer.eos_token_id])
+    groups = [[EpisodeRequest(group_id=i, reset_seed=i)] for i in range(n)]
+    done = [
+        t
+        async for g in generate_groups(
+            pool, engine, ChatRenderer(tokenizer), SamplingParams(max_tokens=4), groups, env_id="w"
+        )
+        for t in g
+    ]
+    pool.close()
+    assert [t.stop_reason for t in done] == [StopReason.ANSWERED] * n

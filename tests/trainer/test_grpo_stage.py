@@ -299,3 +299,14 @@ def test_overlong_filtering_masks_the_loss_of_truncated_episodes_only():
     assert _without_truncated(batch, [cut, done]).loss_mask_BT.tolist() == [[0, 0, 0], [0, 1, 1]]
     everything_cut = collate([cut, cut], [1.0, -1.0], pad_id=0)
     assert _without_truncated(everything_cut, [cut, cut]) is everything_cut  # nothing left else
+
+
+def test_a_time_budget_stops_training_early_and_still_saves(tmp_path):
+    config = load_config(None, [*TWO_STEPS, "trainer.steps=50", "trainer.max_time_s=0.001"])
+    run = RunDir(tmp_path / "run", config.model_dump(mode="json"))
+    result = run_grpo(config, run)
+    run.close()
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines if '"train"' in line] == [1]
+    assert (tmp_path / "run" / "checkpoints" / "final" / "model.safetensors").exists()
+    assert result.checkpoint.endswith("final")

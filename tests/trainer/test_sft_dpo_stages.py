@@ -82,6 +82,8 @@ def test_every_preference_loss_raises_the_held_out_preference(tmp_path, data, lo
     # held out: the model now finds the right sums more likely than the wrong ones
     assert m["eval/margin_after"] > m["eval/margin_before"]
     assert 0 <= m["eval/pref_accuracy_after"] <= 1
+    if loss not in ("simpo", "orpo"):  # the implicit reward ranks held-out pairs right
+        assert m["eval/reward_accuracy_after"] > m["eval/reward_accuracy_before"] == 0
     cached = run.root / "reference_logprobs.pt"
     assert cached.exists() == (loss not in ("simpo", "orpo"))  # reference-free: no reference
     assert all("loss" in r for r in records(run))

@@ -16,8 +16,11 @@
 3. **log / checkpoint**.
 
 Before and after training, on held-out pairs: how often the model finds the chosen
-answer more likely than the rejected one (``eval/pref_accuracy``) and the mean log-prob
-margin (``eval/margin``), plus the env's held-out accuracy if enabled.
+answer more likely than the rejected one (``eval/pref_accuracy``), the mean log-prob
+margin (``eval/margin``), and for the losses with a reference how often the implicit
+reward ``beta * (log-ratio chosen - log-ratio rejected)`` is positive
+(``eval/reward_accuracy``, 0 before training, where every log-ratio is 0); plus the env's
+held-out accuracy if enabled.
 """
 
 from __future__ import annotations
@@ -112,7 +115,7 @@ def run_dpo(cfg: TrainConfig, run: RunDir) -> StageResult:
     before = (
         asyncio.run(evaluate_model(cfg, model, tokenizer, run, step=0)) if cfg.eval.before else None
     )
-    metrics = _held_out_measures(learner, held, pad_id, "before")
+    metrics = _held_out_measures(learner, held, pad_id, "before", cfg.dpo.beta)
     per_step = cfg.data.batch_size if kto else cfg.data.batch_size * 2
     batches = batch_indices(len(train.rows) // (1 if kto else 2), cfg.data.batch_size, cfg.seed)
     steps, step = cfg.trainer.steps, 0
@@ -140,7 +143,7 @@ def run_dpo(cfg: TrainConfig, run: RunDir) -> StageResult:
     except BaseException:
         save_interrupted(model, tokenizer, run, step)
         raise
-    metrics |= _held_out_measures(learner, held, pad_id, "after")
+    metrics |= _held_out_measures(learner, held, pad_id, "after", cfg.dpo.beta)
     if held.rows:
         run.log(steps, {k.removeprefix("eval/"): v for k, v in metrics.items()}, kind="eval")
     after = (
@@ -243,8 +246,11 @@ def _kl_estimate(learner: Learner, kl_rows: _Rows, picked: Sequence[int], pad_id
     return float((policy_B - _sums(batch, batch.ref_logprobs_BT)[0]).mean())
 
 
-def _held_out_measures(learner: Learner, held: _Rows, pad_id: int, when: str) -> dict[str, float]:
-    """How often the model finds the chosen answer more likely, and the mean log-prob margin."""
+def _held_out_measures(
+    learner: Learner, held: _Rows, pad_id: int, when: str, beta: float
+) -> dict[str, float]:
+    """How often the model finds the chosen answer more likely, the mean log-prob margin,
+    and (with a reference) how often DPO's implicit reward ranks the pair right."""
     if not held.rows:
         return {}
     sums = torch.cat(
@@ -257,7 +263,12 @@ def _held_out_measures(learner: Learner, held: _Rows, pad_id: int, when: str) ->
         ]
     )
     margin = sums[0::2] - sums[1::2]
-    return {
+    measures = {
         f"eval/pref_accuracy_{when}": float((margin > 0).float().mean()),
         f"eval/margin_{when}": float(margin.mean()),
     }
+    if held.ref is not None:
+        ref = torch.stack([r.sum() for r in held.ref])
+        implicit = beta * (margin - (ref[0::2] - ref[1::2]))
+        measures[f"eval/reward_accuracy_{when}"] = float((implicit > 0).float().mean())
+    return measures

@@ -162,6 +162,7 @@ async def _train_with(cfg: TrainConfig, parts: Parts, run: RunDir, pool: EnvPool
     bar = tqdm(range(1, steps + 1), desc=cfg.stage, disable=not cfg.run.progress, file=sys.stderr)
     step = 0
     producer.start()
+    started = time.perf_counter()
     try:
         for step in bar:
             metrics = await _train_step(cfg, parts, producer, run, step)
@@ -172,13 +173,19 @@ async def _train_with(cfg: TrainConfig, parts: Parts, run: RunDir, pool: EnvPool
             )
             if cfg.run.save_every and step % cfg.run.save_every == 0 and step < steps:
                 save_checkpoint(parts.model, parts.tokenizer, run.checkpoints / f"step-{step}")
+            if cfg.trainer.max_time_s and time.perf_counter() - started > cfg.trainer.max_time_s:
+                print(
+                    f"time budget of {cfg.trainer.max_time_s:.0f} s reached at step {step}",
+                    file=sys.stderr,
+                )
+                break
     except BaseException:
         save_interrupted(parts.model, parts.tokenizer, run, step)
         raise
     finally:
         bar.close()
         await producer.stop()
-    after = await _evaluate(cfg, parts, run, step=steps) if cfg.eval.after else None
+    after = await _evaluate(cfg, parts, run, step=step) if cfg.eval.after else None
     final = save_checkpoint(parts.model, parts.tokenizer, run.checkpoints / "final")
     run.plot()
     return StageResult(cfg.stage, str(final), before=before, after=after)

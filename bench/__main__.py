@@ -1,0 +1,181 @@
+"""Run palaestra's benchmarks and write one report: ``python -m bench`` or ``make bench``.
+
+    python -m bench                 # the full set on the embedded model (about an hour on 2 cores)
+    python -m bench --quick         # every benchmark cut down, on the tiny model (minutes)
+    python -m bench --only grpo components --out bench/results/mine
+
+Each figure is reported with its peer's and their ratio: palaestra against TRL's
+GRPOTrainer (same model, prompts, group size, lengths, batch and optimizer; the two run
+alternately so machine noise hits both), async rollouts against one at a time, sandboxes
+against a bare subprocess, the retrieval server against in-process search. The report
+(``report.md`` and ``report.json``) starts with the machine the numbers come from.
+Numbers, not assertions: the machine decides them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import components, grpo_vs_trl, report
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS = ("grpo", "learning", "components", "collected", "gpu")
+
+
+def progress(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def grpo_sections(quick: bool) -> list[dict[str, Any]]:
+    models = ["tiny-random"] if quick else ["tiny-random", "smollm2-135m"]
+    sections = []
+    for model in models:
+        steps, rounds = (3, 1) if quick or model == "tiny-random" else (5, 3)
+        result = grpo_vs_trl.compare(model, steps=steps, rounds=rounds, progress=progress)
+        rows = []
+        for trainer in ("palaestra", "trl"):
+            runs = result["runs"][trainer]
+            phases = {
+                k: sum(r["phases_s"][k] for r in runs) / len(runs) for k in runs[0]["phases_s"]
+            }
+            rows.append(
+                {
+                    "trainer": trainer,
+                    "tokens/s (median run)": sorted(r["tokens_per_s"] for r in runs)[
+                        len(runs) // 2
+                    ],
+                    "peak RSS (GB)": result["peak_rss_gb"][trainer],
+                    "phases, s per run": ", ".join(f"{k} {v:.1f}" for k, v in phases.items()),
+                }
+            )
+        rows.append(
+            {
+                "trainer": "palaestra / TRL",
+                "tokens/s (median run)": result["throughput_ratio_median"],
+                "peak RSS (GB)": result["peak_rss_gb"]["palaestra"] / result["peak_rss_gb"]["trl"],
+                "phases, s per run": f"per-round ratios {[round(x, 2) for x in result['throughput_ratios']]}",
+            }
+        )
+        sections.append(
+            {
+                "title": f"GRPO step throughput vs TRL: {model}",
+                "note": (
+                    f"{result['settings']['tasks']} tasks x {result['settings']['group']} completions "
+                    f"per step, at most {result['settings']['max_tokens']} tokens, {steps} steps per run "
+                    f"(the first not timed), {rounds} rounds, transformers engine for both; completed "
+                    "tokens per second over whole steps."
+                ),
+                "rows": rows,
+                "data": result,
+            }
+        )
+    return sections
+
+
+def learning_section(quick: bool) -> dict[str, Any]:
+    model, budget, tasks = ("tiny-random", 20.0, 8) if quick else ("smollm2-135m", 600.0, 200)
+    result = grpo_vs_trl.learning(model, budget_s=budget, num_tasks=tasks, progress=progress)
+    rows = [
+        {"model": "start", "steps": 0, "held-out accuracy": result["start_accuracy"]},
+        *[
+            {"model": t, "steps": result[t]["steps"], "held-out accuracy": result[t]["accuracy"]}
+            for t in ("palaestra", "trl")
+        ],
+    ]
+    return {
+        "title": f"Learning per wall-clock vs TRL: {model}, {budget:.0f} s of training each",
+        "note": f"Held-out greedy accuracy on {tasks} test problems, both evaluated by `palaestra eval`.",
+        "rows": rows,
+        "data": result,
+    }
+
+
+def component_sections(quick: bool) -> list[dict[str, Any]]:
+    progress("rollout concurrency with a slow tool env ...")
+    concurrency = components.rollout_concurrency(episodes=32 if quick else 128)
+    progress("math verifier throughput ...")
+    verifier = components.verifier_throughput(rounds=5 if quick else 50)
+    return [
+        {
+            "title": "Rollout concurrency: an env whose step sleeps (I/O-bound tool)",
+            "rows": [concurrency],
+            "data": concurrency,
+        },
+        {"title": "Math verifier", "rows": [verifier], "data": verifier},
+    ]
+
+
+def collected_sections(quick: bool) -> list[dict[str, Any]]:
+    """The sandbox and retrieval benchmarks, run as their own scripts, output kept."""
+    scripts = {
+        "Sandboxes (bench/sandbox_throughput.py)": [
+            "bench/sandbox_throughput.py", "--runs", "20" if quick else "200", "--concurrency", "2",
+        ],
+        "Retrieval (bench/retrieval_throughput.py)": [
+            "bench/retrieval_throughput.py", *(["--people", "300", "--queries", "200"] if quick else []),
+        ],
+    }  # fmt: skip
+    sections = []
+    for title, command in scripts.items():
+        progress(f"{title} ...")
+        done = subprocess.run([sys.executable, *command], cwd=ROOT, capture_output=True, text=True)
+        text = (
+            done.stdout
+            if done.returncode == 0
+            else f"failed ({done.returncode}):\n{done.stderr[-2000:]}"
+        )
+        sections.append({"title": title, "text": text})
+    return sections
+
+
+def gpu_section(quick: bool) -> dict[str, Any]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {
+            "title": "GPU",
+            "note": "No CUDA device on this machine: `python -m bench.gpu_grpo` not run.",
+        }
+    from bench import gpu_grpo
+
+    progress("GRPO learner on the GPU ...")
+    result = gpu_grpo.measure("tiny-random" if quick else "smollm2-135m", steps=2 if quick else 5)
+    return {"title": f"GPU: {result['device']}", "rows": [result], "data": result}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="cut-down runs on the tiny model")
+    parser.add_argument("--only", nargs="+", choices=BENCHMARKS, help="run only these")
+    parser.add_argument("--out", type=Path, help="report folder (default bench/results/<time>)")
+    args = parser.parse_args(argv)
+    out = args.out or ROOT / "bench" / "results" / time.strftime("%Y%m%d-%H%M%S")
+    chosen = args.only or BENCHMARKS
+    started = time.perf_counter()
+    machine = report.machine()
+    sections: list[dict[str, Any]] = []
+    if "grpo" in chosen:
+        sections += grpo_sections(args.quick)
+    if "learning" in chosen:
+        sections.append(learning_section(args.quick))
+    if "components" in chosen:
+        sections += component_sections(args.quick)
+    if "collected" in chosen:
+        sections += collected_sections(args.quick)
+    if "gpu" in chosen:
+        sections.append(gpu_section(args.quick))
+    machine["load_average_end"] = report.machine()["load_average"]
+    machine["wall_minutes"] = round((time.perf_counter() - started) / 60, 1)
+    markdown, _ = report.write(out, machine, sections)
+    progress(f"report: {markdown}")
+    print(markdown.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,369 @@
+"""GRPO step throughput and memory: palaestra against TRL's GRPOTrainer, same work per step.
+
+Both trainers run the main job's task (``examples/math_grpo.yaml``): the same prompts in
+the same order (the ones palaestra's seeded sampler draws, rendered by the same chat
+template), the same group size, completions per step, max completion length, temperature,
+AdamW settings (lr, betas, no weight decay, clip 1.0, no warm-up), bf16 autocast over
+float32 weights, micro-batches of 16 with one optimizer step per batch, token-mean loss
+(TRL's ``loss_type="dapo"``), clip range 0.2 / 0.28, no KL, the same reward (the math
+env's verifier). Each run is its own process, so peak RSS is its own; the harness runs
+them alternately, round after round, so machine noise falls on both.
+
+Measured per run, over the steps after the first (warm-up): completed tokens per second of
+the whole step (generation, scoring, log-probs, backward, update, sync), the phase split,
+and the process's peak RSS. What differs by design: palaestra corrects for the sampling
+engine by default (``grpo.importance_sampling: token``, one extra forward pass per step);
+TRL does not (it samples with the model it trains). ``--palaestra-overrides`` changes that.
+
+    python -m bench.grpo_vs_trl --model smollm2-135m --steps 4 --rounds 2
+    python -m bench.grpo_vs_trl worker --trainer trl --model tiny-random --steps 2   # one run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "examples" / "math_grpo.yaml"
+
+
+def settings(model: str, steps: int, tasks: int, group: int, max_tokens: int) -> list[str]:
+    """The config overrides both trainers are measured with (TRL's settings mirror them)."""
+    return [
+        f"model={model}",
+        f"trainer.steps={steps}",
+        f"rollout.tasks_per_step={tasks}",
+        f"rollout.group_size={group}",
+        f"rollout.max_tokens={max_tokens}",
+        "trainer.warmup_steps=0",
+        "trainer.micro_batch_size=16",
+        "eval.before=false",
+        "eval.after=false",
+        "run.progress=false",
+        "run.log_trajectories=0",
+    ]
+
+
+def run_palaestra(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    from palaestra.config import load_config
+    from palaestra.rundir import RunDir
+    from palaestra.trainer.stages.grpo import run_grpo
+
+    overrides = settings(args.model, args.steps, args.tasks, args.group, args.max_tokens)
+    if args.budget_s:
+        overrides.append(f"trainer.max_time_s={args.budget_s}")
+    config = load_config(CONFIG, [*overrides, *args.palaestra_overrides])
+    run = RunDir(out / "palaestra", config.model_dump(mode="json"))
+    started = time.perf_counter()
+    result = run_grpo(config, run)
+    run.close()
+    if args.save_to:
+        shutil.copytree(result.checkpoint, args.save_to)
+    total_s = time.perf_counter() - started
+    lines = (out / "palaestra" / "metrics.jsonl").read_text().splitlines()
+    steps = [r for r in map(json.loads, lines) if r["kind"] == "train"][1:]
+    episodes = args.tasks * args.group
+    return {
+        "step_s": [r["time/step_s"] for r in steps],
+        "tokens": [r["tokens_mean"] * episodes for r in steps],
+        "phases_s": {
+            "generate+score (wait for rollouts)": sum(r["time/rollout_wait_s"] for r in steps),
+            "logprob+backward+update": sum(r["time/train_s"] for r in steps),
+            "sync": sum(r["time/sync_s"] for r in steps),
+        },
+        "reward_mean": statistics.mean(r["reward_mean"] for r in steps),
+        "steps": len(steps) + 1,
+        "total_s": total_s,
+    }
+
+
+def task_prompts(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The prompts palaestra's sampler draws for each step, in order, with their seeds."""
+    from palaestra import envs
+    from palaestra.config import load_config
+    from palaestra.trainer.stages.grpo import _group_requests
+
+    config = load_config(
+        CONFIG, settings(args.model, args.steps, args.tasks, args.group, args.max_tokens)
+    )
+    env = envs.make(config.env.id, **config.env.kwargs, split="train")
+    rows = []
+    for step in range(1, args.steps + 1):
+        for group in _group_requests(config, step):
+            prompt, _ = env.reset(seed=group[0].reset_seed)
+            rows.append({"prompt": prompt, "reset_seed": group[0].reset_seed})
+    env.close()
+    return rows
+
+
+def run_trl(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from palaestra import envs
+    from palaestra.config import load_config
+    from palaestra.models import load_tokenizer, resolve_model
+
+    config = load_config(
+        CONFIG, settings(args.model, args.steps, args.tasks, args.group, args.max_tokens)
+    )
+    env = envs.make(config.env.id, **config.env.kwargs, split="train")
+
+    def math_reward(completions: list, reset_seed: list, **_: Any) -> list[float]:
+        rewards = []
+        for completion, seed in zip(completions, reset_seed, strict=True):
+            env.reset(seed=seed)
+            rewards.append(float(env.step(completion[0]["content"])[1]))
+        return rewards
+
+    model_dir = resolve_model(args.model)
+    tokenizer = load_tokenizer(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    micro = 16
+    episodes = args.tasks * args.group
+    grpo = config.grpo
+    trl_config = GRPOConfig(
+        output_dir=str(out / "trl"),
+        per_device_train_batch_size=min(micro, episodes),
+        gradient_accumulation_steps=max(1, episodes // micro),
+        num_generations=args.group,
+        max_completion_length=args.max_tokens,
+        temperature=config.rollout.temperature,
+        top_p=config.rollout.top_p,
+        learning_rate=config.trainer.lr,
+        adam_beta1=config.trainer.betas[0],
+        adam_beta2=config.trainer.betas[1],
+        weight_decay=0.0,
+        max_grad_norm=config.trainer.max_grad_norm,
+        lr_scheduler_type="constant",
+        beta=0.0,
+        loss_type="dapo",
+        epsilon=grpo.clip_low,
+        epsilon_high=grpo.clip_high,
+        scale_rewards="group",
+        max_steps=args.steps,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        bf16=True,
+        seed=config.seed,
+        shuffle_dataset=False,
+        disable_dropout=True,
+    )
+    step_s: list[float] = []
+    lengths: list[float] = []
+    rewards: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *_: Any, **__: Any) -> None:
+            self.started = time.perf_counter()
+
+        def on_step_end(self, _args: Any, _state: Any, control: Any, **__: Any) -> None:
+            step_s.append(time.perf_counter() - self.started)
+            if args.budget_s and time.perf_counter() - started > args.budget_s:
+                control.should_training_stop = True  # the time budget, as palaestra's
+
+        def on_log(
+            self, _args: Any, _state: Any, _control: Any, logs: dict | None = None, **__: Any
+        ) -> None:
+            if logs and "completions/mean_length" in logs:
+                lengths.append(logs["completions/mean_length"])
+                rewards.append(logs.get("reward", 0.0))
+
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=math_reward,
+        args=trl_config,
+        train_dataset=Dataset.from_list(task_prompts(args)),
+        processing_class=tokenizer,
+        callbacks=[Timer()],
+    )
+    phases = {"generate": 0.0, "score": 0.0}
+    _time_method(trainer, "_generate", phases, "generate")
+    _time_method(trainer, "_calculate_rewards", phases, "score")
+    started = time.perf_counter()
+    trainer.train()
+    total_s = time.perf_counter() - started
+    env.close()
+    if args.save_to:
+        trainer.save_model(args.save_to)
+        tokenizer.save_pretrained(args.save_to)
+    first = step_s[0]
+    rest_s = step_s[1:]
+    share = sum(rest_s) / (sum(step_s) or 1.0)  # phases after the warm-up step, pro rata
+    generate, score = phases["generate"] * share, phases["score"] * share
+    return {
+        "step_s": rest_s,
+        "tokens": [n * episodes for n in lengths[1 : len(step_s)]],
+        "phases_s": {
+            "generate": generate,
+            "score": score,
+            "logprob+backward+update": sum(rest_s) - generate - score,
+        },
+        "first_step_s": first,
+        "steps": len(step_s),
+        "reward_mean": statistics.mean(rewards[1:]) if len(rewards) > 1 else 0.0,
+        "total_s": total_s,
+    }
+
+
+def _time_method(obj: Any, name: str, totals: dict[str, float], key: str) -> None:
+    """Wrap ``obj.name`` to add its wall time to ``totals[key]``."""
+    method = getattr(obj, name)
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return method(*args, **kwargs)
+        finally:
+            totals[key] += time.perf_counter() - started
+
+    setattr(obj, name, timed)
+
+
+def worker(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        run = run_palaestra if args.trainer == "palaestra" else run_trl
+        result = run(args, Path(tmp))
+    result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    result["tokens_per_s"] = sum(result["tokens"]) / sum(result["step_s"])
+    print(json.dumps(result))
+
+
+def measure(
+    trainer: str, model: str, steps: int, tasks: int, group: int, max_tokens: int, extra: list[str] = (),  # type: ignore[assignment]
+    budget_s: float | None = None, save_to: Path | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """One run in a fresh process; its JSON result."""
+    command = [
+        sys.executable, "-m", "bench.grpo_vs_trl", "worker", "--trainer", trainer, "--model", model,
+        "--steps", str(steps), "--tasks", str(tasks), "--group", str(group), "--max-tokens", str(max_tokens),
+    ]  # fmt: skip
+    if budget_s:
+        command += ["--budget-s", str(budget_s)]
+    if save_to:
+        command += ["--save-to", str(save_to)]
+    if extra:
+        command += ["--palaestra-overrides", *extra]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{trainer} run failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def compare(
+    model: str, *, steps: int, rounds: int, tasks: int = 8, group: int = 8, max_tokens: int = 96,
+    extra: list[str] = (), progress: Any = print,  # type: ignore[assignment]
+) -> dict[str, Any]:  # fmt: skip
+    """Alternate palaestra and TRL runs for ``rounds`` rounds; per-round and median ratios."""
+    runs: dict[str, list[dict[str, Any]]] = {"palaestra": [], "trl": []}
+    for r in range(rounds):
+        for trainer in ("palaestra", "trl") if r % 2 == 0 else ("trl", "palaestra"):
+            progress(f"grpo vs trl [{model}] round {r + 1}/{rounds}: {trainer} ...")
+            result = measure(trainer, model, steps, tasks, group, max_tokens, extra)
+            progress(
+                f"  {trainer}: {result['tokens_per_s']:.1f} tokens/s, "
+                f"peak RSS {result['peak_rss_gb']:.2f} GB"
+            )
+            runs[trainer].append(result)
+    ratios = [
+        p["tokens_per_s"] / t["tokens_per_s"]
+        for p, t in zip(runs["palaestra"], runs["trl"], strict=True)
+    ]
+    return {
+        "model": model,
+        "settings": {
+            "steps": steps,
+            "tasks": tasks,
+            "group": group,
+            "max_tokens": max_tokens,
+            "extra": list(extra),
+        },
+        "runs": runs,
+        "throughput_ratio_median": statistics.median(ratios),
+        "throughput_ratios": ratios,
+        "peak_rss_gb": {k: max(x["peak_rss_gb"] for x in v) for k, v in runs.items()},
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("mode", nargs="?", default="compare", choices=["compare", "worker"])
+    parser.add_argument("--trainer", choices=["palaestra", "trl"])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--tasks", type=int, default=8)
+    parser.add_argument("--group", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=96)
+    parser.add_argument("--palaestra-overrides", nargs="*", default=[])
+    parser.add_argument("--budget-s", type=float, help="worker: stop training after this long")
+    parser.add_argument("--save-to", help="worker: save the trained model here")
+    args = parser.parse_args(argv)
+    if args.mode == "worker":
+        worker(args)
+        return
+    result = compare(
+        args.model, steps=args.steps, rounds=args.rounds, tasks=args.tasks, group=args.group,
+        max_tokens=args.max_tokens, extra=args.palaestra_overrides, progress=lambda s: print(s, file=sys.stderr),
+    )  # fmt: skip
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
+
+
+def held_out_accuracy(model_dir: Path, num_tasks: int) -> float:
+    """Greedy accuracy on the math env's test split, by ``palaestra eval`` (one code path
+    for both trainers' models)."""
+    from palaestra.config import load_config
+
+    env = load_config(CONFIG).env
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "palaestra", "eval", "--model", str(model_dir), "--env", env.id,
+            "--env-kwargs", json.dumps(env.kwargs), "--num-tasks", str(num_tasks), "--json",
+        ],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"evaluation of {model_dir} failed:\n{done.stderr[-3000:]}")
+    return float(json.loads(done.stdout)["accuracy"])
+
+
+def learning(
+    model: str, *, budget_s: float, num_tasks: int, tasks: int = 8, group: int = 8, max_tokens: int = 96,
+    progress: Any = print,
+) -> dict[str, Any]:  # fmt: skip
+    """Each trainer trains for ``budget_s`` seconds from the same start, same seed; then
+    both models are evaluated the same way (and the start, once)."""
+    out: dict[str, Any] = {"model": model, "budget_s": budget_s, "num_tasks": num_tasks}
+    with tempfile.TemporaryDirectory() as tmp:
+        from palaestra.models import resolve_model
+
+        progress(f"learning per wall-clock [{model}]: the starting model ...")
+        out["start_accuracy"] = held_out_accuracy(resolve_model(model), num_tasks)
+        for trainer in ("palaestra", "trl"):
+            progress(f"learning per wall-clock [{model}]: {trainer}, {budget_s:.0f} s ...")
+            saved = Path(tmp) / trainer
+            run = measure(
+                trainer, model, 10_000, tasks, group, max_tokens, budget_s=budget_s, save_to=saved
+            )
+            accuracy = held_out_accuracy(saved, num_tasks)
+            out[trainer] = {"steps": run["steps"], "train_s": run["total_s"], "accuracy": accuracy}
+            progress(f"  {trainer}: {run['steps']} steps, held-out accuracy {accuracy:.3f}")
+    return out
