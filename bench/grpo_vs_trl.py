@@ -4,7 +4,9 @@ Both trainers run the main job's task (``examples/math_grpo.yaml``): the same pr
 the same order (the ones palaestra's seeded sampler draws, rendered by the same chat
 template), the same group size, completions per step, max completion length, temperature,
 AdamW settings (lr, betas, no weight decay, clip 1.0, no warm-up), bf16 autocast over
-float32 weights, micro-batches of 16 with one optimizer step per batch, token-mean loss
+float32 weights, gradient checkpointing (TRL's default, palaestra's
+``trainer.gradient_checkpointing``), micro-batches of 16 with one optimizer step per batch,
+token-mean loss
 (TRL's ``loss_type="dapo"``), clip range 0.2 / 0.28, no KL, the same reward (the math
 env's verifier). Each run is its own process, so peak RSS is its own; the harness runs
 them alternately, round after round, so machine noise falls on both.
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import statistics
@@ -34,19 +37,26 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+FROZEN_LR = 1e-12
+"""The throughput runs' learning rate: every step computes and applies a real update, too
+small to move the policy, so both trainers sample from the same model throughout."""
 CONFIG = ROOT / "examples" / "math_grpo.yaml"
 
 
-def settings(model: str, steps: int, tasks: int, group: int, max_tokens: int) -> list[str]:
+def settings(
+    model: str, steps: int, tasks: int, group: int, max_tokens: int, lr: float | None = None
+) -> list[str]:
     """The config overrides both trainers are measured with (TRL's settings mirror them)."""
     return [
         f"model={model}",
+        *([f"trainer.lr={lr}"] if lr else []),
         f"trainer.steps={steps}",
         f"rollout.tasks_per_step={tasks}",
         f"rollout.group_size={group}",
         f"rollout.max_tokens={max_tokens}",
         "trainer.warmup_steps=0",
         "trainer.micro_batch_size=16",
+        "trainer.gradient_checkpointing=true",  # TRL's default
         "eval.before=false",
         "eval.after=false",
         "run.progress=false",
@@ -59,7 +69,7 @@ def run_palaestra(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     from palaestra.rundir import RunDir
     from palaestra.trainer.stages.grpo import run_grpo
 
-    overrides = settings(args.model, args.steps, args.tasks, args.group, args.max_tokens)
+    overrides = settings(args.model, args.steps, args.tasks, args.group, args.max_tokens, args.lr)
     if args.budget_s:
         overrides.append(f"trainer.max_time_s={args.budget_s}")
     config = load_config(CONFIG, [*overrides, *args.palaestra_overrides])
@@ -94,7 +104,7 @@ def task_prompts(args: argparse.Namespace) -> list[dict[str, Any]]:
     from palaestra.trainer.stages.grpo import _group_requests
 
     config = load_config(
-        CONFIG, settings(args.model, args.steps, args.tasks, args.group, args.max_tokens)
+        CONFIG, settings(args.model, args.steps, args.tasks, args.group, args.max_tokens, args.lr)
     )
     env = envs.make(config.env.id, **config.env.kwargs, split="train")
     rows = []
@@ -117,12 +127,15 @@ def run_trl(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     from palaestra.models import load_tokenizer, resolve_model
 
     config = load_config(
-        CONFIG, settings(args.model, args.steps, args.tasks, args.group, args.max_tokens)
+        CONFIG, settings(args.model, args.steps, args.tasks, args.group, args.max_tokens, args.lr)
     )
     env = envs.make(config.env.id, **config.env.kwargs, split="train")
 
     def math_reward(completions: list, reset_seed: list, **_: Any) -> list[float]:
         rewards = []
+        if os.environ.get("BENCH_DUMP"):
+            with open(os.environ["BENCH_DUMP"], "a") as f:
+                f.writelines(json.dumps(c[0]["content"]) + "\n" for c in completions)
         for completion, seed in zip(completions, reset_seed, strict=True):
             env.reset(seed=seed)
             rewards.append(float(env.step(completion[0]["content"])[1]))
@@ -162,6 +175,7 @@ def run_trl(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         seed=config.seed,
         shuffle_dataset=False,
         disable_dropout=True,
+        gradient_checkpointing=True,
     )
     step_s: list[float] = []
     lengths: list[float] = []
@@ -245,7 +259,7 @@ def worker(args: argparse.Namespace) -> None:
 
 def measure(
     trainer: str, model: str, steps: int, tasks: int, group: int, max_tokens: int, extra: list[str] = (),  # type: ignore[assignment]
-    budget_s: float | None = None, save_to: Path | None = None,
+    budget_s: float | None = None, save_to: Path | None = None, lr: float | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """One run in a fresh process; its JSON result."""
     command = [
@@ -254,6 +268,8 @@ def measure(
     ]  # fmt: skip
     if budget_s:
         command += ["--budget-s", str(budget_s)]
+    if lr:
+        command += ["--lr", str(lr)]
     if save_to:
         command += ["--save-to", str(save_to)]
     if extra:
@@ -266,14 +282,20 @@ def measure(
 
 def compare(
     model: str, *, steps: int, rounds: int, tasks: int = 8, group: int = 8, max_tokens: int = 96,
-    extra: list[str] = (), progress: Any = print,  # type: ignore[assignment]
+    extra: list[str] = (), progress: Any = print, lr: float | None = FROZEN_LR,  # type: ignore[assignment]
 ) -> dict[str, Any]:  # fmt: skip
-    """Alternate palaestra and TRL runs for ``rounds`` rounds; per-round and median ratios."""
+    """Alternate palaestra and TRL runs for ``rounds`` rounds; per-round and median ratios.
+
+    By default the learning rate is ``FROZEN_LR``: both policies stay at the starting
+    model, so both sample answers of the same length distribution at every step and do the
+    same work (at a real learning rate they drift apart after one step, and the lengths,
+    hence the work per step, with them). The step still runs in full: backward and AdamW.
+    """
     runs: dict[str, list[dict[str, Any]]] = {"palaestra": [], "trl": []}
     for r in range(rounds):
         for trainer in ("palaestra", "trl") if r % 2 == 0 else ("trl", "palaestra"):
             progress(f"grpo vs trl [{model}] round {r + 1}/{rounds}: {trainer} ...")
-            result = measure(trainer, model, steps, tasks, group, max_tokens, extra)
+            result = measure(trainer, model, steps, tasks, group, max_tokens, extra, lr=lr)
             progress(
                 f"  {trainer}: {result['tokens_per_s']:.1f} tokens/s, "
                 f"peak RSS {result['peak_rss_gb']:.2f} GB"
@@ -311,6 +333,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--palaestra-overrides", nargs="*", default=[])
     parser.add_argument("--budget-s", type=float, help="worker: stop training after this long")
+    parser.add_argument("--lr", type=float, help="learning rate (default: the main job's)")
     parser.add_argument("--save-to", help="worker: save the trained model here")
     args = parser.parse_args(argv)
     if args.mode == "worker":
@@ -319,6 +342,7 @@ def main(argv: list[str] | None = None) -> None:
     result = compare(
         args.model, steps=args.steps, rounds=args.rounds, tasks=args.tasks, group=args.group,
         max_tokens=args.max_tokens, extra=args.palaestra_overrides, progress=lambda s: print(s, file=sys.stderr),
+        lr=args.lr or FROZEN_LR,
     )  # fmt: skip
     print(json.dumps(result, indent=1))
 

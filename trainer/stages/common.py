@@ -14,6 +14,7 @@ import ctypes.util
 import os
 import resource
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -155,6 +156,23 @@ async def evaluate_model(
         return await evaluate_on_env(cfg, engine, ChatRenderer(tokenizer), run, step=step)
     finally:
         await close_engine(engine)
+
+
+def end_step(
+    cfg: TrainConfig,
+    run: RunDir,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    step: int,
+    metrics: dict[str, float],
+    started: float,
+) -> None:
+    """Log a dataset stage's step (with its time and peak memory) and save the
+    ``run.save_every`` checkpoint."""
+    metrics |= {"time/step_s": time.perf_counter() - started, "memory/peak_rss_gb": peak_rss_gb()}
+    run.log(step, metrics)
+    if cfg.run.save_every and step % cfg.run.save_every == 0 and step < cfg.trainer.steps:
+        save_checkpoint(model, tokenizer, run.checkpoints / f"step-{step}")
 
 
 def save_interrupted(

@@ -56,9 +56,9 @@ from palaestra.trainer.losses import REFERENCE_FREE, kto_loss, preference_loss
 from palaestra.trainer.stages.common import (
     StageResult,
     build_learner,
+    end_step,
     evaluate_model,
     frozen_copy,
-    peak_rss_gb,
     save_interrupted,
 )
 
@@ -132,14 +132,8 @@ def run_dpo(cfg: TrainConfig, run: RunDir) -> StageResult:
             else:
                 pair_rows = [r for i in picked for r in (2 * i, 2 * i + 1)]
                 step_metrics = learner.step(train.batch(pair_rows, pad_id), _pair_loss_fn(cfg))
-            step_metrics |= {
-                "answers": float(per_step),
-                "time/step_s": time.perf_counter() - started,
-                "memory/peak_rss_gb": peak_rss_gb(),
-            }
-            run.log(step, step_metrics)
-            if cfg.run.save_every and step % cfg.run.save_every == 0 and step < steps:
-                save_checkpoint(model, tokenizer, run.checkpoints / f"step-{step}")
+            step_metrics["answers"] = float(per_step)
+            end_step(cfg, run, model, tokenizer, step, step_metrics, started)
     except BaseException:
         save_interrupted(model, tokenizer, run, step)
         raise
@@ -192,27 +186,38 @@ def _sums(batch: TokenBatch, logprobs_BT: torch.Tensor) -> tuple[torch.Tensor, t
     return (logprobs_BT * batch.loss_mask_BT).sum(dim=1), batch.loss_mask_BT.sum(dim=1)
 
 
-def _pair_loss_fn(cfg: TrainConfig):
+def pair_loss(
+    cfg: TrainConfig,
+    sums_B: torch.Tensor,
+    lengths_B: torch.Tensor,
+    ref_sums_B: torch.Tensor | None,
+    num_pairs: float,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """``dpo.loss`` on answers laid out chosen, rejected, chosen, ...: their summed
+    log-probs, token counts and (with a reference) the reference's sums."""
     d = cfg.dpo
+    return preference_loss(
+        sums_B[0::2],
+        sums_B[1::2],
+        loss=d.loss,  # type: ignore[arg-type]
+        beta=d.beta,
+        ref_chosen_logps_P=None if ref_sums_B is None else ref_sums_B[0::2],
+        ref_rejected_logps_P=None if ref_sums_B is None else ref_sums_B[1::2],
+        chosen_lengths_P=lengths_B[0::2],
+        rejected_lengths_P=lengths_B[1::2],
+        label_smoothing=d.label_smoothing,
+        simpo_gamma=d.simpo_gamma,
+        num_pairs=num_pairs,
+    )
 
+
+def _pair_loss_fn(cfg: TrainConfig):
     def loss(batch: TokenBatch, logprobs_BT: torch.Tensor, *, num_tokens: float, num_seqs: float):
         sums_B, lengths_B = _sums(batch, logprobs_BT)
         ref_B = (
             _sums(batch, batch.ref_logprobs_BT)[0] if batch.ref_logprobs_BT is not None else None
         )
-        return preference_loss(
-            sums_B[0::2],
-            sums_B[1::2],
-            loss=d.loss,  # type: ignore[arg-type]
-            beta=d.beta,
-            ref_chosen_logps_P=None if ref_B is None else ref_B[0::2],
-            ref_rejected_logps_P=None if ref_B is None else ref_B[1::2],
-            chosen_lengths_P=lengths_B[0::2],
-            rejected_lengths_P=lengths_B[1::2],
-            label_smoothing=d.label_smoothing,
-            simpo_gamma=d.simpo_gamma,
-            num_pairs=num_seqs / 2,
-        )
+        return pair_loss(cfg, sums_B, lengths_B, ref_B, num_seqs / 2)
 
     return loss
 

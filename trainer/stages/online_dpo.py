@@ -31,8 +31,9 @@ from palaestra.models import load_model, resolve_model
 from palaestra.rundir import RunDir
 from palaestra.trainer.batch import TokenBatch, collate
 from palaestra.trainer.errors import TrainerError
-from palaestra.trainer.losses import REFERENCE_FREE, preference_loss
+from palaestra.trainer.losses import REFERENCE_FREE
 from palaestra.trainer.stages.common import StageResult, frozen_copy
+from palaestra.trainer.stages.dpo import pair_loss
 from palaestra.trainer.stages.grpo import Parts, run_policy_gradient
 
 if TYPE_CHECKING:
@@ -119,25 +120,11 @@ def _episode_sums(
 
 
 def _loss_fn(cfg: TrainConfig, num_pairs: int):
-    d = cfg.dpo
-
     def loss(batch: TokenBatch, logprobs_BT: torch.Tensor, *, num_tokens: float, num_seqs: float):
         sums_E, lengths_E = _episode_sums(batch, logprobs_BT)
         ref_E = None
         if batch.ref_logprobs_BT is not None:
             ref_E = _episode_sums(batch, batch.ref_logprobs_BT)[0]
-        return preference_loss(
-            sums_E[0::2],
-            sums_E[1::2],
-            loss=d.loss,  # type: ignore[arg-type]
-            beta=d.beta,
-            ref_chosen_logps_P=None if ref_E is None else ref_E[0::2],
-            ref_rejected_logps_P=None if ref_E is None else ref_E[1::2],
-            chosen_lengths_P=lengths_E[0::2],
-            rejected_lengths_P=lengths_E[1::2],
-            label_smoothing=d.label_smoothing,
-            simpo_gamma=d.simpo_gamma,
-            num_pairs=num_pairs,
-        )
+        return pair_loss(cfg, sums_E, lengths_E, ref_E, num_pairs)
 
     return loss

@@ -40,8 +40,8 @@ from palaestra.trainer.losses import sft_loss
 from palaestra.trainer.stages.common import (
     StageResult,
     build_learner,
+    end_step,
     evaluate_model,
-    peak_rss_gb,
     save_interrupted,
 )
 
@@ -71,12 +71,8 @@ def run_sft(cfg: TrainConfig, run: RunDir) -> StageResult:
             step_metrics |= {
                 "tokens": float(batch.num_loss_tokens),
                 "truncated": float(sum(r.truncated for r in rows)),
-                "time/step_s": time.perf_counter() - started,
-                "memory/peak_rss_gb": peak_rss_gb(),
             }
-            run.log(step, step_metrics)
-            if cfg.run.save_every and step % cfg.run.save_every == 0 and step < steps:
-                save_checkpoint(model, tokenizer, run.checkpoints / f"step-{step}")
+            end_step(cfg, run, model, tokenizer, step, step_metrics, started)
     except BaseException:
         save_interrupted(model, tokenizer, run, step)
         raise
