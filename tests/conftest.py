@@ -1,5 +1,6 @@
-"""Shared fixtures: the tiny random model's tokenizer, a small JSONL math task file, and a
-tiny random model that vLLM can serve."""
+"""Shared fixtures: the tiny random model's tokenizer, a small JSONL math task file, a
+tiny random model that vLLM can serve, and ``palaestra-test/OddLength-v0``, a one-turn env
+whose rewards differ within a group."""
 
 from __future__ import annotations
 
@@ -9,7 +10,23 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from palaestra.envs import register
+from palaestra.envs.core import TextEnv
 from palaestra.models import load_tokenizer, resolve_model
+
+
+class OddLength(TextEnv):
+    """One turn; reward 1 for a reply of odd length, so groups have winners and losers."""
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return [{"role": "user", "content": "Say anything."}], {"task_id": f"t{seed}"}
+
+    def step(self, action):
+        return [], float(len(action) % 2), True, False, {}
+
+
+register("palaestra-test/OddLength-v0", lambda **kwargs: OddLength())
 
 VLLM_TINY_SHAPE = {
     "hidden_size": 64,

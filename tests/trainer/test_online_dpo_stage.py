@@ -9,8 +9,6 @@ import torch
 
 from palaestra.agent.trajectory import StopReason, Trajectory, Turn
 from palaestra.config import load_config
-from palaestra.envs import register
-from palaestra.envs.core import TextEnv
 from palaestra.rundir import RunDir
 from palaestra.trainer.stages.online_dpo import _episode_sums, preference_pairs, run_online_dpo
 
@@ -62,27 +60,13 @@ def test_episode_log_probs_sum_sampled_tokens_across_turns_and_split_samples():
     assert sums_E[1].item() == -expected and lengths_E[1].item() == 3
 
 
-class OddLength(TextEnv):
-    """One turn; reward 1 for a reply of odd length, so groups have winners and losers."""
-
-    def reset(self, *, seed=None, options=None):
-        super().reset(seed=seed)
-        return [{"role": "user", "content": "Say anything."}], {"task_id": f"t{seed}"}
-
-    def step(self, action):
-        return [], float(len(action) % 2), True, False, {}
-
-
-register("palaestra-test/OnlineDPOOdd-v0", lambda **kwargs: OddLength())
-
-
 def test_online_dpo_trains_on_pairs_from_its_own_rollouts(tmp_path):
     cfg = load_config(
         None,
         [
             "model=tiny-random",
             "stage=online_dpo",
-            "env.id=palaestra-test/OnlineDPOOdd-v0",
+            "env.id=palaestra-test/OddLength-v0",
             "rollout.tasks_per_step=2",
             "rollout.group_size=4",
             "rollout.max_tokens=6",

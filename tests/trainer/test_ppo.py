@@ -18,17 +18,6 @@ from palaestra.trainer.data import ChatEncoder, token_batch
 from palaestra.trainer.stages.ppo import run_ppo
 
 
-class OddLength(TextEnv):
-    """One turn; reward 1 for a reply of odd length."""
-
-    def reset(self, *, seed=None, options=None):
-        super().reset(seed=seed)
-        return [{"role": "user", "content": "Say anything."}], {"task_id": f"t{seed}"}
-
-    def step(self, action):
-        return [], float(len(action) % 2), True, False, {}
-
-
 class ToolThenAnswer(TextEnv):
     """Two assistant turns with a tool reply between them; the second is scored."""
 
@@ -44,13 +33,12 @@ class ToolThenAnswer(TextEnv):
         return [], float(len(action) % 2), True, False, {}
 
 
-register("palaestra-test/PPOOdd-v0", lambda **kwargs: OddLength())
 register("palaestra-test/PPOTool-v0", lambda **kwargs: ToolThenAnswer())
 
 BASE = [
     "model=tiny-random",
     "stage=ppo",
-    "env.id=palaestra-test/PPOOdd-v0",
+    "env.id=palaestra-test/OddLength-v0",
     "rollout.tasks_per_step=2",
     "rollout.group_size=4",
     "rollout.max_tokens=6",
