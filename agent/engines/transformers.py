@@ -93,6 +93,9 @@ class TransformersEngine:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         # transformers' decorated ``to`` hides its signature from type checkers
         self.model = model.to(device=device, dtype=_DTYPES[dtype]).eval()  # type: ignore[call-arg]
+        head = self.model.get_output_embeddings()
+        if head is not None:
+            head.register_forward_pre_hook(_contiguous_input)
         self.eos_token_ids = frozenset(eos_token_ids)
         if not self.eos_token_ids:
             raise ValueError("eos_token_ids is empty: pass the id(s) that end a turn")
@@ -305,6 +308,18 @@ class TransformersEngine:
             for name, tensor in named_tensors:
                 targets[name].copy_(tensor)
             self._policy_version = version
+
+
+def _contiguous_input(_: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> tuple:
+    """Hand the LM head a contiguous input.
+
+    The prefill keeps only the last position's hidden state (``logits_to_keep=1``), a
+    strided ``B x 1 x H`` view. For that view torch's CPU matmul, with bfloat16 weights that
+    do not require grad, expands the ``V x H`` head to one copy per row and runs a batched
+    matmul: 3.4 GB and 4 s for 64 prompts on a 49k-token vocabulary, where the contiguous
+    input takes one ordinary matmul.
+    """
+    return (args[0].contiguous(), *args[1:])
 
 
 def sample_tokens(

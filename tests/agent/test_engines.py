@@ -239,6 +239,24 @@ async def test_bfloat16_generation_stays_close_to_float32(make_engine, tiny_mode
 # --- sample_tokens -----------------------------------------------------------------------
 
 
+def test_a_bfloat16_prefill_never_copies_the_lm_head_per_row(make_engine, tiny_model):
+    # A frozen bfloat16 copy, as the trainer builds it: weights that do not require grad.
+    engine = make_engine(dtype="bfloat16")
+    engine.model.requires_grad_(False)
+    rows, width = 64, 30
+    vocab, hidden = tiny_model.config.vocab_size, tiny_model.config.hidden_size
+    head_per_row_bytes = rows * vocab * hidden * 2  # the batch-expanded bf16 head: 50 MB
+    input_ids_BT = torch.randint(10, 1000, (rows, width))
+
+    # The engine's prefill: the whole prompt batch, logits for the last position only.
+    with torch.inference_mode(), torch.profiler.profile(profile_memory=True) as profile:
+        logits_B1V = engine.model(input_ids=input_ids_BT, logits_to_keep=1).logits
+
+    largest = max(event.cpu_memory_usage for event in profile.events())
+    assert logits_B1V.shape == (rows, 1, vocab)
+    assert largest < head_per_row_bytes / 4, f"one op allocated {largest / 1e6:.0f} MB"
+
+
 def test_sample_tokens_greedy_takes_the_argmax_with_its_temperature_one_logprob():
     logits_BV = torch.tensor([[0.0, 2.0, 1.0], [3.0, 0.0, 1.0]])
 
