@@ -16,6 +16,7 @@ NEEDS_PACKAGE = {"palaestra/BFCL-v0": "bfcl_eval"}
 
 
 def _registered_ids() -> list:
+    """The built-in ids; tests register their own under ``palaestra-test/``, outside the contract."""
     return [
         pytest.param(
             env_id,
@@ -27,6 +28,7 @@ def _registered_ids() -> list:
         if env_id in NEEDS_PACKAGE
         else env_id
         for env_id in registered_ids()
+        if env_id.startswith("palaestra/")
     ]
 
 
