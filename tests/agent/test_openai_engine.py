@@ -359,7 +359,9 @@ async def test_a_server_killed_mid_rollout_marks_episodes_as_infrastructure_fail
 
     path, _, tokenizer = embedded
     process, url = start_vllm_server(path)
-    engine = OpenAIEngine(url, "policy", stop_token_ids=[2], timeout_s=10, max_retries=1)
+    # a dead server fails requests at once (connection reset, then refused); the timeout only
+    # bounds a hang, so it is generous enough for 24 episodes on a loaded 2-core machine
+    engine = OpenAIEngine(url, "policy", stop_token_ids=[2], timeout_s=120, max_retries=1)
     pool = EnvPool(lambda: make("palaestra/Math-v0", source=f"jsonl:{math_tasks}"), size=8)
     renderer = ChatRenderer(tokenizer)
     sampling = SamplingParams(max_tokens=64, temperature=1.0)
