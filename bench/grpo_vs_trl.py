@@ -3,8 +3,10 @@
 Both trainers run the main job's task (``examples/math_grpo.yaml``): the same prompts in
 the same order (the ones palaestra's seeded sampler draws, rendered by the same chat
 template), the same group size, completions per step, max completion length, temperature,
-AdamW settings (lr, betas, no weight decay, clip 1.0, no warm-up), bf16 autocast over
-float32 weights, gradient checkpointing (TRL's default, palaestra's
+AdamW settings (lr, betas, no weight decay, clip 1.0, no warm-up), the same precision
+(bf16 autocast over float32 weights where the CPU runs bfloat16 natively, AVX-512 BF16 or
+AMX;
+float32 elsewhere, where bfloat16 is tens of times slower), gradient checkpointing (TRL's default, palaestra's
 ``trainer.gradient_checkpointing``), micro-batches of 16 with one optimizer step per batch,
 token-mean loss
 (TRL's ``loss_type="dapo"``), clip range 0.2 / 0.28, no KL, the same reward (the math
@@ -64,6 +66,7 @@ def settings(
     engine: str = "transformers",
 ) -> list[str]:
     """The config overrides both trainers are measured with (TRL's settings mirror them)."""
+    dtype = precision()
     return [
         f"model={model}",
         f"engine={engine}",
@@ -75,11 +78,20 @@ def settings(
         "trainer.warmup_steps=0",
         "trainer.micro_batch_size=16",
         "trainer.gradient_checkpointing=true",  # TRL's default
+        f"trainer.dtype={dtype}",
+        f"engine_dtype={dtype}",
         "eval.before=false",
         "eval.after=false",
         "run.progress=false",
         "run.log_trajectories=0",
     ]
+
+
+def precision() -> str:
+    """``bfloat16`` where this CPU runs it natively, else ``float32``: both trainers use it."""
+    from palaestra.models import resolve_dtype
+
+    return resolve_dtype("auto", "cpu")
 
 
 def run_palaestra(args: argparse.Namespace, out: Path) -> dict[str, Any]:
@@ -197,7 +209,7 @@ def run_trl(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         report_to="none",
         save_strategy="no",
         use_cpu=True,
-        bf16=True,
+        bf16=precision() == "bfloat16",
         seed=config.seed,
         shuffle_dataset=False,
         disable_dropout=True,

@@ -14,6 +14,8 @@ from typing import Any
 
 def machine() -> dict[str, Any]:
     """What the numbers were measured on."""
+    from palaestra.models import native_bfloat16
+
     cpu = "unknown"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -30,6 +32,7 @@ def machine() -> dict[str, Any]:
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
+        "native_bfloat16": native_bfloat16("cpu"),  # the GRPO comparisons' precision
         "memory_gb": round(memory_gb, 1),
         "python": platform.python_version(),
         "packages": versions,

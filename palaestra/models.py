@@ -34,9 +34,11 @@ import copy
 import importlib.util
 import json
 import os
+import platform
 import shutil
 import sys
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
@@ -65,6 +67,8 @@ _CACHE_DIRS = {"smollm2-135m": "smollm2-135m-instruct", "tiny-random": "tiny-ran
 _RECIPE_VERSION = 4  # bump when a builder changes so that old caches are rebuilt
 _MARKER = "palaestra-cache.json"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = ("auto", *_DTYPES)
+"""The dtype names palaestra takes: ``auto`` resolves per device (``resolve_dtype``)."""
 _TINY_SHAPE = {
     "hidden_size": 8,
     "intermediate_size": 16,
@@ -77,6 +81,51 @@ _TINY_SHAPE = {
 embedding is nearly all of it)."""
 _TINY_SEED = 0
 _TINY_INIT_STD = 0.5  # large enough that the next-token distribution is far from uniform
+
+
+def native_bfloat16(device: str | torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 matrix products at full speed.
+
+    True on a CUDA device that supports bfloat16, on an x86 CPU with bfloat16 instructions
+    (AVX-512 BF16 or AMX) and on an Arm CPU with BF16. Plain AVX-512 only emulates it
+    (slower than float32), and on an AVX2-only CPU torch falls back to a reference kernel:
+    there the backward pass of SmolLM2's LM head under bfloat16 autocast took 55 s
+    against 0.7 s in float32.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+        return bool(check()) if check is not None else False
+    return any(
+        bool(getattr(torch.cpu, name, lambda: False)())
+        for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    )
+
+
+def resolve_dtype(dtype: str, device: str | torch.device) -> str:
+    """The compute dtype for ``device``: ``auto`` is bfloat16 where the device runs it at
+    full speed (``native_bfloat16``), else float32; ``float32`` and ``bfloat16`` stay as
+    given, and an explicit ``bfloat16`` on a device without native support warns.
+
+    Raises ``ValueError`` for any other name.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dtype == "auto":
+        return "bfloat16" if native_bfloat16(device) else "float32"
+    if dtype == "bfloat16" and not native_bfloat16(device):
+        warnings.warn(
+            f"bfloat16 on {device}, which has no native bfloat16 (a CPU needs AVX-512 BF16 or "
+            "AMX): its matrix products can run many times slower than float32; use dtype "
+            "auto or float32",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return dtype
 
 
 def resolve_model(name_or_path: str | os.PathLike[str]) -> Path:
@@ -112,12 +161,12 @@ def load_tokenizer(name_or_path: str | os.PathLike[str]) -> PreTrainedTokenizerB
 def load_model(
     name_or_path: str | os.PathLike[str], *, dtype: str = "float32", device: str = "cpu"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM in eval mode and its tokenizer; ``dtype`` is float32 or bfloat16.
+    """Load a causal LM in eval mode and its tokenizer; ``dtype`` is float32, bfloat16 or
+    auto (``resolve_dtype``).
 
     Raises ``ModelLoadError`` when the config is unreadable or weights are missing.
     """
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+    dtype = resolve_dtype(dtype, device)
     path = resolve_model(name_or_path)
     try:
         loaded = AutoModelForCausalLM.from_pretrained(

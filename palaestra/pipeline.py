@@ -59,7 +59,21 @@ def runner(stage: str) -> Callable[[TrainConfig, RunDir], Any]:
 
 def run_stage(config: TrainConfig, run: RunDir) -> Any:
     """Run one stage into ``run``; returns its ``StageResult``."""
+    print(f"[precision] {precision(config)}", file=sys.stderr)
     return runner(config.stage)(config, run)
+
+
+def precision(config: TrainConfig) -> str:
+    """One line: the learner's and the engine's dtypes, ``auto`` resolved for the device."""
+    from palaestra.models import native_bfloat16, resolve_dtype
+
+    learner = resolve_dtype(config.trainer.dtype, config.device)
+    engine = resolve_dtype(config.engine_dtype, config.device)
+    line = f"learner {learner} on {config.device}, engine {engine}"
+    if "auto" in (config.trainer.dtype, config.engine_dtype):
+        native = native_bfloat16(config.device)
+        line += f" (auto: {config.device} {'has' if native else 'has no'} native bfloat16)"
+    return line
 
 
 def run_pipeline(

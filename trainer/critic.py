@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from palaestra.models import resolve_dtype
 from palaestra.trainer.batch import TokenBatch
 from palaestra.trainer.losses import value_loss
 
@@ -74,11 +75,12 @@ class CriticLearner:
         clip: float | None,
         max_grad_norm: float = 1.0,
         micro_batch_size: int = 16,
-        dtype: str = "bfloat16",
+        dtype: str = "auto",
     ) -> None:
         self.critic, self.clip = critic, clip
         self.max_grad_norm, self.micro_batch_size = max_grad_norm, micro_batch_size
         self.device = next(critic.parameters()).device
+        dtype = resolve_dtype(dtype, self.device)
         self.autocast_dtype = torch.bfloat16 if dtype == "bfloat16" else None
         self.optimizer = torch.optim.AdamW(critic.parameters(), lr=lr)
         self.steps = 0

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from palaestra.models import resolve_dtype
 from palaestra.trainer.batch import TokenBatch
 
 if TYPE_CHECKING:
@@ -65,7 +66,7 @@ class Learner:
         warmup_steps: int = 0,
         max_grad_norm: float = 1.0,
         micro_batch_size: int = 16,
-        dtype: str = "bfloat16",
+        dtype: str = "auto",
         temperature: float = 1.0,
         gradient_checkpointing: bool = False,
     ) -> None:
@@ -74,6 +75,7 @@ class Learner:
         self.max_grad_norm = max_grad_norm
         self.micro_batch_size = micro_batch_size
         self.temperature = temperature
+        dtype = resolve_dtype(dtype, self.device)
         self.autocast_dtype = torch.bfloat16 if dtype == "bfloat16" else None
         if gradient_checkpointing:
             model.gradient_checkpointing_enable()

@@ -42,7 +42,7 @@ def build_engine(
     model_dir: str | os.PathLike[str],
     eos_token_ids: Iterable[int],
     pad_token_id: int | None,
-    dtype: str = "bfloat16",
+    dtype: str = "auto",
     device: str = "cpu",
     seed: int = 0,
     max_batch_size: int = 64,
@@ -55,6 +55,9 @@ def build_engine(
     ``server``, which must already serve the same weights in ``dtype``. Raises
     ``ValueError`` for an unknown kind or an ``openai`` engine without ``server``.
     """
+    from palaestra.models import resolve_dtype
+
+    dtype = resolve_dtype(dtype, device)
     eos_token_ids = sorted(eos_token_ids)
     if not eos_token_ids:
         raise ValueError("eos_token_ids is empty: pass the id(s) that end a turn")

@@ -16,11 +16,13 @@ draw per step, inverted through the row's CDF), so a seeded request gives the sa
 completion whatever else shares its batch.
 
 Precision. In float32 the sampled logprobs match a teacher-forced float32 forward of
-prompt + completion to ~1e-5. The default is bfloat16, which runs about twice as fast on
-a CPU with AMX (SmolLM2-135M, 2 cores, 64 sequences x 64 tokens: ~500 vs ~250 tokens/s)
-at a mean |logprob - float32 logprob| of ~0.03 nats, the same size as the gap between a
-bfloat16-autocast learner and float32 (~0.03). Pass ``dtype="float32"`` when the learner
-must see exactly the logprobs it recomputes.
+prompt + completion to ~1e-5. The default, ``auto``, is bfloat16 where the device runs it
+natively (``palaestra.models.native_bfloat16``) and float32 elsewhere. bfloat16 runs about
+twice as fast on a CPU with AMX (SmolLM2-135M, 2 cores, 64 sequences x 64 tokens: ~500 vs
+~250 tokens/s) at a mean |logprob - float32 logprob| of ~0.03 nats, the same size as the
+gap between a bfloat16-autocast learner and float32 (~0.03); on an AVX2-only CPU it is
+several times slower than float32. Pass ``dtype="float32"`` when the learner must see
+exactly the logprobs it recomputes.
 
 Not here: continuous batching (a batch runs until its last row finishes; requests that
 arrive meanwhile wait for the next batch), prefix caching, tokenization.
@@ -38,6 +40,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from palaestra.agent.engines.base import Completion, SamplingParams, check_token_ids
 from palaestra.agent.errors import EngineError
+from palaestra.models import resolve_dtype
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -83,12 +86,11 @@ class TransformersEngine:
         pad_token_id: int,
         max_batch_size: int = 64,
         device: str = "cpu",
-        dtype: str = "bfloat16",
+        dtype: str = "auto",
         seed: int = 0,
         batch_window_s: float = 0.002,
     ) -> None:
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+        dtype = resolve_dtype(dtype, device)
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         # transformers' decorated ``to`` hides its signature from type checkers

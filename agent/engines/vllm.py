@@ -67,7 +67,6 @@ INSTALL_HINT = (
     "(then `pip uninstall -y torchvision torchaudio torchcodec`), `pip install -e '.[vllm]'` "
     "with CUDA"
 )
-_DTYPES = ("float32", "bfloat16")
 _WORKER_EXTENSION = f"{WeightReloadExtension.__module__}.{WeightReloadExtension.__qualname__}"
 
 
@@ -123,22 +122,26 @@ class VLLMEngine:
         path: str | os.PathLike[str],
         *,
         eos_token_ids: Iterable[int],
-        dtype: str = "bfloat16",
+        dtype: str = "auto",
         seed: int = 0,
         max_model_len: int | None = None,
         kv_cache_gib: float = 1.0,
     ) -> VLLMEngine:
         """Start vLLM on a local Hugging Face model directory with safetensors weights.
 
-        ``dtype`` is ``"bfloat16"`` or ``"float32"``. ``max_model_len`` caps prompt plus
+        ``dtype`` is ``"bfloat16"``, ``"float32"`` or ``"auto"`` (bfloat16 where the
+        device vLLM runs on has it natively: ``palaestra.models.resolve_dtype``). ``max_model_len`` caps prompt plus
         completion (default: the model's context length). ``kv_cache_gib`` is the memory
         given to the KV cache, on CPU and CUDA alike (vLLM's ``kv_cache_memory_bytes``;
         on CPU a ``VLLM_CPU_KVCACHE_SPACE`` in the environment overrides it, in whole
         GiB). Start-up takes 15-20 s on 2 CPU cores. Raises ``EngineError`` when vLLM is
         not installed or cannot start.
         """
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+        import torch
+
+        from palaestra.models import resolve_dtype
+
+        dtype = resolve_dtype(dtype, "cuda" if torch.cuda.is_available() else "cpu")
         eos_token_ids = frozenset(eos_token_ids)
         if not eos_token_ids:
             raise ValueError("eos_token_ids is empty: pass the id(s) that end a turn")

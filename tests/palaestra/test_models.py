@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from palaestra import models
 from palaestra.errors import ModelLoadError, ModelNotFoundError
 from palaestra.models import load_model, load_tokenizer, resolve_model
+from palaestra.trainer.learner import Learner
 
 
 def test_tiny_random_is_a_small_llama_with_the_smollm2_tokenizer():
@@ -120,9 +124,48 @@ def test_load_model_refuses_an_unknown_dtype():
 
 
 def test_load_model_casts_to_bfloat16():
-    model, _ = load_model("tiny-random", dtype="bfloat16")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # no native bfloat16 on this CPU
+        model, _ = load_model("tiny-random", dtype="bfloat16")
 
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_dtype_is_bfloat16_only_where_the_device_runs_it_natively(monkeypatch, native):
+    monkeypatch.setattr(models, "native_bfloat16", lambda device: native)
+
+    assert models.resolve_dtype("auto", "cpu") == ("bfloat16" if native else "float32")
+    assert models.resolve_dtype("float32", "cpu") == "float32"
+    # the default learner and engine follow it: autocast only with native bfloat16
+    model, _ = load_model("tiny-random")
+    assert next(model.parameters()).dtype == torch.float32
+    learner = Learner(model, lr=1e-3)
+    assert learner.autocast_dtype == (torch.bfloat16 if native else None)
+
+
+def test_explicit_bfloat16_without_native_support_warns_and_is_kept(monkeypatch):
+    monkeypatch.setattr(models, "native_bfloat16", lambda device: False)
+
+    with pytest.warns(RuntimeWarning, match="use dtype auto or float32"):
+        assert models.resolve_dtype("bfloat16", "cpu") == "bfloat16"
+    with pytest.raises(ValueError, match="auto, float32, bfloat16"):
+        models.resolve_dtype("float16", "cpu")
+
+
+def test_native_bfloat16_on_this_cpu_matches_its_instruction_set():
+    flags: set[str] = set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    if not flags:
+        pytest.skip("no /proc/cpuinfo flags to compare with")
+    if "avx2" not in flags:
+        pytest.skip("not an x86 CPU: no AVX flags to compare with")
+    assert models.native_bfloat16("cpu") == bool({"avx512_bf16", "amx_tile"} & flags)
+    assert models.native_bfloat16("meta") is False
 
 
 @pytest.mark.slow

@@ -51,7 +51,7 @@ from palaestra.agent.template_audit import audit_for_training
 from palaestra.agent.trajectory import StopReason, Trajectory
 from palaestra.config import TrainConfig
 from palaestra.envs.core import Messages
-from palaestra.models import load_model, resolve_model, turn_end_ids
+from palaestra.models import load_model, resolve_dtype, resolve_model, turn_end_ids
 from palaestra.rundir import RunDir
 from palaestra.trainer.advantages import (
     grouped_advantages,
@@ -378,7 +378,8 @@ async def _verify_sync(
         parts.engine,
         parts.model,
         probe_ids,
-        tolerance=cfg.verify_tolerance or default_tolerance(cfg.engine_dtype),
+        tolerance=cfg.verify_tolerance
+        or default_tolerance(resolve_dtype(cfg.engine_dtype, cfg.device)),
     )
     return {
         "sync/max_abs_dlogprob": check.max_abs_dlogprob,

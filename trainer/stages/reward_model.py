@@ -28,7 +28,7 @@ from tqdm import tqdm
 from palaestra.agent.learned_reward import encode_conversations, last_token_scores
 from palaestra.config import TrainConfig
 from palaestra.envs.core import Messages
-from palaestra.models import load_tokenizer, resolve_model
+from palaestra.models import load_tokenizer, resolve_dtype, resolve_model
 from palaestra.rundir import RunDir
 from palaestra.trainer.checkpoint import save_checkpoint
 from palaestra.trainer.data import (
@@ -66,7 +66,9 @@ def run_reward_model(cfg: TrainConfig, run: RunDir) -> StageResult:
         model.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay
     )
     autocast = torch.autocast(
-        cfg.device.split(":")[0], dtype=torch.bfloat16, enabled=t.dtype == "bfloat16"
+        cfg.device.split(":")[0],
+        dtype=torch.bfloat16,
+        enabled=resolve_dtype(t.dtype, cfg.device) == "bfloat16",
     )
     metrics = _accuracy(model, tokenizer, held, cfg, "before")
     batches = batch_indices(len(train), cfg.data.batch_size, cfg.seed)
