@@ -76,6 +76,7 @@ async def test_an_unreachable_server_raises_a_tool_infrastructure_error_after_re
     client = HttpRetriever(f"http://127.0.0.1:{port}", retries=2, backoff_s=0.01)
     with pytest.raises(RetrieverUnavailableError, match="failed 3 attempt"):
         await client.search("Orvane", 3)
+    await client.aclose()
 
 
 @pytest.fixture
@@ -91,19 +92,22 @@ def server_process(tmp_path, retriever):
     finally:
         server.kill()
         server.wait()
+        server.stdout.close()
 
 
 def test_sync_steps_search_the_server_and_leave_no_connection_open(server_process):
     _, url = server_process
     env = SearchEnv(split="test", retriever_url=url)
     env.reset(options={"task_index": 0})
+    gc.collect()  # earlier tests' garbage (an unwaited Popen, say) warns now, not below
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for query in ("Lomel", "Kramun"):  # each sync step runs the tool in a fresh event loop
             observation, *_ = env.step(search_call(query))
             assert observation[0]["content"].startswith("[wiki-")
         gc.collect()
-    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
+    leaks = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+    assert not leaks
 
 
 async def test_a_server_killed_mid_run_ends_the_episodes_as_tool_errors(server_process):
@@ -125,6 +129,7 @@ async def test_a_server_killed_mid_run_ends_the_episodes_as_tool_errors(server_p
         assert (reward, terminated, truncated) == (0.0, False, True)
         assert info["stop_reason"] == "tool_error"
         assert url in info["error"]
+    await shared.aclose()
 
 
 async def test_searches_in_flight_when_the_server_dies_fail_fast_as_unavailable(

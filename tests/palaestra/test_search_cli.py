@@ -35,6 +35,7 @@ def served_index(tmp_path):
     finally:
         server.kill()
         server.wait()
+        server.stdout.close()
 
 
 def test_generate_index_and_serve_through_the_cli(served_index):
