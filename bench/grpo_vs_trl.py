@@ -5,9 +5,8 @@ the same order (the ones palaestra's seeded sampler draws, rendered by the same 
 template), the same group size, completions per step, max completion length, temperature,
 AdamW settings (lr, betas, no weight decay, clip 1.0, no warm-up), the same precision
 (bf16 autocast over float32 weights where the CPU runs bfloat16 natively, AVX-512 BF16 or
-AMX;
-float32 elsewhere, where bfloat16 is tens of times slower), gradient checkpointing (TRL's default, palaestra's
-``trainer.gradient_checkpointing``), micro-batches of 16 with one optimizer step per batch,
+AMX; float32 elsewhere, where bfloat16 is tens of times slower), gradient checkpointing
+(TRL's default, palaestra's ``trainer.gradient_checkpointing``), micro-batches of 16 with one optimizer step per batch,
 token-mean loss
 (TRL's ``loss_type="dapo"``), clip range 0.2 / 0.28, no KL, the same reward (the math
 env's verifier). Each run is its own process, so peak RSS is its own; the harness runs

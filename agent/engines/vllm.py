@@ -130,8 +130,8 @@ class VLLMEngine:
         """Start vLLM on a local Hugging Face model directory with safetensors weights.
 
         ``dtype`` is ``"bfloat16"``, ``"float32"`` or ``"auto"`` (bfloat16 where the
-        device vLLM runs on has it natively: ``palaestra.models.resolve_dtype``). ``max_model_len`` caps prompt plus
-        completion (default: the model's context length). ``kv_cache_gib`` is the memory
+        device vLLM runs on has it natively: ``palaestra.models.resolve_dtype``).
+        ``max_model_len`` caps prompt plus completion (default: the model's context length). ``kv_cache_gib`` is the memory
         given to the KV cache, on CPU and CUDA alike (vLLM's ``kv_cache_memory_bytes``;
         on CPU a ``VLLM_CPU_KVCACHE_SPACE`` in the environment overrides it, in whole
         GiB). Start-up takes 15-20 s on 2 CPU cores. Raises ``EngineError`` when vLLM is
