@@ -2,7 +2,8 @@
 
 AgentError
 ├── ChatTemplateError   the chat template cannot prompt the model for training
-└── EngineError         an engine failed to generate or to load weights
+├── EngineError         an engine failed to generate or to load weights
+└── RolloutConfigError  a rollout setting (limits, pool size, staleness) out of range
 
 A template that rewrites history is not an error: the rollout splits such episodes into
 separate training samples (see ``agent.rollout``).
@@ -19,3 +20,7 @@ class ChatTemplateError(AgentError):
 
 class EngineError(AgentError):
     """An engine could not generate or could not load the weights it was given."""
+
+
+class RolloutConfigError(AgentError, ValueError):
+    """A rollout setting outside its allowed values (a limit below 1, a negative staleness)."""

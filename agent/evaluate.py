@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from palaestra.agent.engines.base import Engine, SamplingParams
 from palaestra.agent.render import ChatRenderer
-from palaestra.agent.rollout import EnvPool, EpisodeRequest, generate_groups
+from palaestra.agent.rollout import EnvPool, EpisodeRequest, RolloutLimits, generate_groups
 from palaestra.agent.trajectory import Trajectory
 
 
@@ -30,7 +30,8 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 def is_success(trajectory: Trajectory) -> bool:
     """Whether an episode solved its task (see the module docstring)."""
-    return bool(trajectory.info.get("success", trajectory.reward > 0))
+    success = trajectory.step_info.success
+    return trajectory.reward > 0 if success is None else success
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ class EvalResult:
     stop_reasons: dict[str, int]
     """How many episodes ended for each reason."""
     by_category: dict[str, float]
-    """Mean success per ``info["category"]``, for envs whose tasks carry one (e.g. BFCL)."""
+    """Mean success per task category, for envs whose info names one (e.g. BFCL)."""
 
     def summary(self) -> str:
         ks = ", ".join(f"pass@{k}={v:.3f}" for k, v in sorted(self.pass_at.items()))
@@ -75,13 +76,11 @@ async def evaluate(
     env_id: str,
     num_tasks: int,
     samples: int = 1,
-    max_turns: int = 1,
-    max_total_tokens: int | None = None,
-    max_episode_s: float | None = None,
+    limits: RolloutLimits = RolloutLimits(),  # noqa: B008 (frozen, so safe to share)
     seed: int = 0,
 ) -> tuple[EvalResult, list[Trajectory]]:
-    """Evaluate on tasks ``0..num_tasks-1`` with ``samples`` episodes each; the limits are
-    ``rollout.run_episode``'s."""
+    """Evaluate on tasks ``0..num_tasks-1`` with ``samples`` episodes each, every episode
+    within ``limits``."""
     groups = [
         [
             EpisodeRequest(
@@ -98,15 +97,7 @@ async def evaluate(
     ]
     trajectories: list[Trajectory] = []
     async for group in generate_groups(
-        pool,
-        engine,
-        renderer,
-        sampling,
-        groups,
-        env_id=env_id,
-        max_turns=max_turns,
-        max_total_tokens=max_total_tokens,
-        max_episode_s=max_episode_s,
+        pool, engine, renderer, sampling, groups, env_id=env_id, limits=limits
     ):
         trajectories += group
     return summarize(trajectories, num_tasks=num_tasks, samples=samples), trajectories
@@ -120,8 +111,8 @@ def summarize(trajectories: list[Trajectory], *, num_tasks: int, samples: int) -
         by_task.setdefault(t.group_id, []).append(t)
     categories: dict[str, list[float]] = {}
     for t in scored:
-        if "category" in t.info:
-            categories.setdefault(str(t.info["category"]), []).append(float(is_success(t)))
+        if t.step_info.category is not None:
+            categories.setdefault(t.step_info.category, []).append(float(is_success(t)))
     ks = sorted({1, samples})
     pass_at = {
         k: _mean(

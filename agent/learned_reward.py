@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -33,6 +34,7 @@ import gymnasium as gym
 import torch
 
 from palaestra.envs.core import Messages
+from palaestra.envs.step_info import StepInfo
 
 
 class ConversationScorer(Protocol):
@@ -131,7 +133,8 @@ class LearnedReward(gym.Wrapper):
         self._conversation += [{"role": "assistant", "content": action}, *observation]
         if terminated or truncated:
             learned = self.weight * self.scorer.score([self._conversation])[0]
-            components = dict(info.get("reward_components") or {"env": float(reward)})
-            info = {**info, "reward_components": {**components, "learned": learned}}
+            step = StepInfo.from_info(info, env=type(self.env.unwrapped).__name__)
+            components = step.reward_components or {"env": float(reward)}
+            info = replace(step, reward_components={**components, "learned": learned}).to_info()
             reward = learned if self.mode == "replace" else float(reward) + learned
         return observation, float(reward), terminated, truncated, info

@@ -7,9 +7,9 @@ more than ``max_staleness`` versions ahead of the learner. ``max_staleness = 0``
 synchronous schedule: step ``s`` is sampled on exactly the weights of step ``s - 1``.
 
 A group's staleness when step ``s`` consumes it is ``(s - 1) - v``, where ``v`` is the
-oldest policy version that sampled any of its episodes. A weight update can land while a
-group is being generated, so ``next_batch`` checks every group and drops those over the
-bound, taking the next group instead; the drops are counted.
+oldest policy version that sampled any of its episodes (``group_staleness``). A weight
+update can land while a group is being generated, so ``next_batch`` checks every group and
+drops those over the bound, taking the next group instead; the drops are counted.
 
 Dynamic sampling (DAPO, Yu et al. 2025, arXiv:2503.14476): with ``DynamicSampling``, a
 step's groups that its ``keep`` test rejects (groups whose rewards are all equal, which
@@ -29,11 +29,19 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 from palaestra.agent.engines.base import Engine, SamplingParams
+from palaestra.agent.errors import RolloutConfigError
 from palaestra.agent.render import ChatRenderer
-from palaestra.agent.rollout import EnvPool, EpisodeRequest, generate_groups
+from palaestra.agent.rollout import EnvPool, EpisodeRequest, RolloutLimits, generate_groups
 from palaestra.agent.trajectory import Trajectory
 
 RequestsForStep = Callable[[int], Sequence[Sequence[EpisodeRequest]]]
+
+
+def group_staleness(group: Sequence[Trajectory], step: int) -> int:
+    """How many policy versions ``group`` lags behind the weights training step ``step``
+    starts from (those of step ``step - 1``), counted from the oldest version that sampled
+    any of its episodes; negative when the group was sampled on newer weights."""
+    return (step - 1) - min(trajectory.policy_version for trajectory in group)
 
 
 @dataclass(frozen=True)
@@ -81,21 +89,18 @@ class RolloutProducer:
         requests_for_step: RequestsForStep,
         *,
         env_id: str,
-        max_turns: int = 1,
-        max_total_tokens: int | None = None,
-        max_episode_s: float | None = None,
+        limits: RolloutLimits = RolloutLimits(),  # noqa: B008 (frozen, so safe to share)
         max_staleness: int = 0,
         queue_groups: int = 64,
         dynamic_sampling: DynamicSampling | None = None,
     ) -> None:
-        """``max_turns``, ``max_total_tokens`` and ``max_episode_s`` limit every episode
-        (see ``agent.rollout.run_episode``); ``queue_groups`` bounds the queue."""
+        """``limits`` bound every episode (see ``agent.rollout``); ``queue_groups`` bounds the
+        queue."""
         if max_staleness < 0:
-            raise ValueError(f"max_staleness must be >= 0, got {max_staleness}")
+            raise RolloutConfigError(f"max_staleness must be >= 0, got {max_staleness}")
         self.pool, self.engine, self.renderer, self.sampling = pool, engine, renderer, sampling
         self.requests_for_step = requests_for_step
-        self.env_id, self.max_turns, self.max_staleness = env_id, max_turns, max_staleness
-        self.max_total_tokens, self.max_episode_s = max_total_tokens, max_episode_s
+        self.env_id, self.limits, self.max_staleness = env_id, limits, max_staleness
         self.dynamic_sampling = dynamic_sampling
         self.stats = ProducerStats()
         self._queue: asyncio.Queue[list[Trajectory]] = asyncio.Queue(maxsize=queue_groups)
@@ -129,7 +134,7 @@ class RolloutProducer:
         groups: list[list[Trajectory]] = []
         while len(groups) < num_groups:
             group = await self._get()
-            staleness = (step - 1) - min(t.policy_version for t in group)
+            staleness = group_staleness(group, step)
             if staleness > self.max_staleness:
                 self.stats.groups_dropped_stale += 1
                 continue
@@ -197,9 +202,7 @@ class RolloutProducer:
             self.sampling,
             requests,
             env_id=self.env_id,
-            max_turns=self.max_turns,
-            max_total_tokens=self.max_total_tokens,
-            max_episode_s=self.max_episode_s,
+            limits=self.limits,
         )
 
     async def _put(self, group: list[Trajectory]) -> None:

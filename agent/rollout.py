@@ -11,7 +11,8 @@ the chat template rewrites history instead, the episode splits: the whole conver
 rendered afresh as the prompt of a new segment (a separate training sample), and sampling
 goes on from it. No token is ever trained on that the engine did not sample.
 
-Limits, each ending the episode with the stop reason in brackets (see ``StopReason``):
+Limits (one ``RolloutLimits`` record), each ending the episode with the stop reason in
+brackets (see ``StopReason``):
 
 - ``max_turns`` assistant turns (``max_turns``);
 - ``max_total_tokens`` tokens in a training sample, prompt and env tokens included: each turn may
@@ -21,11 +22,12 @@ Limits, each ending the episode with the stop reason in brackets (see ``StopReas
   failure). A generation that overruns is cancelled; an env call is not interrupted (an
   env stopped mid-step could not be reused), so the episode stops after it.
 
-Env reports: a step's ``info["stop_reason"]`` (a ``StopReason`` value) is the reason the
-episode ends with if it ends after that step; an infrastructure reason (``tool_error``,
-``env_error``, ...) ends it at once. ``info["error"]`` explains it. A completion cut at its
-token limit makes the episode's last reason ``max_tokens`` whatever the env says, unless the
-env reports an infrastructure failure.
+Env reports: every ``info`` is read as an ``envs.StepInfo``; one that breaks that contract
+ends the episode as ``env_error``, the message naming the env and the key. A step's
+``stop_reason`` (an ``EnvStopReason``) is the reason the episode ends with if it ends after
+that step; an infrastructure reason (``tool_error``, ``env_error``) ends it at once, with
+``error`` explaining it. A completion cut at its token limit makes the episode's last reason
+``max_tokens`` whatever the env says, unless the env reports an infrastructure failure.
 
 Failures of the engine or the env become trajectories with an infrastructure stop reason
 (and the error text in ``info["error"]``), so the trainer can drop them instead of training
@@ -49,10 +51,32 @@ from typing import Any
 import gymnasium as gym
 
 from palaestra.agent.engines.base import Completion, Engine, SamplingParams
+from palaestra.agent.errors import RolloutConfigError
 from palaestra.agent.render import ChatRenderer
 from palaestra.agent.trajectory import StopReason, Trajectory, Turn
 from palaestra.envs.core import Messages, TextEnv
-from palaestra.envs.tool_env import EPISODE_COUNTERS
+from palaestra.envs.step_info import StepInfo
+
+
+@dataclass(frozen=True)
+class RolloutLimits:
+    """The limits of every episode of a rollout (see the module docstring); None: no limit."""
+
+    max_turns: int = 1
+    """Assistant turns per episode (stop reason ``max_turns``)."""
+    max_total_tokens: int | None = None
+    """Tokens per training sample, prompt and env tokens included (``max_tokens``)."""
+    max_episode_s: float | None = None
+    """Seconds of wall clock from reset (``timeout``, an infrastructure failure)."""
+
+    def __post_init__(self) -> None:
+        if self.max_turns < 1 or (self.max_total_tokens is not None and self.max_total_tokens < 1):
+            raise RolloutConfigError(
+                f"max_turns and max_total_tokens must be >= 1, got {self.max_turns} and "
+                f"{self.max_total_tokens}"
+            )
+        if self.max_episode_s is not None and self.max_episode_s <= 0:
+            raise RolloutConfigError(f"max_episode_s must be > 0, got {self.max_episode_s}")
 
 
 class EnvPool:
@@ -60,7 +84,7 @@ class EnvPool:
 
     def __init__(self, make_env: Callable[[], gym.Env], size: int) -> None:
         if size < 1:
-            raise ValueError(f"EnvPool size must be >= 1, got {size}")
+            raise RolloutConfigError(f"EnvPool size must be >= 1, got {size}")
         self.envs = [make_env() for _ in range(size)]
         self._free: asyncio.Queue[gym.Env] = asyncio.Queue()
         for env in self.envs:
@@ -149,10 +173,11 @@ class _Episode:
         self.turns.append(Turn(start, len(self.token_ids), text, completion.finish_reason, reward))
         self.versions.append(completion.policy_version)
 
-    def add_step_info(self, info: dict[str, Any]) -> None:
+    def add_step_info(self, info: dict[str, Any], step: StepInfo) -> None:
+        """Keep the step's ``info`` (the last one goes to the trajectory); sum its rewards."""
         self.info = info
-        for name, value in info.get("reward_components", {}).items():
-            self.components[name] = self.components.get(name, 0.0) + float(value)
+        for name, value in (step.reward_components or {}).items():
+            self.components[name] = self.components.get(name, 0.0) + value
 
     def finish(self, stop: StopReason, engine: Engine, error: str | None = None) -> Trajectory:
         info = {k: v for k, v in self.info.items() if k not in _NOT_KEPT_INFO}
@@ -188,31 +213,24 @@ async def run_episode(
     request: EpisodeRequest,
     *,
     env_id: str,
-    max_turns: int = 1,
-    max_total_tokens: int | None = None,
-    max_episode_s: float | None = None,
+    limits: RolloutLimits = RolloutLimits(),
 ) -> Trajectory:
-    """Play one episode and return it as a trajectory.
-
-    Limits (see the module docstring): ``max_turns`` assistant turns, ``max_total_tokens``
-    tokens per training sample, ``max_episode_s`` seconds of wall clock; None: no limit.
-    """
-    if max_turns < 1 or (max_total_tokens is not None and max_total_tokens < 1):
-        raise ValueError(
-            f"max_turns and max_total_tokens must be >= 1, got {max_turns} and {max_total_tokens}"
-        )
-    clock = _Clock(max_episode_s)
+    """Play one episode within ``limits`` and return it as a trajectory."""
+    clock = _Clock(limits.max_episode_s)
     episode = _Episode(request, env_id, task_id=str(request.reset_seed))
+    name = f"{env_id} ({type(env.unwrapped).__name__})"
     try:
         messages, info = await _reset(env, request.reset_seed, request.options)
+        opening = StepInfo.from_info(info, env=name)
     except Exception as exc:  # an env that cannot start an episode is an infrastructure failure
         return episode.finish(StopReason.ENV_ERROR, engine, _describe(exc))
-    episode.task_id = str(info.get("task_id", request.reset_seed))
-    tools = info.get("tools")
-    messages = renderer.with_tool_instructions(messages, tools, info.get("tool_instructions"))
+    if opening.task_id is not None:
+        episode.task_id = opening.task_id
+    tools = opening.tools
+    messages = renderer.with_tool_instructions(messages, tools, opening.tool_instructions)
     episode.add_prompt(renderer.prompt_ids(messages, tools))
-    for turn_index in range(max_turns):
-        room = episode.room(max_total_tokens, [], new_sample=False)
+    for turn_index in range(limits.max_turns):
+        room = episode.room(limits.max_total_tokens, [], new_sample=False)
         if room < 1:
             return episode.finish(StopReason.MAX_TOKENS, engine)
         try:
@@ -230,18 +248,16 @@ async def run_episode(
         messages.append({"role": "assistant", "content": text})
         try:
             observation, reward, terminated, truncated, info = await _step(env, text)
-        except Exception as exc:  # an env crash is an infrastructure failure
+            step = StepInfo.from_info(info, env=name)
+        except Exception as exc:  # an env crash (or a broken info) is an infrastructure failure
             episode.add_turn(completion, text, 0.0)
             return episode.finish(StopReason.ENV_ERROR, engine, _describe(exc))
         episode.add_turn(completion, text, float(reward))
-        episode.add_step_info(info)
-        reported = info.get("stop_reason")
-        if reported is not None and reported not in _REASONS:
-            error = f"the env reported an unknown stop reason {reported!r}; use one of {_REASONS}"
-            return episode.finish(StopReason.ENV_ERROR, engine, error)
-        if reported is not None and StopReason(reported).is_infra_failure:
-            return episode.finish(StopReason(reported), engine, info.get("error"))
-        if terminated or truncated or turn_index == max_turns - 1:
+        episode.add_step_info(info, step)
+        reported = None if step.stop_reason is None else StopReason(step.stop_reason.value)
+        if reported is not None and reported.is_infra_failure:
+            return episode.finish(reported, engine, step.error)
+        if terminated or truncated or turn_index == limits.max_turns - 1:
             return episode.finish(_end_reason(completion, reported, terminated), engine)
         if clock.expired():
             return episode.finish(StopReason.TIMEOUT, engine, clock.explain())
@@ -251,13 +267,10 @@ async def run_episode(
         new_sample = extension is None
         if extension is None:  # the template rewrote history: the rest is a new sample
             extension = renderer.prompt_ids(messages, tools)
-        if episode.room(max_total_tokens, extension, new_sample=new_sample) < 1:
+        if episode.room(limits.max_total_tokens, extension, new_sample=new_sample) < 1:
             return episode.finish(StopReason.MAX_TOKENS, engine)
         episode.add_prompt(extension, new_sample=new_sample)
     raise AssertionError("unreachable: the last turn always finishes the episode")
-
-
-_REASONS = [reason.value for reason in StopReason]
 
 
 def _turn_sampling(
@@ -268,12 +281,14 @@ def _turn_sampling(
     return dataclasses.replace(sampling, seed=seed, max_tokens=min(sampling.max_tokens, room))
 
 
-def _end_reason(completion: Completion, reported: str | None, terminated: bool) -> StopReason:
+def _end_reason(
+    completion: Completion, reported: StopReason | None, terminated: bool
+) -> StopReason:
     """Why an episode that ends after a step ended (infrastructure reasons handled before)."""
     if completion.finish_reason == "length":
         return StopReason.MAX_TOKENS
     if reported is not None:
-        return StopReason(reported)
+        return reported
     return StopReason.ANSWERED if terminated else StopReason.MAX_TURNS
 
 
@@ -328,29 +343,17 @@ async def generate_groups(
     groups: Sequence[Sequence[EpisodeRequest]],
     *,
     env_id: str,
-    max_turns: int = 1,
-    max_total_tokens: int | None = None,
-    max_episode_s: float | None = None,
+    limits: RolloutLimits = RolloutLimits(),
 ) -> AsyncIterator[list[Trajectory]]:
-    """Play every episode of ``groups`` concurrently; yield each group when it completes.
-
-    The limits are ``run_episode``'s, for every episode.
-    """
+    """Play every episode of ``groups`` concurrently, each within ``limits``; yield each
+    group when it completes."""
 
     reserve_threads(len(pool.envs))
 
     async def play(request: EpisodeRequest) -> Trajectory:
         async with pool.borrow() as env:
             return await run_episode(
-                env,
-                engine,
-                renderer,
-                sampling,
-                request,
-                env_id=env_id,
-                max_turns=max_turns,
-                max_total_tokens=max_total_tokens,
-                max_episode_s=max_episode_s,
+                env, engine, renderer, sampling, request, env_id=env_id, limits=limits
             )
 
     async def play_group(requests: Sequence[EpisodeRequest]) -> list[Trajectory]:
@@ -368,13 +371,12 @@ async def generate_groups(
 def episode_metrics(trajectories: Sequence[Trajectory]) -> dict[str, float]:
     """Counts over finished episodes, for a trainer's or evaluator's log: episodes per stop
     reason (``stop/<reason>``), episodes split by the chat template (``episodes_split``),
-    and the tool envs' per-episode counters summed (``tools/<counter>``, where present)."""
+    and the tool-call counts of the envs that report them summed (``tools/<count>``)."""
     metrics = {f"stop/{reason.value}": 0.0 for reason in StopReason}
     for trajectory in trajectories:
         metrics[f"stop/{trajectory.stop_reason.value}"] += 1
     metrics["episodes_split"] = float(sum(t.is_split for t in trajectories))
-    for counter in EPISODE_COUNTERS:
-        values = [t.info[counter] for t in trajectories if counter in t.info]
-        if values:
-            metrics[f"tools/{counter}"] = float(sum(values))
+    for trajectory in trajectories:
+        for name, count in trajectory.step_info.tool_counts().items():
+            metrics[f"tools/{name}"] = metrics.get(f"tools/{name}", 0.0) + count
     return metrics

@@ -22,6 +22,9 @@ about the policy and are kept out of the gradient (counted, never trained as rew
     parse_error  unreadable/invalid     engine_error  the engine failed to generate
                  tool call at the end
 
+An env reports the reasons it sees as ``envs.EnvStopReason`` values, each of them a
+``StopReason`` value too; the rollout adds the rest.
+
 This module holds records only: no tokenizer, no torch.
 """
 
@@ -32,6 +35,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any
+
+from palaestra.envs.step_info import StepInfo
 
 
 class StopReason(str, enum.Enum):
@@ -114,7 +119,9 @@ class Trajectory:
     task_id: str
     """The env's name for the task, stable across seeds."""
     info: dict[str, Any] = field(default_factory=dict)
-    """Free-form extras from the env's last ``info`` (not used by the trainer)."""
+    """The env's last ``info``, less the keys recorded above (and ``tools``,
+    ``tool_instructions``); ``error`` holds an infrastructure failure's text. Read it typed
+    with ``step_info``."""
     turn_policy_versions: tuple[int, ...] = ()
     """The engine weight version that sampled each turn, in order: a multi-turn episode can
     span a weight sync."""
@@ -138,6 +145,11 @@ class Trajectory:
             )
         if any(self.loss_mask[s] for s in starts[1:]):
             raise ValueError(f"a split segment must begin with its prompt (loss mask 0): {starts}")
+
+    @property
+    def step_info(self) -> StepInfo:
+        """``info`` read as a ``StepInfo`` (``success``, ``category``, tool-call counts, ...)."""
+        return StepInfo.from_info(self.info, env=self.env_id)
 
     @property
     def num_sampled_tokens(self) -> int:

@@ -19,7 +19,7 @@ from typing import Any
 from palaestra.agent.engines.base import SamplingParams
 from palaestra.agent.engines.fake import FakeEngine
 from palaestra.agent.render import ChatRenderer
-from palaestra.agent.rollout import EnvPool, EpisodeRequest, generate_groups
+from palaestra.agent.rollout import EnvPool, EpisodeRequest, RolloutLimits, generate_groups
 from palaestra.envs.core import TextEnv
 from palaestra.envs.verify import MathVerifier
 from palaestra.models import load_tokenizer
@@ -57,7 +57,7 @@ async def _episodes_per_s(in_flight: int, episodes: int, delay_s: float) -> floa
         SamplingParams(max_tokens=4),
         requests,
         env_id="slow",
-        max_turns=3,
+        limits=RolloutLimits(max_turns=3),
     ):
         pass
     pool.close()

@@ -33,19 +33,22 @@ def peak_tflops(name: str) -> float | None:
 def learner_mfu(
     model_name: str, rows: int = 16, length: int = 512, steps: int = 5
 ) -> dict[str, Any]:
-    from palaestra.models import load_model, resolve_model
+    from palaestra.models import Precision, load_model, resolve_model
     from palaestra.trainer.batch import TokenBatch
-    from palaestra.trainer.learner import Learner
+    from palaestra.trainer.learner import Learner, OptimSettings, policy_forward
     from palaestra.trainer.losses import sft_loss
 
     model, _ = load_model(resolve_model(model_name), device="cuda")
-    learner = Learner(model, lr=1e-5, micro_batch_size=rows, dtype="bfloat16")
+    learner = Learner(
+        model,
+        OptimSettings(lr=1e-5, micro_batch_size=rows),
+        forward=policy_forward(1.0),
+        precision=Precision.resolve("cuda", learner="bfloat16"),
+    )
     ids = torch.randint(0, model.config.vocab_size, (rows, length))
     mask = torch.ones(rows, length)
     mask[:, 0] = 0
-    batch = TokenBatch(
-        ids, torch.ones_like(ids), mask, torch.zeros(rows, length), torch.zeros(rows)
-    )
+    batch = TokenBatch(ids, torch.ones_like(ids), mask)
 
     def loss(b, logprobs_BT, *, num_tokens, num_seqs):  # type: ignore[no-untyped-def]
         return sft_loss(logprobs_BT, b.loss_mask_BT, num_tokens=num_tokens)

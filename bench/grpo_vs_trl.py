@@ -132,7 +132,7 @@ def task_prompts(args: argparse.Namespace) -> list[dict[str, Any]]:
     """The prompts palaestra's sampler draws for each step, in order, with their seeds."""
     from palaestra import envs
     from palaestra.config import load_config
-    from palaestra.trainer.stages.grpo import _group_requests
+    from palaestra.trainer.stages.sampling import group_requests
 
     config = load_config(
         CONFIG,
@@ -143,7 +143,7 @@ def task_prompts(args: argparse.Namespace) -> list[dict[str, Any]]:
     env = envs.make(config.env.id, **config.env.kwargs, split="train")
     rows = []
     for step in range(1, args.steps + 1):
-        for group in _group_requests(config, step):
+        for group in group_requests(config, step, rounds=0):
             prompt, _ = env.reset(seed=group[0].reset_seed)
             rows.append({"prompt": prompt, "reset_seed": group[0].reset_seed})
     env.close()

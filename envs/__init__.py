@@ -5,9 +5,13 @@ Importing this package registers the built-in env ids with gymnasium, so both
 work. The pieces:
 
 - ``core``: the ``TextEnv`` contract (messages in, assistant text out).
+- ``step_info``: ``StepInfo``, the typed contract of the ``info`` dicts envs return, and
+  ``EnvStopReason``, the stop reasons an env may report.
+- ``single_turn``: ``SingleTurnEnv``, the one-question, one-reply base.
 - ``registry``: ``register`` / ``make`` / ``registered_ids``.
 - ``checker``: ``check_env``, the contract checks every env must pass.
 - ``tasks``: task sources (reasoning_gym generators, JSON-lines files) with disjoint splits.
+- ``jsonl``: ``read_jsonl``, the JSON-lines reader behind every data file.
 - ``verify``: answer extraction and time-limited math answer checking.
 - ``math``: ``MathEnv``, single-turn math questions.
 - ``tools``: ``Tool``, tools built from typed Python functions (schema, validation, timeouts).
@@ -33,6 +37,7 @@ from palaestra.envs.errors import (
     EnvConfigError,
     EnvError,
     ResetNeededError,
+    StepInfoError,
     TaskSourceError,
     ToolArgumentError,
     ToolCallError,
@@ -43,8 +48,11 @@ from palaestra.envs.errors import (
     UnknownEnvError,
     VerifierError,
 )
+from palaestra.envs.jsonl import read_jsonl
 from palaestra.envs.math import MathEnv
 from palaestra.envs.registry import make, register, registered_ids
+from palaestra.envs.single_turn import SingleTurnEnv
+from palaestra.envs.step_info import EnvStopReason, StepInfo
 from palaestra.envs.tasks import JsonlSource, ReasoningGymSource, Task, TaskSource, parse_source
 from palaestra.envs.tool_calls import (
     HermesFormat,
@@ -66,6 +74,7 @@ __all__ = [
     "EnvCheckError",
     "EnvConfigError",
     "EnvError",
+    "EnvStopReason",
     "EpisodeStats",
     "HermesFormat",
     "JsonFormat",
@@ -79,6 +88,9 @@ __all__ = [
     "ParsedTurn",
     "ReasoningGymSource",
     "ResetNeededError",
+    "SingleTurnEnv",
+    "StepInfo",
+    "StepInfoError",
     "Task",
     "TaskSource",
     "TaskSourceError",
@@ -105,6 +117,7 @@ __all__ = [
     "get_format",
     "make",
     "parse_source",
+    "read_jsonl",
     "register",
     "registered_ids",
     "tool",

@@ -43,17 +43,19 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from palaestra.envs.core import Message, Messages, TextEnv
-from palaestra.envs.errors import EnvConfigError, ResetNeededError, TaskSourceError
+from palaestra.envs.core import Message, Messages
+from palaestra.envs.errors import EnvConfigError, TaskSourceError
+from palaestra.envs.jsonl import read_jsonl
+from palaestra.envs.single_turn import SingleTurnEnv
+from palaestra.envs.step_info import StepInfo
 from palaestra.envs.tool_calls import ToolCall, ToolCallFormat, get_format
-from palaestra.envs.tool_env import pick_task_index, system_messages
+from palaestra.envs.tool_env import system_messages
 
 CATEGORIES: dict[str, str] = {
     "simple": "simple_python",
@@ -124,12 +126,12 @@ def load_category(category: str) -> tuple[BFCLItem, ...]:
             f"unknown BFCL category {category!r}; known categories: {sorted(CATEGORIES)}."
         )
     stem = CATEGORIES[category]
-    questions = _read_jsonl(data_dir() / f"BFCL_v4_{stem}.json")
+    questions = _read_data(data_dir() / f"BFCL_v4_{stem}.json")
     answers: dict[str, list[Answer]] = {}
     if category not in IRRELEVANCE:
         answers = {
             row["id"]: row["ground_truth"]
-            for row in _read_jsonl(data_dir() / "possible_answer" / f"BFCL_v4_{stem}.json")
+            for row in _read_data(data_dir() / "possible_answer" / f"BFCL_v4_{stem}.json")
         }
     return tuple(
         BFCLItem(
@@ -145,14 +147,14 @@ def load_category(category: str) -> tuple[BFCLItem, ...]:
     )
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+def _read_data(path: Path) -> list[dict[str, Any]]:
+    """The objects of one of BFCL's JSON-lines files (named ``.json``)."""
     if not path.is_file():
         raise TaskSourceError(
             f"{path} is missing; the installed bfcl-eval has no such file. Reinstall it with: "
             f"{INSTALL_HINT}"
         )
-    with path.open(encoding="utf-8") as lines:
-        return [json.loads(line) for line in lines if line.strip()]
+    return [row for _, row in read_jsonl(path)]
 
 
 # ------------------------------------------------------------------------ function schemas
@@ -358,7 +360,7 @@ def _gold_dict(option: dict[str, list[Any]]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------ env
 
 
-class BFCLEnv(TextEnv):
+class BFCLEnv(SingleTurnEnv[BFCLItem]):
     """BFCL questions, scored by BFCL's AST rules; test split only (see the module docstring)."""
 
     def __init__(
@@ -390,60 +392,50 @@ class BFCLEnv(TextEnv):
         self.format = get_format(tool_format)
         self.system_prompt = system_prompt
         self.tools_in_prompt = tools_in_prompt
-        self._item: BFCLItem | None = None
 
     @property
     def num_tasks(self) -> int:
         """How many questions the selected categories hold."""
         return len(self.items)
 
-    def reset(
-        self, *, seed: int | None = None, options: dict[str, Any] | None = None
-    ) -> tuple[Messages, dict[str, Any]]:
-        """Open one question: ``options={"task_index": i}`` picks question ``i``, else a draw."""
-        super().reset(seed=seed)
-        self._item = self.items[pick_task_index(options or {}, self.np_random, self.num_tasks)]
-        tools = self._item.tools
+    def task_at(self, index: int) -> BFCLItem:
+        return self.items[index]
+
+    def opening(self, item: BFCLItem) -> tuple[Messages, dict[str, Any]]:
+        """The question's messages (after the system message, if any) and its functions."""
+        tools = item.tools
         messages = system_messages(
             self.system_prompt, self.format, tools if self.tools_in_prompt else None
         )
-        messages += [Message(**m) for m in self._item.messages]
+        messages += [Message(**m) for m in item.messages]
         # the renderer puts the instructions in the prompt where the template ignores tools=
-        instructions = self.format.instructions(tools)
-        return messages, {
-            **self._info(self._item),
-            "tools": tools,
-            "tool_instructions": instructions,
-        }
+        info = StepInfo(
+            task_id=item.item_id,
+            category=item.category,
+            tools=tools,
+            tool_instructions=self.format.instructions(tools),
+            extra=self._extra(item),
+        )
+        return messages, info.to_info()
 
     def step(self, action: str) -> tuple[Messages, float, bool, bool, dict[str, Any]]:
         """Score the reply's calls against the possible answers and end the episode."""
-        if self._item is None:
-            raise ResetNeededError(
-                "BFCLEnv.step() was called without an open episode: call reset() first "
-                "(each episode takes exactly one step)."
-            )
-        item, self._item = self._item, None
+        item = self.take_task()
         parsed = self.format.parse(action)
         reason = mismatch(parsed.calls, item)
         if reason is None and parsed.errors and item.category not in IRRELEVANCE:
             reason = f"unreadable call: {parsed.errors[0]}"
         correct = 1.0 if reason is None else 0.0
-        info = {
-            **self._info(item),
-            "success": reason is None,
-            "mismatch": reason,
-            "tool_calls": len(parsed.calls),
-            "parse_errors": len(parsed.errors),
-            "reward_components": {"correct": correct},
-        }
-        return [], correct, True, False, info
+        info = StepInfo(
+            task_id=item.item_id,
+            category=item.category,
+            success=reason is None,
+            tool_calls=len(parsed.calls),
+            parse_errors=len(parsed.errors),
+            reward_components={"correct": correct},
+            extra={**self._extra(item), "mismatch": reason},
+        )
+        return [], correct, True, False, info.to_info()
 
-    def _info(self, item: BFCLItem) -> dict[str, Any]:
-        answer = [dict(a) for a in item.answers]
-        return {
-            "task_id": item.item_id,
-            "category": item.category,
-            "split": self.split,
-            "answer": answer,
-        }
+    def _extra(self, item: BFCLItem) -> dict[str, Any]:
+        return {"split": self.split, "answer": [dict(a) for a in item.answers]}

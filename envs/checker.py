@@ -4,11 +4,13 @@ Run it over every registered env (the test suite does) and over your own before 
 on it. It plays a few short episodes and checks, in order:
 
 1. ``type``: the env is a ``gymnasium.Env`` (normally a ``TextEnv``).
-2. ``reset``: ``reset`` returns ``(messages, info)`` with valid chat messages and a dict.
+2. ``reset``: ``reset`` returns ``(messages, info)`` with valid chat messages and an info
+   dict that keeps the ``StepInfo`` contract.
 3. ``seed determinism``: the same seed gives the same opening messages.
 4. ``seed variety``: different seeds do not all give the same opening messages.
 5. ``step``: ``step`` returns a 5-tuple with messages, a float reward, bool flags, and an
-   info dict whose ``reward_components`` maps names to floats.
+   info dict that keeps the ``StepInfo`` contract, with ``reward_components`` mapping
+   names to floats.
 6. ``termination``: an episode ends (terminated or truncated) within ``max_steps`` steps.
 7. ``close``: ``close`` can be called twice.
 
@@ -24,7 +26,8 @@ from typing import Any
 import gymnasium as gym
 
 from palaestra.envs.core import MessagesSpace
-from palaestra.envs.errors import EnvCheckError
+from palaestra.envs.errors import EnvCheckError, StepInfoError
+from palaestra.envs.step_info import StepInfo
 
 _MESSAGES = MessagesSpace()
 _VARIETY_SEEDS = range(8)
@@ -79,6 +82,9 @@ def _checked_reset(env: gym.Env[Any, Any], seed: int) -> tuple[Any, dict[str, An
         )
     if not isinstance(info, dict):
         raise EnvCheckError("reset", f"reset's info must be a dict, got {type(info).__name__}.")
+    problem = _step_info_problem(env, info)
+    if problem is not None:
+        raise EnvCheckError("reset", problem)
     return messages, info
 
 
@@ -115,10 +121,19 @@ def _checked_step(env: gym.Env[Any, Any], action: str) -> tuple[bool, bool]:
     if not isinstance(info, dict):
         problems.append(f"info must be a dict, got {type(info).__name__}")
     else:
-        problems.extend(_reward_component_problems(info))
+        problem = _step_info_problem(env, info)
+        problems.extend([problem] if problem is not None else _reward_component_problems(info))
     if problems:
         raise EnvCheckError("step", "; ".join(problems) + ".")
     return terminated, truncated
+
+
+def _step_info_problem(env: gym.Env[Any, Any], info: dict[str, Any]) -> str | None:
+    try:
+        StepInfo.from_info(info, env=type(env.unwrapped).__name__)
+    except StepInfoError as error:
+        return str(error).rstrip(".")
+    return None
 
 
 def _reward_component_problems(info: dict[str, Any]) -> list[str]:

@@ -10,6 +10,8 @@ so ``gymnasium.make``, ``gymnasium.register`` and gymnasium's wrappers all work 
 - ``step(action)`` returns the new messages to append (tool results, user turns; empty when
   the episode ends), the reward, ``terminated``, ``truncated`` and ``info``, where
   ``info["reward_components"]`` names the parts of the reward.
+- The ``info`` keys palaestra reads (these and ``success``, ``stop_reason``, the tool-call
+  counts, ...) are typed once, in ``step_info.StepInfo``; envs build their dicts with it.
 - Envs with a task set take a ``split`` constructor argument (``"train"`` or ``"test"``):
   the trainer builds its training envs with ``split="train"`` and evaluates on
   ``split="test"``, which must hold tasks training never sees. ``reset`` accepts

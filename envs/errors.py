@@ -9,6 +9,7 @@ Catch ``EnvError`` to catch them all::
     ├── TaskSourceError       a task source spec or data file is malformed
     ├── ResetNeededError      step() before reset() or after the episode ended
     ├── EnvCheckError         check_env() found a broken contract (names the check)
+    ├── StepInfoError         an info dict breaks the StepInfo contract (names env and key)
     ├── VerifierError         the answer-checking worker process could not run
     ├── ToolDefinitionError   a Python function cannot become a tool (untyped parameter, ...)
     ├── ToolInfraError        a tool's own infrastructure failed (ends the episode: tool_error)
@@ -69,6 +70,10 @@ class EnvCheckError(EnvError):
         super().__init__(f"check_env failed the {check!r} check: {detail}")
         self.check = check
         self.detail = detail
+
+
+class StepInfoError(EnvError, TypeError):
+    """An env's ``info`` dict holds a key ``StepInfo`` reads with a value of the wrong type."""
 
 
 class VerifierError(EnvError, RuntimeError):

@@ -19,14 +19,13 @@ prompt's text), or HumanEval+ / MBPP.
 from __future__ import annotations
 
 import functools
-import gzip
 import importlib.util
-import json
 from pathlib import Path
 from typing import Any
 
 from palaestra.envs.code import CodeEnv, CodeTask, CodeToolEnv, fenced
 from palaestra.envs.errors import EnvConfigError, TaskSourceError
+from palaestra.envs.jsonl import read_jsonl
 from palaestra.envs.tasks import Split
 
 QUESTION_TEMPLATE = (
@@ -50,8 +49,7 @@ def humaneval_path() -> Path:
 @functools.cache
 def humaneval_tasks() -> tuple[CodeTask, ...]:
     """The 164 HumanEval problems as ``CodeTask``s, in the dataset's order."""
-    with gzip.open(humaneval_path(), "rt", encoding="utf-8") as lines:
-        return tuple(_task(json.loads(line)) for line in lines if line.strip())
+    return tuple(_task(problem) for _, problem in read_jsonl(humaneval_path()))
 
 
 def _task(problem: dict[str, Any]) -> CodeTask:

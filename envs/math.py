@@ -14,13 +14,14 @@ default model has 135M parameters).
 
 from __future__ import annotations
 
-import numbers
 import threading
 from collections.abc import Mapping
 from typing import Any
 
-from palaestra.envs.core import Message, Messages, TextEnv
-from palaestra.envs.errors import EnvConfigError, ResetNeededError
+from palaestra.envs.core import Messages
+from palaestra.envs.errors import EnvConfigError
+from palaestra.envs.single_turn import SingleTurnEnv, question_messages
+from palaestra.envs.step_info import StepInfo
 from palaestra.envs.tasks import Split, Task, TaskSource, check_split, parse_source
 from palaestra.envs.verify import MathVerifier, extract_answer, last_boxed, parse_fallback
 
@@ -31,7 +32,7 @@ DEFAULT_PROMPT_TEMPLATE = "{question}\nPut the final answer in \\boxed{{}}."
 """The default user message; ``{question}`` is replaced by the task's question."""
 
 
-class MathEnv(TextEnv):
+class MathEnv(SingleTurnEnv[Task]):
     """Answer a math question; reward 1 when the final answer matches the gold answer."""
 
     def __init__(
@@ -75,37 +76,24 @@ class MathEnv(TextEnv):
         self.format_reward = float(format_reward)
         self._leases_verifier = verifier is None
         self.verifier = verifier if verifier is not None else _SHARED.acquire(verify_timeout)
-        self._task: Task | None = None
 
     @property
     def num_tasks(self) -> int:
         """How many tasks the split holds."""
         return len(self.source)
 
-    def reset(
-        self, *, seed: int | None = None, options: dict[str, Any] | None = None
-    ) -> tuple[Messages, dict[str, Any]]:
-        """Start an episode on one task: ``options={"task_index": i}`` picks task ``i``,
-        otherwise a task is drawn from ``self.np_random``."""
-        super().reset(seed=seed)
-        index = self._task_index(options or {})
-        self._task = self.source[index]
-        messages: Messages = []
-        if self.system_prompt is not None:
-            messages.append(Message(role="system", content=self.system_prompt))
-        question = self.prompt_template.format(question=self._task.question)
-        messages.append(Message(role="user", content=question))
-        info = {"task_id": self._task.task_id, "answer": self._task.answer, "split": self.split}
-        return messages, info
+    def task_at(self, index: int) -> Task:
+        return self.source[index]
+
+    def opening(self, task: Task) -> tuple[Messages, dict[str, Any]]:
+        """The system prompt and the templated question; the task's id, answer and split."""
+        question = self.prompt_template.format(question=task.question)
+        info = StepInfo(task_id=task.task_id, extra={"answer": task.answer, "split": self.split})
+        return question_messages(self.system_prompt, question), info.to_info()
 
     def step(self, action: str) -> tuple[Messages, float, bool, bool, dict[str, Any]]:
         """Score the reply ``action`` and end the episode."""
-        if self._task is None:
-            raise ResetNeededError(
-                "MathEnv.step() was called without an open episode: call reset() first "
-                "(each episode takes exactly one step)."
-            )
-        task, self._task = self._task, None
+        task = self.take_task()
         boxed = last_boxed(action)
         answer = boxed if boxed is not None else extract_answer(action, self.answer_fallback)
         verdict = None if answer is None else self.verifier.check(answer, task.answer)
@@ -113,30 +101,22 @@ class MathEnv(TextEnv):
             "correct": 1.0 if verdict is not None and verdict.correct else 0.0,
             "format": self.format_reward if boxed else 0.0,  # an empty box earns nothing
         }
-        info = {
-            "task_id": task.task_id,
-            "answer": task.answer,
-            "extracted_answer": answer,
-            "reward_components": components,
-            "verify_timed_out": verdict is not None and verdict.timed_out,
-        }
-        return [], sum(components.values()), True, False, info
+        info = StepInfo(
+            task_id=task.task_id,
+            reward_components=components,
+            extra={
+                "answer": task.answer,
+                "extracted_answer": answer,
+                "verify_timed_out": verdict is not None and verdict.timed_out,
+            },
+        )
+        return [], sum(components.values()), True, False, info.to_info()
 
     def close(self) -> None:
         """Give back the shared verifier (an injected one stays open). Idempotent."""
         if self._leases_verifier:
             self._leases_verifier = False
             _SHARED.release(self.verifier)
-
-    def _task_index(self, options: dict[str, Any]) -> int:
-        if "task_index" not in options:
-            return int(self.np_random.integers(self.num_tasks))
-        index = options["task_index"]
-        if not isinstance(index, numbers.Integral) or not 0 <= int(index) < self.num_tasks:
-            raise EnvConfigError(
-                f"options['task_index'] must be an integer in [0, {self.num_tasks}), got {index!r}."
-            )
-        return int(index)
 
     @staticmethod
     def _resolve_source(

@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import json
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, cast, runtime_checkable
 
-from palaestra.envs.errors import TaskSourceError
+import numpy as np
+
+from palaestra.envs.errors import EnvConfigError, TaskSourceError
+from palaestra.envs.jsonl import read_jsonl
 
 Split = Literal["train", "test"]
 SPLITS: tuple[Split, ...] = ("train", "test")
@@ -63,6 +66,19 @@ def check_split(split: str) -> Split:
     if split not in SPLITS:
         raise TaskSourceError(f"split must be 'train' or 'test', got {split!r}.")
     return cast(Split, split)
+
+
+def pick_task_index(options: Mapping[str, Any], rng: np.random.Generator, num_tasks: int) -> int:
+    """``options["task_index"]`` checked against ``num_tasks``, or a draw from ``rng``: how
+    every env's ``reset`` picks its task."""
+    if "task_index" not in options:
+        return int(rng.integers(num_tasks))
+    index = options["task_index"]
+    if not isinstance(index, numbers.Integral) or not 0 <= int(index) < num_tasks:
+        raise EnvConfigError(
+            f"options['task_index'] must be an integer in [0, {num_tasks}), got {index!r}."
+        )
+    return int(index)
 
 
 def stable_hash(text: str) -> int:
@@ -257,41 +273,24 @@ class JsonlSource:
 
 def read_jsonl_tasks(path: Path) -> list[Task]:
     """Read every task in a JSON-lines file; a bad line raises ``TaskSourceError`` (file:line)."""
-    if not path.is_file():
-        raise TaskSourceError(f"task file {path} does not exist or is not a file.")
     tasks: list[Task] = []
     seen_ids: dict[str, int] = {}
-    with path.open(encoding="utf-8") as lines:
-        for line_number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            task = _task_from_line(line, f"{path}:{line_number}", f"{path.name}:{line_number}")
-            if task.task_id in seen_ids:
-                raise TaskSourceError(
-                    f"{path}:{line_number}: id {task.task_id!r} was already used on line "
-                    f"{seen_ids[task.task_id]}. Give every task a unique id."
-                )
-            seen_ids[task.task_id] = line_number
-            tasks.append(task)
+    for line_number, record in read_jsonl(path, what="task file", example=_EXAMPLE_LINE):
+        task = _task_from_record(record, f"{path}:{line_number}", f"{path.name}:{line_number}")
+        if task.task_id in seen_ids:
+            raise TaskSourceError(
+                f"{path}:{line_number}: id {task.task_id!r} was already used on line "
+                f"{seen_ids[task.task_id]}. Give every task a unique id."
+            )
+        seen_ids[task.task_id] = line_number
+        tasks.append(task)
     return tasks
 
 
 _EXAMPLE_LINE = '{"question": "What is 2 + 3?", "answer": "5"}'
 
 
-def _task_from_line(line: str, where: str, default_id: str) -> Task:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise TaskSourceError(
-            f"{where}: not valid JSON ({error.msg} at column {error.colno}). Each line must be "
-            f"one JSON object, e.g. {_EXAMPLE_LINE}"
-        ) from None
-    if not isinstance(record, dict):
-        raise TaskSourceError(
-            f"{where}: expected a JSON object, got {type(record).__name__}. Each line must be "
-            f"one object, e.g. {_EXAMPLE_LINE}"
-        )
+def _task_from_record(record: dict[str, Any], where: str, default_id: str) -> Task:
     question = record.pop("question", None)
     if not isinstance(question, str) or not question.strip():
         raise TaskSourceError(f"{where}: 'question' must be a non-empty string, got {question!r}.")

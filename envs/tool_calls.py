@@ -14,9 +14,11 @@ and the call syntax in words for chat templates that ignore ``tools=``. Two form
 Parsing never raises: a block that is not JSON, or JSON that is not a call, becomes an
 entry of ``ParsedTurn.errors`` for the env to show the model.
 
-Why here and not in ``agent``: the env parses the assistant's text (the action) to decide
-what happens next, and ``envs`` cannot import ``agent``; the policy side imports these
-formats from here when it needs them (e.g. to build SFT targets).
+Why here and not in ``agent``, although the chat renderer and the template audit there use
+them too: the env parses the assistant's text (the action) to decide what happens next,
+while the agent only renders calls and describes tools. Layers flow ``envs`` <- ``agent``
+(the agent imports the envs, never the reverse), so the formats both sides need live on
+the lower side, and the agent imports them from here.
 
 What this module does not do: run tools or check arguments against a schema (``tools.py``),
 or handle native tool-call fields of chat APIs (``message["tool_calls"]``): actions are text.

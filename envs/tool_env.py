@@ -34,9 +34,9 @@ tools' JSON schemas in ``info["tools"]`` (the chat template renders them) and, i
 A step whose message held a malformed call (unreadable, unknown tool, bad arguments) sets
 ``info["stop_reason"] = "parse_error"``: the episode's stop reason if it ends there.
 
-Every step's info carries the running counters ``turn`` and those of ``EPISODE_COUNTERS``:
-``tool_calls`` (calls run or refused), ``tool_errors`` (calls whose result is an error),
-``parse_errors`` (call attempts that could not be read), ``unknown_tools``,
+Every step's info (built as a ``StepInfo``) carries the running counter ``turn`` and the
+tool-call counts: ``tool_calls`` (calls run or refused), ``tool_errors`` (calls whose result
+is an error), ``parse_errors`` (call attempts that could not be read), ``unknown_tools``,
 ``bad_arguments`` and ``tool_exceptions`` (calls whose tool raised on the model's input);
 the last step adds ``success`` (score 1).
 
@@ -50,12 +50,9 @@ state read it from ``self.task``), sandbox tools, or give partial rewards for to
 from __future__ import annotations
 
 import asyncio
-import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-
-import numpy as np
 
 from palaestra.envs.core import Message, Messages, TextEnv
 from palaestra.envs.errors import (
@@ -66,9 +63,10 @@ from palaestra.envs.errors import (
     ToolInfraError,
     ToolTimeoutError,
 )
-from palaestra.envs.tasks import Split, Task, TaskSource, check_split
+from palaestra.envs.step_info import EnvStopReason, StepInfo
+from palaestra.envs.tasks import Split, Task, TaskSource, check_split, pick_task_index
 from palaestra.envs.tool_calls import ParsedTurn, ToolCall, ToolCallFormat, ToolResult, get_format
-from palaestra.envs.tools import Tool, argument_problems, as_tool
+from palaestra.envs.tools import Tool, as_tool
 
 DEFAULT_SYSTEM_PROMPT = (
     "Use the tools to look up what you need; do not guess. When you know the answer, "
@@ -78,20 +76,11 @@ DEFAULT_SYSTEM_PROMPT = (
 
 Outcome = tuple[Messages, float, bool, bool, dict[str, Any]]
 
-EPISODE_COUNTERS = (
-    "tool_calls",
-    "tool_errors",
-    "parse_errors",
-    "unknown_tools",
-    "bad_arguments",
-    "tool_exceptions",
-)
-"""The per-episode counters every step's info carries (see ``EpisodeStats``)."""
-
 
 @dataclass
 class EpisodeStats:
-    """Running counters of one episode (reported in every step's info)."""
+    """Running counters of one episode (reported in every step's info, as ``StepInfo``'s
+    tool-call counts)."""
 
     turn: int = 0
     """Assistant messages played so far."""
@@ -210,14 +199,13 @@ class ToolEnv(TextEnv):
             self.system_prompt, self.format, self.tool_schemas if self.tools_in_prompt else None
         )
         messages.append(Message(role="user", content=self.task.question))
-        info = {
-            "task_id": self.task.task_id,
-            "split": self.split,
-            "answer": self.task.answer,
-            "tools": self.tool_schemas,
-            "tool_instructions": self.format.instructions(self.tool_schemas),
-        }
-        return messages, info
+        info = StepInfo(
+            task_id=self.task.task_id,
+            tools=self.tool_schemas,
+            tool_instructions=self.format.instructions(self.tool_schemas),
+            extra={"split": self.split, "answer": self.task.answer},
+        )
+        return messages, info.to_info()
 
     def step(self, action: str) -> Outcome:
         """Play one assistant message: run its tool calls, or score it as the final answer."""
@@ -300,42 +288,68 @@ class ToolEnv(TextEnv):
         answered = [r for r in results if isinstance(r, ToolResult)]
         # Results without a tool name are unreadable calls, already counted as parse errors.
         self.stats.tool_errors += sum(r.is_error for r in answered if r.name is not None)
-        info = self._info(max_turns_reached=False)
-        info["reward_components"] = {}
-        if self.stats.malformed_calls > self._malformed_before_turn:
-            info["stop_reason"] = "parse_error"
+        malformed = self.stats.malformed_calls > self._malformed_before_turn
+        info = self._info(
+            max_turns_reached=False,
+            reward_components={},
+            stop_reason=EnvStopReason.PARSE_ERROR if malformed else None,
+        )
         return self.format.result_messages(answered), 0.0, False, False, info
 
     def _end(self, task: Task, parsed: ParsedTurn) -> Outcome:
         self.task = None
         truncated = not parsed.is_final
         score = 0.0 if truncated else float(self.verify(task, parsed.content))
-        info = self._info(max_turns_reached=truncated)
-        info |= {"task_id": task.task_id, "answer": task.answer, "success": score >= 1.0}
-        info["reward_components"] = {"correct": score}
-        if truncated and self._is_malformed(parsed):
-            info["stop_reason"] = "parse_error"
+        info = self._info(
+            task,
+            max_turns_reached=truncated,
+            success=score >= 1.0,
+            reward_components={"correct": score},
+            stop_reason=EnvStopReason.PARSE_ERROR
+            if truncated and self._is_malformed(parsed)
+            else None,
+        )
         return [], score, not truncated, truncated, info
 
     def _tool_down(self, task: Task, down: _ToolDown) -> Outcome:
         self.task = None
-        info = self._info(max_turns_reached=False)
-        info |= {"task_id": task.task_id, "answer": task.answer, "success": False}
-        info |= {"stop_reason": "tool_error", "error": down.reason}
-        info["reward_components"] = {"correct": 0.0}
+        info = self._info(
+            task,
+            max_turns_reached=False,
+            success=False,
+            reward_components={"correct": 0.0},
+            stop_reason=EnvStopReason.TOOL_ERROR,
+            error=down.reason,
+        )
         return [], 0.0, False, True, info
 
     def _is_malformed(self, parsed: ParsedTurn) -> bool:
         """Whether a message holds a call that is unreadable, unknown or badly argued."""
         return bool(parsed.errors) or any(
-            call.name not in self.tools
-            or argument_problems(self.tools[call.name].parameters, call.arguments)
+            call.name not in self.tools or self.tools[call.name].problems(call.arguments)
             for call in parsed.calls
         )
 
-    def _info(self, *, max_turns_reached: bool) -> dict[str, Any]:
-        counters = {name: getattr(self.stats, name) for name in EPISODE_COUNTERS}
-        return {"turn": self.stats.turn, **counters, "max_turns_reached": max_turns_reached}
+    def _info(
+        self, task: Task | None = None, *, max_turns_reached: bool, **fields: Any
+    ) -> dict[str, Any]:
+        """A step's info: the ``StepInfo`` ``fields``, the episode's tool-call counts and turn,
+        and with ``task`` (the episode's last step) its id and answer."""
+        s = self.stats
+        extra: dict[str, Any] = {"turn": s.turn, "max_turns_reached": max_turns_reached}
+        if task is not None:
+            fields["task_id"] = task.task_id
+            extra["answer"] = task.answer
+        return StepInfo(
+            tool_calls=s.tool_calls,
+            tool_errors=s.tool_errors,
+            parse_errors=s.parse_errors,
+            unknown_tools=s.unknown_tools,
+            bad_arguments=s.bad_arguments,
+            tool_exceptions=s.tool_exceptions,
+            extra=extra,
+            **fields,
+        ).to_info()
 
 
 def _error(name: str | None, message: str) -> ToolResult:
@@ -352,15 +366,3 @@ def system_messages(
         parts.append(fmt.instructions(described_tools))
     content = "\n\n".join(part for part in parts if part)
     return [Message(role="system", content=content)] if content else []
-
-
-def pick_task_index(options: dict[str, Any], rng: np.random.Generator, num_tasks: int) -> int:
-    """``options["task_index"]`` checked against ``num_tasks``, or a draw from ``rng``."""
-    if "task_index" not in options:
-        return int(rng.integers(num_tasks))
-    index = options["task_index"]
-    if not isinstance(index, numbers.Integral) or not 0 <= int(index) < num_tasks:
-        raise EnvConfigError(
-            f"options['task_index'] must be an integer in [0, {num_tasks}), got {index!r}."
-        )
-    return int(index)

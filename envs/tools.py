@@ -25,6 +25,13 @@ Type hints map to JSON schema types: ``int`` integer, ``float`` number, ``str`` 
 descriptions come from a Google-style ``Args:`` section or a numpy-style ``Parameters``
 section of the docstring; the text before the first section is the tool's description.
 
+pydantic does the typing work: the signature becomes a ``TypedDict`` whose ``TypeAdapter``
+validates the arguments (strictly, as JSON gives them: ``"2"`` is no integer, ``2.0`` is)
+and writes their JSON schema. What pydantic does not do stays here: descriptions from the
+docstring, refusing hints a model cannot fill in, the compact schema dialect tools have
+always shown models (no titles; a union of plain types as one ``type`` list), and error
+sentences written for the model, every problem in one message.
+
 ``Tool.call`` / ``Tool.acall`` validate the arguments against the schema, run the function
 under the tool's time limit (async functions with ``asyncio.wait_for``; sync functions in a
 daemon thread) and return the result as text. Every failure raises a ``ToolCallError``
@@ -43,6 +50,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import inspect
 import json
 import re
@@ -50,8 +58,20 @@ import threading
 import types
 import typing
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
-from typing import Any, Literal, Union, get_args, get_origin, overload
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal, Union, get_args, get_origin, overload
+
+from pydantic import (
+    BeforeValidator,
+    ConfigDict,
+    PlainValidator,
+    TypeAdapter,
+    ValidationError,
+    WithJsonSchema,
+    with_config,
+)
+from pydantic_core import PydanticCustomError
+from typing_extensions import NotRequired, Required, TypedDict
 
 from palaestra.envs.errors import (
     ToolArgumentError,
@@ -65,8 +85,6 @@ DEFAULT_TIMEOUT = 10.0
 """Seconds a tool call may run unless the tool says otherwise."""
 
 JsonSchema = dict[str, Any]
-
-_SCALAR_TYPES: dict[Any, str] = {int: "integer", float: "number", str: "string", bool: "boolean"}
 
 
 # ------------------------------------------------------------------------------- the Tool
@@ -84,6 +102,8 @@ class Tool:
     """JSON schema of the arguments: ``{"type": "object", "properties": ..., "required": ...}``."""
     function: Callable[..., Any]
     """The Python function (sync or async) the call runs."""
+    arguments: TypeAdapter[dict[str, Any]] = field(repr=False, compare=False)
+    """pydantic's validator of the arguments, built from the function's signature."""
     timeout: float = DEFAULT_TIMEOUT
     """Seconds one call may run before it fails with ``ToolTimeoutError``."""
 
@@ -105,11 +125,13 @@ class Tool:
         if timeout <= 0:
             raise ToolDefinitionError(f"a tool's timeout must be positive, got {timeout}.")
         summary, arg_docs = parse_docstring(inspect.getdoc(function) or "")
+        arguments = arguments_adapter(function)
         return cls(
             name=name or function.__name__,
             description=summary if description is None else description,
-            parameters=parameters_schema(function, arg_docs),
+            parameters=parameters_schema(function, arguments, arg_docs),
             function=function,
+            arguments=arguments,
             timeout=timeout,
         )
 
@@ -169,12 +191,24 @@ class Tool:
 
         Integral floats given for integer parameters (``3.0``) are passed on as ints.
         """
-        problems = argument_problems(self.parameters, arguments)
+        kwargs, problems = self._validated(arguments)
         if problems:
             raise ToolArgumentError(
                 f"tool {self.name!r} got invalid arguments: {'; '.join(problems)}."
             )
-        return {key: _coerce(self.parameters["properties"][key], v) for key, v in arguments.items()}
+        return kwargs
+
+    def problems(self, arguments: Any) -> list[str]:
+        """Every way ``arguments`` break the tool's schema, as short sentences; none if valid."""
+        return self._validated(arguments)[1]
+
+    def _validated(self, arguments: Any) -> tuple[dict[str, Any], list[str]]:
+        if not isinstance(arguments, Mapping):
+            return {}, [f"arguments must be a JSON object, got {_short(arguments)}"]
+        try:
+            return self.arguments.validate_python(dict(arguments)), []
+        except ValidationError as error:
+            return {}, argument_problems(error, self.parameters, arguments)
 
     def _timed_out(self) -> ToolTimeoutError:
         return ToolTimeoutError(f"tool {self.name!r} did not finish within {self.timeout:g} s.")
@@ -248,15 +282,18 @@ def _start_in_daemon_thread(
 # ----------------------------------------------------------------------- schema from hints
 
 
-def parameters_schema(function: Callable[..., Any], arg_docs: Mapping[str, str]) -> JsonSchema:
-    """The ``parameters`` object schema of ``function``'s signature (see the module docstring)."""
+def arguments_adapter(function: Callable[..., Any]) -> TypeAdapter[dict[str, Any]]:
+    """pydantic's strict validator of ``function``'s keyword arguments, as a ``TypedDict``.
+
+    Raises ``ToolDefinitionError`` for ``*args`` / ``**kwargs``, a parameter without a type
+    hint, or a hint outside those the module docstring lists.
+    """
     where = getattr(function, "__qualname__", repr(function))
     try:
         hints = typing.get_type_hints(function)
     except Exception as error:
         raise ToolDefinitionError(f"{where}: cannot resolve its type hints ({error}).") from error
-    properties: dict[str, JsonSchema] = {}
-    required: list[str] = []
+    fields: dict[str, Any] = {}
     for param in inspect.signature(function).parameters.values():
         if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
             raise ToolDefinitionError(
@@ -267,7 +304,79 @@ def parameters_schema(function: Callable[..., Any], arg_docs: Mapping[str, str])
                 f"{where}: parameter {param.name!r} has no type hint; annotate it (e.g. "
                 f"'{param.name}: str') so the model knows what to pass."
             )
-        schema = type_schema(hints[param.name], f"{where}({param.name})")
+        hint = json_hint(hints[param.name], f"{where}({param.name})")
+        fields[param.name] = Required[hint] if param.default is param.empty else NotRequired[hint]
+    config = ConfigDict(extra="forbid", strict=True)
+    return TypeAdapter(with_config(config)(TypedDict("Arguments", fields)))  # type: ignore[operator]
+
+
+def json_hint(hint: Any, where: str = "type hint") -> Any:
+    """``hint`` as pydantic validates JSON for it (integers accept integral floats), or
+    ``ToolDefinitionError`` naming ``where`` for a hint a model cannot fill in."""
+    if hint is int:
+        return _JsonInt
+    if hint is float:
+        return _JsonNumber
+    if hint in (str, bool, list, dict):
+        return hint
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is list:
+        return list[json_hint(args[0], where)]  # type: ignore[misc]
+    if origin is dict:
+        if args[0] is not str:
+            raise ToolDefinitionError(f"{where}: JSON object keys are strings; use dict[str, ...].")
+        return dict[str, json_hint(args[1], where)]  # type: ignore[misc]
+    if origin is Literal:
+        kinds = {type(value) for value in args}
+        if len(kinds) != 1 or not kinds <= {int, float, str, bool}:
+            raise ToolDefinitionError(
+                f"{where}: Literal values must all be str, all int, all float or all bool; "
+                f"got {args!r}."
+            )
+        return Annotated[hint, BeforeValidator(functools.partial(_same_kind, bool in kinds))]
+    if origin in (Union, types.UnionType):
+        members = tuple(a if a is type(None) else json_hint(a, where) for a in args)
+        return Union[members]  # noqa: UP007 (built at run time)
+    raise ToolDefinitionError(
+        f"{where}: {hint!r} has no JSON schema equivalent; use int, float, str, bool, "
+        "list[...], dict[str, ...], Literal[...] or Optional[...] of these."
+    )
+
+
+def _integer(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    raise PydanticCustomError("float_type", "not a number")
+
+
+def _same_kind(wants_bool: bool, value: Any) -> Any:
+    if isinstance(value, bool) != wants_bool:  # JSON tells true from 1; Python's == does not
+        raise PydanticCustomError("literal_error", "a bool for a number, or the reverse")
+    return value
+
+
+_JsonInt = Annotated[int, BeforeValidator(_integer)]
+"""An integer as JSON may write it: ``2.0`` is passed on as ``2``; ``true`` is refused."""
+_JsonNumber = Annotated[float, PlainValidator(_number), WithJsonSchema({"type": "number"})]
+"""A JSON number, passed on as written: ``1`` stays an int; ``true`` is refused."""
+
+
+def parameters_schema(
+    function: Callable[..., Any],
+    arguments: TypeAdapter[dict[str, Any]],
+    arg_docs: Mapping[str, str],
+) -> JsonSchema:
+    """The ``parameters`` object schema the model sees: pydantic's schema of each argument in
+    the tools' dialect (``plain_schema``), with its docstring description and its default."""
+    generated = arguments.json_schema()["properties"]
+    properties: dict[str, JsonSchema] = {}
+    required: list[str] = []
+    for param in inspect.signature(function).parameters.values():
+        schema = plain_schema(generated[param.name])
         if param.name in arg_docs:
             schema["description"] = arg_docs[param.name]
         if param.default is param.empty:
@@ -278,50 +387,25 @@ def parameters_schema(function: Callable[..., Any], arg_docs: Mapping[str, str])
     return {"type": "object", "properties": properties, "required": required}
 
 
-def type_schema(hint: Any, where: str = "type hint") -> JsonSchema:
-    """The JSON schema of one type hint, or ``ToolDefinitionError`` naming ``where``."""
-    if hint in _SCALAR_TYPES:
-        return {"type": _SCALAR_TYPES[hint]}
-    if hint is list:
-        return {"type": "array"}
-    if hint is dict:
-        return {"type": "object"}
-    origin, args = get_origin(hint), get_args(hint)
-    if origin is list:
-        return {"type": "array", "items": type_schema(args[0], where)}
-    if origin is dict:
-        if args[0] is not str:
-            raise ToolDefinitionError(f"{where}: JSON object keys are strings; use dict[str, ...].")
-        return {"type": "object", "additionalProperties": type_schema(args[1], where)}
-    if origin is Literal:
-        return _literal_schema(args, where)
-    if origin in (Union, types.UnionType):
-        return _union_schema(args, where)
-    raise ToolDefinitionError(
-        f"{where}: {hint!r} has no JSON schema equivalent; use int, float, str, bool, "
-        "list[...], dict[str, ...], Literal[...] or Optional[...] of these."
-    )
-
-
-def _literal_schema(values: tuple[Any, ...], where: str) -> JsonSchema:
-    kinds = {_SCALAR_TYPES.get(type(value)) for value in values}
-    if None in kinds or len(kinds) != 1:
-        raise ToolDefinitionError(
-            f"{where}: Literal values must all be str, all int, all float or all bool; "
-            f"got {values!r}."
-        )
-    return {"type": kinds.pop(), "enum": list(values)}
-
-
-def _union_schema(members: tuple[Any, ...], where: str) -> JsonSchema:
-    schemas = [type_schema(m, where) for m in members if m is not type(None)]
-    nullable = len(schemas) < len(members)
-    if all(set(s) == {"type"} for s in schemas):  # plain scalars: one "type" list
-        names = [s["type"] for s in schemas] + (["null"] if nullable else [])
-        return {"type": names[0] if len(names) == 1 else names}
-    if nullable:
-        schemas.append({"type": "null"})
-    return schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
+def plain_schema(schema: JsonSchema) -> JsonSchema:
+    """A pydantic JSON schema in the dialect tools show models: no titles, a one-value
+    ``Literal`` as an ``enum``, no empty ``items``, unions of plain types as one ``type``
+    list (``["integer", "null"]``), and ``type`` first."""
+    out = {key: value for key, value in schema.items() if key != "title"}
+    if "const" in out:
+        out["enum"] = [out.pop("const")]
+    for key in ("items", "additionalProperties"):
+        if out.get(key) in ({}, True):
+            del out[key]
+        elif isinstance(out.get(key), dict):
+            out[key] = plain_schema(out[key])
+    if "anyOf" in out:
+        options = [plain_schema(option) for option in out.pop("anyOf")]
+        if all(set(option) == {"type"} for option in options):
+            out["type"] = [option["type"] for option in options]
+        else:
+            out["anyOf"] = options
+    return dict(sorted(out.items(), key=lambda item: item[0] != "type"))
 
 
 def _is_json_value(value: Any) -> bool:
@@ -404,76 +488,54 @@ def _section_entries(body: list[str], entry: re.Pattern[str]) -> dict[str, str]:
 # ------------------------------------------------------------------------------ validation
 
 
-def argument_problems(parameters: JsonSchema, arguments: Any) -> list[str]:
-    """Every way ``arguments`` breaks the ``parameters`` object schema, as short sentences."""
-    if not isinstance(arguments, Mapping):
-        return [f"arguments must be a JSON object, got {_short(arguments)}"]
-    properties: Mapping[str, JsonSchema] = parameters.get("properties", {})
-    problems = [
-        f"missing required argument {name!r}"
-        for name in parameters.get("required", [])
-        if name not in arguments
-    ]
-    for name, value in arguments.items():
-        if name not in properties:
-            allowed = ", ".join(map(repr, properties)) or "none"
-            problems.append(f"unexpected argument {name!r} (it takes {allowed})")
-        else:
-            problems.extend(value_problems(properties[name], value, repr(name)))
+def argument_problems(
+    error: ValidationError, parameters: JsonSchema, arguments: Mapping[str, Any]
+) -> list[str]:
+    """pydantic's ``error`` as the sentences the model reads: missing arguments first, then
+    the given arguments' problems in the order given, one sentence per bad value."""
+    order: dict[int | str, int] = {name: i for i, name in enumerate(arguments)}
+    errors = sorted(
+        error.errors(), key=lambda e: (e["type"] != "missing", order.get(e["loc"][0], -1))
+    )
+    problems: list[str] = []
+    for problem in (_problem(e, parameters["properties"], arguments) for e in errors):
+        if problem not in problems:  # each option of a union reports the same value
+            problems.append(problem)
     return problems
 
 
-def value_problems(schema: JsonSchema, value: Any, where: str) -> list[str]:
-    """How ``value`` breaks ``schema`` (the subset ``type_schema`` writes), as sentences."""
-    if "anyOf" in schema:
-        if any(not value_problems(option, value, where) for option in schema["anyOf"]):
-            return []
-        return [f"argument {where} has an unaccepted value {_short(value)}"]
-    if "enum" in schema and value not in schema["enum"]:
+def _problem(error: Any, properties: Mapping[str, JsonSchema], arguments: Mapping[str, Any]) -> str:
+    name, *path = error["loc"]
+    if error["type"] == "missing":
+        return f"missing required argument {name!r}"
+    if error["type"] == "extra_forbidden":
+        allowed = ", ".join(map(repr, properties)) or "none"
+        return f"unexpected argument {name!r} (it takes {allowed})"
+    schema, value, where = properties[name], arguments[name], repr(name)
+    for key in path:  # down to the bad value; a choice is judged whole (pydantic names options)
+        inner = schema.get("items" if isinstance(key, int) else "additionalProperties")
+        if _is_choice(schema) or not isinstance(inner, dict):
+            break
+        try:
+            value = value[key]
+        except (LookupError, TypeError):
+            break
+        schema, where = inner, f"{where}[{key if isinstance(key, int) else repr(key)}]"
+    return _value_problem(schema, value, where)
+
+
+def _is_choice(schema: JsonSchema) -> bool:
+    return "anyOf" in schema or "enum" in schema or isinstance(schema.get("type"), list)
+
+
+def _value_problem(schema: JsonSchema, value: Any, where: str) -> str:
+    if "enum" in schema:
         allowed = ", ".join(json.dumps(v) for v in schema["enum"])
-        return [f"argument {where} must be one of {allowed}, got {_short(value)}"]
+        return f"argument {where} must be one of {allowed}, got {_short(value)}"
     if "type" in schema:
-        allowed_types = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
-        if not any(_is_type(value, t) for t in allowed_types):
-            wanted = " or ".join(allowed_types)
-            return [f"argument {where} must be {wanted}, got {_short(value)}"]
-    if isinstance(value, list) and "items" in schema:
-        return [
-            problem
-            for i, item in enumerate(value)
-            for problem in value_problems(schema["items"], item, f"{where}[{i}]")
-        ]
-    if isinstance(value, dict) and "additionalProperties" in schema:
-        return [
-            problem
-            for key, item in value.items()
-            for problem in value_problems(schema["additionalProperties"], item, f"{where}[{key!r}]")
-        ]
-    return []
-
-
-def _is_type(value: Any, json_type: str) -> bool:
-    if json_type == "integer":
-        return (isinstance(value, int) and not isinstance(value, bool)) or (
-            isinstance(value, float) and value.is_integer()
-        )
-    if json_type == "number":
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    python_types = {
-        "string": str,
-        "boolean": bool,
-        "array": list,
-        "object": dict,
-        "null": type(None),
-    }
-    return isinstance(value, python_types[json_type])
-
-
-def _coerce(schema: JsonSchema, value: Any) -> Any:
-    """Integral floats for integer parameters become ints; everything else passes as is."""
-    if schema.get("type") == "integer" and isinstance(value, float):
-        return int(value)
-    return value
+        wanted = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+        return f"argument {where} must be {' or '.join(wanted)}, got {_short(value)}"
+    return f"argument {where} has an unaccepted value {_short(value)}"
 
 
 def _short(value: Any) -> str:

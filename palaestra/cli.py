@@ -144,11 +144,13 @@ def _parser() -> argparse.ArgumentParser:
 def _train(args: argparse.Namespace) -> int:
     from palaestra.config import load_pipeline, read_config
     from palaestra.errors import ConfigError
-    from palaestra.pipeline import run_pipeline, run_stage
     from palaestra.rundir import RunDir
 
     raw = read_config(args.config, args.overrides)
     stages = load_pipeline(args.config, args.overrides)
+    # the stages import torch: a bad config fails before that
+    from palaestra.pipeline import run_pipeline, run_stage
+
     _quiet_libraries()
     if "stages" in raw:
         if args.resume is not None:
@@ -158,8 +160,8 @@ def _train(args: argparse.Namespace) -> int:
             root = _free_dir(shared.output_dir, shared.name or _run_name(args.config))
         print(f"run directory: {root}", file=sys.stderr)
         results = run_pipeline(stages, root, raw, resume=args.resume is not None)
-        for i, result in enumerate(results, 1):
-            print(f"stage {i} ({result['stage']}): {_summary(result)}")
+        for i, record in enumerate(results, 1):
+            print(f"stage {i} ({record['stage']}): {_summary(record)}")
         print(f"report: {root / 'report.md'}")
         print(f"checkpoint: {results[-1]['checkpoint']}")
         return 0
@@ -208,15 +210,19 @@ def _summary(result: dict) -> str:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     from palaestra import envs
     from palaestra.agent.engines.base import SamplingParams
-    from palaestra.agent.engines.build import ServerSettings, build_engine, close_engine
+    from palaestra.agent.engines.build import close_engine
     from palaestra.agent.evaluate import EvalResult, evaluate
     from palaestra.agent.render import ChatRenderer
     from palaestra.agent.rollout import EnvPool
     from palaestra.agent.trajectory import Trajectory
+    from palaestra.config import GRPOStage
     from palaestra.errors import ConfigError
-    from palaestra.models import load_model, resolve_model, turn_end_ids
+    from palaestra.models import load_model, resolve_model
+    from palaestra.trainer.stages.common import open_engine, rollout_limits
 
     try:
         env_kwargs = json.loads(args.env_kwargs)
@@ -224,27 +230,25 @@ def _eval(args: argparse.Namespace) -> int:
         raise ConfigError(f"--env-kwargs is not valid JSON: {exc}") from None
     if args.sandbox:
         env_kwargs["sandbox"] = args.sandbox
-    _quiet_libraries()
-    model_dir = resolve_model(args.model)
-    model, tokenizer = load_model(model_dir, device=args.device)
     if args.engine == "openai" and not args.server_url:
         raise ConfigError("--engine openai needs --server-url, the root of a running server")
-    server = (
-        ServerSettings(args.server_url, args.server_model or args.model)
-        if args.engine == "openai"
-        else None
-    )
-    engine = build_engine(
-        args.engine,
-        model=model,
-        model_dir=model_dir,
-        eos_token_ids=turn_end_ids(model, tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        device=args.device,
-        dtype=args.dtype,
-        seed=args.seed,
-        server=server,
-    )
+    try:  # the engine and the limits as a training run with these settings would have them
+        cfg = GRPOStage.model_validate(
+            {
+                "model": args.model,
+                "device": args.device,
+                "seed": args.seed,
+                "engine": args.engine,
+                "engine_dtype": args.dtype,
+                "server": {"url": args.server_url, "model_name": args.server_model},
+                "rollout": {"max_turns": args.max_turns, "max_tokens": args.max_tokens},
+            }
+        )
+    except ValidationError as exc:
+        raise ConfigError(f"palaestra eval: {exc}") from None
+    _quiet_libraries()
+    model, tokenizer = load_model(resolve_model(args.model), device=args.device)
+    engine = open_engine(cfg, model, tokenizer, share_weights=True)
     pool = EnvPool(lambda: envs.make(args.env, **env_kwargs, split=args.split), 64)
     sampling = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
 
@@ -258,7 +262,7 @@ def _eval(args: argparse.Namespace) -> int:
                 env_id=args.env,
                 num_tasks=args.num_tasks,
                 samples=args.samples,
-                max_turns=args.max_turns,
+                limits=rollout_limits(cfg),
                 seed=args.seed,
             )
         finally:

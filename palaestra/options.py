@@ -26,6 +26,7 @@ EngineKind = Literal["transformers", "vllm", "openai"]
 
 DType = Literal["auto", "float32", "bfloat16"]
 """Precision choices; ``auto`` resolves per device (``palaestra.models.Precision``)."""
+DTYPES: tuple[str, ...] = get_args(DType)
 ResolvedDType = Literal["float32", "bfloat16"]
 """A precision after ``auto`` is resolved."""
 

@@ -22,7 +22,6 @@ What this module does not do: train. The stage loops in ``palaestra.trainer.stag
 
 from __future__ import annotations
 
-import importlib
 import json
 import shutil
 import sys
@@ -37,55 +36,42 @@ import yaml
 from palaestra.config import TrainConfig
 from palaestra.errors import ConfigError
 from palaestra.rundir import RunDir
+from palaestra.trainer.stages import dpo, grpo, online_dpo, ppo, reward_model, sft
+from palaestra.trainer.stages.common import StageResult
 
-RUNNERS: dict[str, str] = {
-    "sft": "palaestra.trainer.stages.sft:run_sft",
-    "dpo": "palaestra.trainer.stages.dpo:run_dpo",
-    "reward_model": "palaestra.trainer.stages.reward_model:run_reward_model",
-    "grpo": "palaestra.trainer.stages.grpo:run_grpo",
-    "ppo": "palaestra.trainer.stages.ppo:run_ppo",
-    "online_dpo": "palaestra.trainer.stages.online_dpo:run_online_dpo",
+StageRunner = Callable[[Any, RunDir], StageResult]
+"""``run_<stage>(config, run_dir) -> StageResult``; its config is the class of its stage."""
+
+RUNNERS: dict[str, StageRunner] = {
+    "sft": sft.run_sft,
+    "dpo": dpo.run_dpo,
+    "reward_model": reward_model.run_reward_model,
+    "grpo": grpo.run_grpo,
+    "ppo": ppo.run_ppo,
+    "online_dpo": online_dpo.run_online_dpo,
 }
-"""Stage name -> ``module:function`` running it; imported only when the stage runs."""
+"""Stage name -> the function running it. ``load_pipeline`` validates each stage into the
+config class its name selects, so ``RUNNERS[config.stage]`` gets the class it takes."""
 
 STATE_FILE = "pipeline.json"
 
 
-def runner(stage: str) -> Callable[[TrainConfig, RunDir], Any]:
-    """The function that runs ``stage``: ``run(config, run_dir) -> StageResult``."""
-    module, _, name = RUNNERS[stage].partition(":")
-    return getattr(importlib.import_module(module), name)
-
-
-def run_stage(config: TrainConfig, run: RunDir) -> Any:
+def run_stage(config: TrainConfig, run: RunDir) -> StageResult:
     """Run one stage into ``run``; returns its ``StageResult``."""
-    print(f"[precision] {precision(config)}", file=sys.stderr)
-    return runner(config.stage)(config, run)
-
-
-def precision(config: TrainConfig) -> str:
-    """One line: the learner's and the engine's dtypes, ``auto`` resolved for the device."""
-    from palaestra.models import native_bfloat16, resolve_dtype
-
-    learner = resolve_dtype(config.trainer.dtype, config.device)
-    engine = resolve_dtype(config.engine_dtype, config.device)
-    line = f"learner {learner} on {config.device}, engine {engine}"
-    if "auto" in (config.trainer.dtype, config.engine_dtype):
-        native = native_bfloat16(config.device)
-        line += f" (auto: {config.device} {'has' if native else 'has no'} native bfloat16)"
-    return line
+    print(f"[precision] {config.precision().describe()}", file=sys.stderr)
+    return RUNNERS[config.stage](config, run)
 
 
 def run_pipeline(
     stages: list[TrainConfig], root: Path, raw_config: dict[str, Any], *, resume: bool = False
-) -> list[Any]:
+) -> list[dict[str, Any]]:
     """Run ``stages`` in order into the pipeline directory ``root``; returns their results.
 
     With ``resume``, ``root`` must hold an earlier run of the same pipeline: its finished
     stages are skipped (and their results read back), the rest run.
     """
     state = _resume_state(root, stages) if resume else _new_state(root, raw_config)
-    results: list[Any] = []
+    results: list[dict[str, Any]] = []
     model: str | None = None
     for i, config in enumerate(stages):
         entry = state["stages"][i] if i < len(state["stages"]) else None
@@ -197,7 +183,7 @@ def _dump(config: TrainConfig) -> dict[str, Any]:
     return config.model_dump(mode="json")
 
 
-def _record(result: Any) -> dict[str, Any]:
+def _record(result: StageResult) -> dict[str, Any]:
     """A ``StageResult`` as JSON-ready data."""
     return {
         "stage": result.stage,

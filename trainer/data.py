@@ -17,28 +17,34 @@ loss mask is 1 exactly on those assistant tokens. A template that renders an ear
 of the conversation differently once later messages are added cannot be trained on this
 way and raises ``DataError``.
 
-What this module does not do: compute losses or log-probs (``losses``, ``learner``).
+What this module does not do: parse JSON lines (the shared ``envs.jsonl.read_jsonl``; its
+errors become ``DataError`` here) or compute losses and log-probs (``losses``,
+``learner``).
 """
 
 from __future__ import annotations
 
-import json
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
 from palaestra.envs.core import Messages
+from palaestra.envs.errors import TaskSourceError
+from palaestra.envs.jsonl import read_jsonl
 from palaestra.trainer.batch import TokenBatch
 from palaestra.trainer.errors import DataError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+    from palaestra.config import DataConfig
+
 ROLES = ("system", "user", "assistant", "tool")
+Example = TypeVar("Example")
 
 
 @dataclass(frozen=True)
@@ -81,22 +87,13 @@ class Encoded:
     """Whether the conversation was cut to ``max_length``."""
 
 
-def read_jsonl(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
-    """``(line number, object)`` for each non-empty line; ``DataError`` names a bad line."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"dataset {path} does not exist")
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{path}:{number}: each line must be a JSON object")
-        rows.append((number, row))
+def _read_dataset(path: str | Path, example: str) -> list[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` for each non-blank line (``envs.jsonl.read_jsonl``);
+    ``DataError`` names a missing or empty file, or the bad line with ``example``."""
+    try:
+        rows = read_jsonl(path, what="dataset", example=example)
+    except TaskSourceError as exc:
+        raise DataError(str(exc)) from None
     if not rows:
         raise DataError(f"dataset {path} is empty")
     return rows
@@ -105,7 +102,7 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
 def read_sft(path: str | Path) -> list[ChatExample]:
     """SFT examples: ``{"messages"}`` or ``{"prompt", "completion"}`` per line."""
     examples = []
-    for number, row in read_jsonl(path):
+    for number, row in _read_dataset(path, '{"prompt": "...", "completion": "..."}'):
         where = f"{path}:{number}"
         if "messages" in row:
             messages = _messages(row["messages"], f"{where}: messages", "user")
@@ -128,7 +125,7 @@ def read_preferences(path: str | Path) -> list[PreferencePair | LabelledAnswer]:
     """Preference pairs ``{"prompt", "chosen", "rejected"}`` or labelled answers
     ``{"prompt", "completion", "label"}`` (KTO), one per line."""
     examples: list[PreferencePair | LabelledAnswer] = []
-    for number, row in read_jsonl(path):
+    for number, row in _read_dataset(path, '{"prompt": "...", "chosen": "...", "rejected": "..."}'):
         where = f"{path}:{number}"
         if "prompt" not in row:
             raise DataError(f'{where}: missing "prompt"')
@@ -174,6 +171,20 @@ def labelled(examples: Sequence[PreferencePair | LabelledAnswer]) -> list[Labell
         else:
             out.append(e)
     return out
+
+
+def split_dataset(
+    data: DataConfig, seed: int, read: Callable[[Path], list[Example]]
+) -> tuple[list[Example], list[Example]]:
+    """``(train, held out)`` examples of ``data.path`` as ``read`` reads them: held out are
+    those of ``data.eval_path`` if given, else ``data.eval_size`` rows of ``data.path``
+    (``held_out``), else none."""
+    examples = read(data.path)  # type: ignore[arg-type]  # DatasetStageConfig requires it
+    if data.eval_path is not None:
+        return examples, read(data.eval_path)
+    if data.eval_size:
+        return held_out(examples, data.eval_size, seed, data.path)
+    return examples, []
 
 
 def held_out(rows: list[Any], eval_size: int, seed: int, path: Any) -> tuple[list[Any], list[Any]]:
@@ -257,7 +268,7 @@ class ChatEncoder:
 
 
 def token_batch(rows: Sequence[Encoded], pad_id: int) -> TokenBatch:
-    """Right-padded rows as a ``TokenBatch`` (no behaviour logprobs, no advantages)."""
+    """Right-padded rows as a ``TokenBatch``: ids, attention and loss mask only."""
     width = max(len(r.ids) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attention = torch.zeros((len(rows), width), dtype=torch.long)
@@ -267,7 +278,7 @@ def token_batch(rows: Sequence[Encoded], pad_id: int) -> TokenBatch:
         attention[b, : len(row.ids)] = 1
         mask[b, : len(row.ids)] = torch.tensor(row.mask, dtype=torch.float32)
     mask[:, 0] = 0.0  # token 0 has no logits to be scored from
-    return TokenBatch(ids, attention, mask, torch.zeros((len(rows), width)), torch.zeros(len(rows)))
+    return TokenBatch(ids, attention, mask)
 
 
 def _messages(value: Any, where: str, default_role: str) -> Messages:

@@ -1,51 +1,101 @@
-"""The learner: owns the model and optimizer and takes one optimizer step per batch.
+"""The learner: owns a model and its optimizer and takes one optimizer step per batch.
 
-``Learner.step(batch, loss_fn)`` runs the batch in micro-batches, accumulates gradients,
-clips the global gradient norm and steps AdamW. The loss function receives the current
-per-token logprobs and the whole batch's token and sequence counts, so a loss normalised
-by those counts gives the same gradient however the batch is split.
+One class serves the policy, PPO's critic and the reward model alike. What differs is the
+``forward`` it is built with (token log-probs, token values, last-token scores) and the
+loss function each step gets; micro-batching, gradient accumulation, the warm-up schedule,
+gradient clipping, precision, gradient checkpointing and metric weighting live here once.
 
-Logprobs are computed only where they are needed: the decoder's hidden states are taken at
-the positions that predict sampled tokens, and only those rows go through the output
-projection. Logits are divided by the sampling temperature, as the engine does.
+``Learner.step(batch, loss_fn)`` runs the batch in micro-batches (``micro_batch_size`` rows,
+or the step's own argument), accumulates gradients, clips the global gradient norm and
+steps AdamW. The loss function receives the forward's output for the micro-batch and the
+whole step's token and row counts, so a loss normalised by those counts gives the same
+gradient however the batch is split.
 
-What this module does not do: rollouts, rewards or advantages. It never sees an env.
+Policy log-probs (``token_logprobs``) are computed only where they are needed: the
+decoder's hidden states are taken at the positions that predict trained tokens, and only
+those rows go through the output projection; logits are divided by the sampling
+temperature, as the engine does.
+
+What this module does not do: rollouts, rewards, advantages or losses. It never sees an env.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Protocol
+import dataclasses
+import functools
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import torch
 
-from palaestra.models import resolve_dtype
+from palaestra.models import Precision
 from palaestra.trainer.batch import TokenBatch
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
+
+    from palaestra.config import TrainerConfig
+
+
+Forward = Callable[[torch.nn.Module, TokenBatch], torch.Tensor]
+"""What a learner computes from its model on a micro-batch: ``(B, T)`` per-token values
+(log-probs, critic values) or ``(B,)`` per-row values (reward-model scores)."""
 
 
 class LossFn(Protocol):
     """A loss over one micro-batch, normalised by counts of the whole step."""
 
     def __call__(
-        self, batch: TokenBatch, logprobs_BT: torch.Tensor, *, num_tokens: float, num_seqs: float
+        self, batch: TokenBatch, outputs: torch.Tensor, /, *, num_tokens: float, num_seqs: float
     ) -> tuple[torch.Tensor, dict[str, float]]: ...
 
 
+@dataclasses.dataclass(frozen=True)
+class OptimSettings:
+    """How a learner optimises: AdamW, linear warm-up, clipping, micro-batching."""
+
+    lr: float
+    """AdamW learning rate (after warm-up)."""
+    betas: tuple[float, float] = (0.9, 0.99)
+    """AdamW betas."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_steps: int = 0
+    """Steps of linear learning-rate warm-up."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this value."""
+    micro_batch_size: int = 16
+    """Rows per forward/backward unless a step says otherwise."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward (Hugging Face models)."""
+
+    @classmethod
+    def of(cls, trainer: TrainerConfig, **changes: float) -> OptimSettings:
+        """The ``trainer`` section's settings, with ``changes`` (e.g. a critic's ``lr``)."""
+        settings = cls(
+            lr=trainer.lr,
+            betas=trainer.betas,
+            weight_decay=trainer.weight_decay,
+            warmup_steps=trainer.warmup_steps,
+            max_grad_norm=trainer.max_grad_norm,
+            micro_batch_size=trainer.micro_batch_size,
+            gradient_checkpointing=trainer.gradient_checkpointing,
+        )
+        return dataclasses.replace(settings, **changes)  # type: ignore[arg-type]
+
+
 def token_logprobs(
-    model: PreTrainedModel, batch: TokenBatch, *, temperature: float = 1.0
+    model: torch.nn.Module, batch: TokenBatch, *, temperature: float = 1.0
 ) -> torch.Tensor:
     """Logprob of each token under ``model`` where ``batch.loss_mask_BT`` is 1, else 0."""
-    hidden_BTH = model.base_model(
+    hidden_BTH = model.base_model(  # type: ignore[operator]
         input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT, use_cache=False
     ).last_hidden_state
     # Token t is predicted from position t-1.
     targets = batch.loss_mask_BT[:, 1:] > 0
     hidden_NH = hidden_BTH[:, :-1][targets]
-    logits_NV = model.get_output_embeddings()(hidden_NH).float() / temperature
+    logits_NV = model.get_output_embeddings()(hidden_NH).float() / temperature  # type: ignore[operator]
     ids_N = batch.input_ids_BT[:, 1:][targets]
     picked_N = logits_NV.gather(1, ids_N[:, None]).squeeze(1) - logits_NV.logsumexp(dim=-1)
     out_BT = torch.zeros(batch.loss_mask_BT.shape, dtype=picked_N.dtype, device=picked_N.device)
@@ -53,81 +103,105 @@ def token_logprobs(
     return out_BT
 
 
+def policy_forward(temperature: float) -> Forward:
+    """The policy's forward: token log-probs at the sampling ``temperature``."""
+    return functools.partial(token_logprobs, temperature=temperature)
+
+
 class Learner:
-    """Model, AdamW optimizer and warm-up schedule; steps on token batches."""
+    """A model, its AdamW optimizer and warm-up schedule; steps on token batches."""
 
     def __init__(
         self,
-        model: PreTrainedModel,
+        model: torch.nn.Module | PreTrainedModel,
+        settings: OptimSettings,
         *,
-        lr: float,
-        betas: tuple[float, float] = (0.9, 0.99),
-        weight_decay: float = 0.0,
-        warmup_steps: int = 0,
-        max_grad_norm: float = 1.0,
-        micro_batch_size: int = 16,
-        dtype: str = "auto",
-        temperature: float = 1.0,
-        gradient_checkpointing: bool = False,
+        forward: Forward,
+        precision: Precision | None = None,
     ) -> None:
+        """``precision``: the learner's autocast (``cfg.precision()``); None is float32."""
         self.model = model
+        self.settings = settings
+        self.forward = forward
         self.device = next(model.parameters()).device
-        self.max_grad_norm = max_grad_norm
-        self.micro_batch_size = micro_batch_size
-        self.temperature = temperature
-        dtype = resolve_dtype(dtype, self.device)
-        self.autocast_dtype = torch.bfloat16 if dtype == "bfloat16" else None
-        if gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+        self.precision = precision
+        if settings.gradient_checkpointing:
+            model.gradient_checkpointing_enable()  # type: ignore[operator]
         self.optimizer = torch.optim.AdamW(
             [p for p in model.parameters() if p.requires_grad],
-            lr=lr,
-            betas=betas,
-            weight_decay=weight_decay,
+            lr=settings.lr,
+            betas=settings.betas,
+            weight_decay=settings.weight_decay,
         )
+        warmup = settings.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: min(1.0, (step + 1) / (warmup_steps + 1))
+            self.optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1))
         )
         self.steps = 0
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        """The context forward passes run in (bfloat16 autocast, or nothing for float32)."""
+        return contextlib.nullcontext() if self.precision is None else self.precision.autocast()
 
-    def step(self, batch: TokenBatch, loss_fn: LossFn) -> dict[str, float]:
-        """One optimizer step over ``batch``; returns the loss metrics and the grad norm."""
+    def step(
+        self,
+        batch: TokenBatch,
+        loss_fn: LossFn,
+        *,
+        micro_batch_size: int | None = None,
+        weigh_metrics_by: Literal["rows", "tokens"] = "rows",
+    ) -> dict[str, float]:
+        """One optimizer step over ``batch``: the loss metrics averaged over micro-batches
+        (each weighted by its share of the step's rows or trained tokens), the gradient
+        norm and the learning rate."""
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         num_tokens, num_seqs = float(max(batch.num_loss_tokens, 1)), float(len(batch))
         totals: dict[str, float] = {}
-        for micro in batch.micro_batches(self.micro_batch_size):
+        for micro in batch.micro_batches(micro_batch_size or self.settings.micro_batch_size):
             micro = micro.to(self.device)
             with self.autocast():
-                logprobs_BT = token_logprobs(self.model, micro, temperature=self.temperature)
-            loss, metrics = loss_fn(micro, logprobs_BT, num_tokens=num_tokens, num_seqs=num_seqs)
+                outputs = self.forward(self.model, micro)
+            loss, metrics = loss_fn(micro, outputs, num_tokens=num_tokens, num_seqs=num_seqs)
             loss.backward()
-            share = len(micro) / len(batch)
+            if weigh_metrics_by == "rows":
+                share = len(micro) / num_seqs
+            else:
+                share = float(micro.loss_mask_BT.sum()) / num_tokens
             for name, value in metrics.items():
                 totals[name] = totals.get(name, 0.0) + share * value
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), self.settings.max_grad_norm
+        )
         self.optimizer.step()
         self.scheduler.step()
         self.steps += 1
-        totals["grad_norm"] = float(grad_norm)
-        totals["lr"] = float(self.scheduler.get_last_lr()[0])
-        return totals
+        return totals | {
+            "grad_norm": float(grad_norm),
+            "lr": float(self.scheduler.get_last_lr()[0]),
+        }
 
     @torch.no_grad()
-    def score(self, model: PreTrainedModel, batch: TokenBatch) -> torch.Tensor:
-        """Per-token logprobs of ``batch`` under ``model`` (e.g. the reference), no grad."""
+    def score(
+        self,
+        batch: TokenBatch,
+        *,
+        model: torch.nn.Module | None = None,
+        forward: Forward | None = None,
+    ) -> torch.Tensor:
+        """The forward's output on ``batch`` without grad, in float32 on the CPU: under the
+        learner's model, or under ``model`` (e.g. a frozen reference) with ``forward``
+        (default the learner's). ``(B, T)`` outputs are padded to the batch's width."""
+        model = self.model if model is None else model
+        forward = self.forward if forward is None else forward
         model.eval()
         parts = []
-        for micro in batch.micro_batches(self.micro_batch_size):
+        for micro in batch.micro_batches(self.settings.micro_batch_size):
             with self.autocast():
-                lp = token_logprobs(model, micro.to(self.device), temperature=self.temperature)
-            pad = batch.input_ids_BT.shape[1] - lp.shape[1]
-            parts.append(torch.nn.functional.pad(lp, (0, pad)).cpu())
+                out = forward(model, micro.to(self.device)).float()
+            if out.dim() == 2:
+                out = torch.nn.functional.pad(out, (0, batch.input_ids_BT.shape[1] - out.shape[1]))
+            parts.append(out.cpu())
         return torch.cat(parts)
 
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:

@@ -98,13 +98,7 @@ def learner_logprobs(model: PreTrainedModel, token_ids: Sequence[int]) -> torch.
     device = next(model.parameters()).device
     ids_1T = torch.tensor([list(token_ids)], device=device)
     ones_1T = torch.ones_like(ids_1T)
-    probe = TokenBatch(
-        input_ids_BT=ids_1T,
-        attention_mask_BT=ones_1T,
-        loss_mask_BT=ones_1T.float(),
-        old_logprobs_BT=torch.zeros(ids_1T.shape, device=device),
-        advantages_B=torch.zeros(1, device=device),
-    )
+    probe = TokenBatch(input_ids_BT=ids_1T, attention_mask_BT=ones_1T, loss_mask_BT=ones_1T.float())
     was_training = model.training
     model.eval()
     try:

@@ -39,10 +39,12 @@ from typing import Any
 
 from palaestra.envs.code.grading import TestReport, run_tests
 from palaestra.envs.code.tasks import CodeTask, extract_code, program_for
-from palaestra.envs.core import Message, Messages, TextEnv
-from palaestra.envs.errors import EnvConfigError, ResetNeededError
+from palaestra.envs.core import Messages
+from palaestra.envs.errors import EnvConfigError
+from palaestra.envs.single_turn import SingleTurnEnv, question_messages
+from palaestra.envs.step_info import StepInfo
 from palaestra.envs.tasks import Split, Task, check_split
-from palaestra.envs.tool_env import ToolEnv, pick_task_index
+from palaestra.envs.tool_env import ToolEnv
 from palaestra.envs.tools import Tool
 from palaestra.sandboxes import (
     Limits,
@@ -101,8 +103,8 @@ class _Grader:
             self.shared_key = None
             self.sandbox = sandbox
 
-    async def grade(self, task: CodeTask, reply: str) -> tuple[float, dict[str, Any]]:
-        """The reward of ``reply`` and the info keys that explain it."""
+    async def grade(self, task: CodeTask, reply: str) -> tuple[float, StepInfo]:
+        """The reward of ``reply`` and the final step's info that explains it."""
         code = extract_code(reply)
         if code is None:
             report = TestReport(passed=(False,) * task.num_tests, errors=("no code",))
@@ -112,16 +114,20 @@ class _Grader:
             )
         score = report.fraction if self.reward == "fraction" else float(report.all_passed)
         reward = 0.0 if report.hacks else score
-        info = {
-            "tests_passed": report.num_passed,
-            "tests_total": len(report.passed),
-            "success": report.all_passed and not report.hacks,
-            "timed_out": report.timed_out,
-            "no_code": code is None,
-            "reward_hack": list(report.hacks),
-            "test_errors": [e for e in report.errors if e][:3],
-            "reward_components": {"correct": reward, "reward_hack": float(bool(report.hacks))},
-        }
+        info = StepInfo(
+            task_id=task.task_id,
+            success=report.all_passed and not report.hacks,
+            reward_hack=tuple(report.hacks),
+            reward_components={"correct": reward, "reward_hack": float(bool(report.hacks))},
+            extra={
+                "answer": task.answer,
+                "tests_passed": report.num_passed,
+                "tests_total": len(report.passed),
+                "timed_out": report.timed_out,
+                "no_code": code is None,
+                "test_errors": [e for e in report.errors if e][:3],
+            },
+        )
         return reward, info
 
     def release(self) -> None:
@@ -130,7 +136,7 @@ class _Grader:
             self.shared_key = None
 
 
-class CodeEnv(TextEnv):
+class CodeEnv(SingleTurnEnv[CodeTask]):
     """Single-turn code tasks judged by hidden tests in a sandbox (see the module docstring)."""
 
     def __init__(
@@ -164,25 +170,19 @@ class CodeEnv(TextEnv):
         self.tasks = list(tasks)
         self.system_prompt = system_prompt
         self.grader = _Grader(sandbox, pool_size, unsafe_local, limits, test_timeout_s, reward)
-        self.task: CodeTask | None = None
 
     @property
     def num_tasks(self) -> int:
         """How many tasks the split holds."""
         return len(self.tasks)
 
-    def reset(
-        self, *, seed: int | None = None, options: dict[str, Any] | None = None
-    ) -> tuple[Messages, dict[str, Any]]:
-        """Start an episode: ``options={"task_index": i}`` picks task ``i``, else a seeded draw."""
-        super().reset(seed=seed)
-        self.task = self.tasks[pick_task_index(options or {}, self.np_random, self.num_tasks)]
-        messages: Messages = []
-        if self.system_prompt is not None:
-            messages.append(Message(role="system", content=self.system_prompt))
-        messages.append(Message(role="user", content=self.task.question))
-        info = {"task_id": self.task.task_id, "answer": self.task.answer, "split": self.split}
-        return messages, info
+    def task_at(self, index: int) -> CodeTask:
+        return self.tasks[index]
+
+    def opening(self, task: CodeTask) -> tuple[Messages, dict[str, Any]]:
+        """The system prompt and the question; the task's id, answer and split."""
+        info = StepInfo(task_id=task.task_id, extra={"answer": task.answer, "split": self.split})
+        return question_messages(self.system_prompt, task.question), info.to_info()
 
     def step(self, action: str) -> tuple[Messages, float, bool, bool, dict[str, Any]]:
         """Grade the reply ``action`` and end the episode (runs its own event loop)."""
@@ -190,15 +190,8 @@ class CodeEnv(TextEnv):
 
     async def astep(self, action: str) -> tuple[Messages, float, bool, bool, dict[str, Any]]:
         """Grade the reply ``action`` in the sandbox and end the episode."""
-        if self.task is None:
-            raise ResetNeededError(
-                f"{type(self).__name__}.step() was called without an open episode: call "
-                "reset() first (each episode takes exactly one step)."
-            )
-        task, self.task = self.task, None
-        reward, info = await self.grader.grade(task, action)
-        info |= {"task_id": task.task_id, "answer": task.answer}
-        return [], reward, True, False, info
+        reward, info = await self.grader.grade(self.take_task(), action)
+        return [], reward, True, False, info.to_info()
 
     def close(self) -> None:
         """Give back the shared sandbox pool. Idempotent."""
@@ -229,7 +222,7 @@ class CodeToolEnv(ToolEnv):
         self.grader = _Grader(sandbox, pool_size, unsafe_local, limits, test_timeout_s, reward)
         run = Tool.from_function(self.run_python, timeout=self.grader.limits.wall_time_s + 60)
         super().__init__(tasks, [run], split=split, system_prompt=system_prompt, **options)
-        self._graded: tuple[float, dict[str, Any]] | None = None
+        self._graded: tuple[float, StepInfo] | None = None
         self._infra_error: SandboxInfraError | None = None
 
     async def run_python(self, code: str) -> str:
@@ -280,7 +273,7 @@ class CodeToolEnv(ToolEnv):
             raise error
         observation, reward, terminated, truncated, info = outcome
         if graded is not None and terminated:
-            info |= graded[1]
+            info |= graded[1].to_info()
         return observation, reward, terminated, truncated, info
 
 

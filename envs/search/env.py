@@ -31,7 +31,6 @@ stop a model from answering a guessable question without searching.
 from __future__ import annotations
 
 import functools
-import json
 import re
 import string
 from collections import Counter
@@ -41,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from palaestra.envs.errors import EnvConfigError, TaskSourceError
+from palaestra.envs.jsonl import read_jsonl
 from palaestra.envs.search.client import HttpRetriever
 from palaestra.envs.search.encyclopedia import Encyclopedia
 from palaestra.envs.search.retrieval import BM25Retriever, Document, Retriever, read_corpus
@@ -165,29 +165,21 @@ def _split_of(question: str, test_fraction: float) -> Split:
 
 def read_questions(path: Path) -> list[Task]:
     """Every question of a JSON-lines file; a bad line raises ``TaskSourceError`` (file:line)."""
-    if not path.is_file():
-        raise TaskSourceError(f"question file {path} does not exist or is not a file.")
-    lines = path.read_text(encoding="utf-8").splitlines()
     return [
-        _question_from_line(line, f"{path}:{number}", f"{path.name}:{number}")
-        for number, line in enumerate(lines, start=1)
-        if line.strip()
+        _question_from_record(record, f"{path}:{number}", f"{path.name}:{number}")
+        for number, record in read_jsonl(path, what="question file", example=_QUESTION_EXAMPLE)
     ]
 
 
-def _question_from_line(line: str, where: str, default_id: str) -> Task:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise TaskSourceError(f"{where}: not valid JSON ({error.msg}).") from None
-    if not isinstance(record, dict):
-        record = {}
+_QUESTION_EXAMPLE = '{"question": "Who founded the Mokesh Guild?", "answers": ["Bela Dravik"]}'
+
+
+def _question_from_record(record: dict[str, Any], where: str, default_id: str) -> Task:
     question, answers = record.pop("question", None), record.pop("answers", None)
     if not (isinstance(question, str) and question.strip() and _is_answer_list(answers)):
         raise TaskSourceError(
             f"{where}: each line must be an object with a non-empty 'question' and a "
-            "non-empty list of string 'answers', e.g. "
-            '{"question": "Who founded the Mokesh Guild?", "answers": ["Bela Dravik"]}.'
+            f"non-empty list of string 'answers', e.g. {_QUESTION_EXAMPLE}."
         )
     task_id = str(record.pop("id", default_id))
     return Task(task_id, question, answers[0], {"answers": answers, **record})

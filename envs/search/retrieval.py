@@ -25,6 +25,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from palaestra.envs.errors import EnvError, TaskSourceError, ToolInfraError
+from palaestra.envs.jsonl import read_jsonl
 
 MAX_K = 100
 """The most documents one search may ask for."""
@@ -91,34 +92,23 @@ def read_corpus(path: str | Path) -> list[Document]:
     ``title`` may be missing (empty); ids must be unique. A bad line raises
     ``TaskSourceError`` naming the file and line.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise TaskSourceError(f"corpus file {path} does not exist or is not a file.")
     documents: list[Document] = []
     seen: set[str] = set()
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if line.strip():
-                document = _document_from_line(line, f"{path}:{number}")
-                if document.id in seen:
-                    raise TaskSourceError(
-                        f"{path}:{number}: duplicate document id {document.id!r}."
-                    )
-                seen.add(document.id)
-                documents.append(document)
+    for number, record in read_jsonl(path, what="corpus file", example=_DOCUMENT_EXAMPLE):
+        document = _document_from_record(record, f"{path}:{number}")
+        if document.id in seen:
+            raise TaskSourceError(f"{path}:{number}: duplicate document id {document.id!r}.")
+        seen.add(document.id)
+        documents.append(document)
     if not documents:
         raise TaskSourceError(f"corpus file {path} holds no documents.")
     return documents
 
 
-def _document_from_line(line: str, where: str) -> Document:
-    example = '{"id": "d1", "title": "Orvane", "text": "Orvane is a city ..."}'
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise TaskSourceError(f"{where}: not valid JSON ({error.msg}); e.g. {example}") from None
-    if not isinstance(record, dict):
-        raise TaskSourceError(f"{where}: expected a JSON object such as {example}.")
+_DOCUMENT_EXAMPLE = '{"id": "d1", "title": "Orvane", "text": "Orvane is a city ..."}'
+
+
+def _document_from_record(record: dict[str, Any], where: str) -> Document:
     doc_id, title, text = record.get("id"), record.get("title", ""), record.get("text")
     if isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)):
         raise TaskSourceError(f"{where}: 'id' must be a string or an integer, got {doc_id!r}.")

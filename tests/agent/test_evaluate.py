@@ -1,8 +1,10 @@
 """Evaluation: the unbiased pass@k estimator and aggregation over episodes."""
 
+import dataclasses
+
 import pytest
 
-from palaestra.agent.evaluate import pass_at_k, summarize
+from palaestra.agent.evaluate import is_success, pass_at_k, summarize
 from palaestra.agent.trajectory import StopReason, Trajectory
 
 
@@ -51,3 +53,10 @@ def test_accuracy_is_broken_down_by_category_when_tasks_carry_one():
     ]
     result = summarize(runs, num_tasks=3, samples=1)
     assert result.by_category == {"simple": 0.5, "parallel": 1.0}
+
+
+def test_an_env_that_reports_success_is_believed_over_its_reward():
+    solved, failed = episode(0, 0.0), episode(1, 1.0)  # rewards that say the opposite
+    assert is_success(failed) and not is_success(solved)  # no report: a positive reward
+    assert is_success(dataclasses.replace(solved, info={"success": True}))
+    assert not is_success(dataclasses.replace(failed, info={"success": False}))

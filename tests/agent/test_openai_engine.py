@@ -288,7 +288,7 @@ def learner_logprobs(model, prompt, completion_ids, temperature):
         "t",
     )
     with torch.no_grad():
-        return token_logprobs(model, collate([t], [0.0], pad_id=2), temperature=temperature)[
+        return token_logprobs(model, collate([t], pad_id=2), temperature=temperature)[
             0, len(prompt) :
         ]
 

@@ -8,9 +8,10 @@ import pytest
 
 from palaestra.agent.engines import FakeEngine
 from palaestra.agent.engines.base import SamplingParams
-from palaestra.agent.producer import RolloutProducer
+from palaestra.agent.producer import RolloutProducer, group_staleness
 from palaestra.agent.render import ChatRenderer
 from palaestra.agent.rollout import EnvPool, EpisodeRequest, generate_groups
+from palaestra.agent.trajectory import StopReason, Trajectory
 from palaestra.envs import make
 
 GROUPS, SIZE = 2, 2
@@ -45,6 +46,18 @@ def producer(parts, max_staleness: int = 0, dynamic_sampling=None) -> RolloutPro
         max_staleness=max_staleness,
         dynamic_sampling=dynamic_sampling,
     )
+
+
+def test_group_staleness_counts_from_the_oldest_version_in_the_group(tokenizer):
+    def sampled_on(version: int) -> Trajectory:
+        return Trajectory(
+            (1,), (1,), (0.0,), (), 0.0, {}, StopReason.ANSWERED, version, 0, "e", "t"
+        )
+
+    group = [sampled_on(3), sampled_on(1)]
+    assert group_staleness(group, step=4) == 2  # step 4 trains on version 3's weights
+    assert group_staleness(group, step=2) == 0
+    assert group_staleness([sampled_on(5)], step=4) == -2  # sampled ahead of the learner
 
 
 async def learner_step(engine: FakeEngine, p: RolloutProducer, version: int) -> None:

@@ -8,12 +8,16 @@ import logging
 import time
 from typing import Any
 
+import pytest
+
 from palaestra.agent.engines import FakeEngine
 from palaestra.agent.engines.base import SamplingParams
+from palaestra.agent.errors import RolloutConfigError
 from palaestra.agent.render import ChatRenderer
 from palaestra.agent.rollout import (
     EnvPool,
     EpisodeRequest,
+    RolloutLimits,
     episode_metrics,
     generate_groups,
     run_episode,
@@ -30,10 +34,12 @@ def math_env(path):
 
 
 async def play(env, engine, renderer, *, sampling=None, seed=0, **limits) -> Trajectory:
-    """``run_episode`` of group 0 with reset seed ``seed``."""
+    """``run_episode`` of group 0 with reset seed ``seed``, within ``RolloutLimits(**limits)``."""
     sampling = sampling or SamplingParams()
     request = EpisodeRequest(0, seed)
-    return await run_episode(env, engine, renderer, sampling, request, env_id="test", **limits)
+    return await run_episode(
+        env, engine, renderer, sampling, request, env_id="test", limits=RolloutLimits(**limits)
+    )
 
 
 def reply(tokenizer, text: str) -> list[int]:
@@ -365,11 +371,21 @@ class UnstartableEnv(ChatEnv):
         raise ConnectionError("no task server")
 
 
+class BrokenInfoEnv(ChatEnv):
+    def step(self, action):
+        observation, reward, terminated, truncated, info = super().step(action)
+        return observation, reward, terminated, truncated, {**info, "success": "yes"}
+
+
 async def test_env_failures_outside_steps_are_env_errors(tokenizer):
     renderer = ChatRenderer(tokenizer)
     engine = FakeEngine([reply(tokenizer, "hi")])
     t = await play(ReportingEnv([], [1.0]), engine, renderer)
     assert t.stop_reason is StopReason.ENV_ERROR and "'gave_up'" in t.info["error"]
+
+    t = await play(BrokenInfoEnv([], [1.0]), FakeEngine([reply(tokenizer, "hi")]), renderer)
+    assert t.stop_reason is StopReason.ENV_ERROR
+    assert "test (BrokenInfoEnv) returned info['success'] = 'yes'" in t.info["error"]
 
     t = await play(UnstartableEnv([], [1.0]), engine, renderer, seed=5)
     assert t.stop_reason is StopReason.ENV_ERROR and "no task server" in t.info["error"]
@@ -377,6 +393,12 @@ async def test_env_failures_outside_steps_are_env_errors(tokenizer):
 
 
 # -------------------------------------------------------------------------------- limits
+
+
+def test_limits_out_of_range_are_refused():
+    for bad in ({"max_turns": 0}, {"max_total_tokens": 0}, {"max_episode_s": 0.0}):
+        with pytest.raises(RolloutConfigError):
+            RolloutLimits(**bad)
 
 
 async def test_max_total_tokens_caps_each_turn_and_ends_the_episode(tokenizer):
@@ -460,8 +482,7 @@ async def test_generate_groups_applies_the_limits_to_every_episode(tokenizer):
             SamplingParams(),
             groups,
             env_id="c",
-            max_total_tokens=len(prompt) + 2,
-            max_episode_s=60.0,
+            limits=RolloutLimits(max_total_tokens=len(prompt) + 2, max_episode_s=60.0),
         )
         for t in group
     ]

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from palaestra.agent.trajectory import StopReason, Trajectory, Turn
+from palaestra.envs.step_info import EnvStopReason
+
+
+def test_every_reason_an_env_may_report_is_a_stop_reason():
+    reported = {reason.value for reason in EnvStopReason}
+    assert reported == {"answered", "max_turns", "parse_error", "tool_error", "env_error"}
+    assert reported < {reason.value for reason in StopReason}
 
 
 def trajectory(mask: list[int], *, segment_starts=(0,), turns=()) -> Trajectory:
@@ -67,3 +76,9 @@ def test_returns_to_go_sum_the_rewards_of_this_turn_and_later_ones():
     assert t.per_token([-1.0, 3.0]) == (0.0, -1.0, -1.0, 0.0, 3.0)
     with pytest.raises(ValueError, match="1 values for 2 turns"):
         t.per_token([1.0])
+
+
+def test_step_info_reads_the_last_info_typed():
+    t = dataclasses.replace(trajectory([0, 1]), info={"success": True, "tool_calls": 2, "x": 1})
+    assert t.step_info.success is True and t.step_info.tool_counts() == {"tool_calls": 2}
+    assert t.step_info.extra == {"x": 1}

@@ -78,7 +78,7 @@ def learner_logprobs_of(model, prompt, completion, temperature):
     """The learner's logprobs of ``completion`` after ``prompt``, at ``temperature``."""
     ids_1T = torch.tensor([prompt + completion])
     mask_1T = torch.ones_like(ids_1T)
-    batch = TokenBatch(ids_1T, mask_1T, mask_1T.float(), torch.zeros(ids_1T.shape), torch.zeros(1))
+    batch = TokenBatch(ids_1T, mask_1T, mask_1T.float())
     with torch.no_grad():
         logprobs_T = token_logprobs(model, batch, temperature=temperature or 1.0)[0]
     return logprobs_T[len(prompt) :].tolist()

@@ -29,7 +29,8 @@ class ScriptedEnv(TextEnv):
         reward = self.breakage.get("reward", 1.0)
         terminated = not self.breakage.get("endless", False)
         components = self.breakage.get("components", {"correct": 1.0})
-        return [], reward, terminated, False, {"reward_components": components}
+        info = {"reward_components": components, **self.breakage.get("info", {})}
+        return [], reward, terminated, False, info
 
     def close(self) -> None:
         if self.closed and self.breakage.get("close_once"):
@@ -48,6 +49,7 @@ def test_a_well_behaved_env_passes() -> None:
         ({"constant": True}, "seed variety"),
         ({"reward": 1}, "step"),
         ({"components": {"correct": "yes"}}, "step"),
+        ({"info": {"stop_reason": "gave_up"}}, "step"),
         ({"endless": True}, "termination"),
         ({"close_once": True}, "close"),
     ],

@@ -200,6 +200,22 @@ def test_nested_values_are_checked() -> None:
     assert searcher.call({"query": "q", "tags": [], "weights": {}, "limit": None}) == "[]"
 
 
+def test_numbers_keep_their_json_kind_and_bools_are_not_numbers() -> None:
+    def scale(factor: float, times: int, on: Literal[True] = True) -> str:
+        """Scale."""
+        return f"{factor!r} {times!r}"
+
+    scaler = Tool.from_function(scale)
+
+    assert scaler.call({"factor": 2, "times": 3.0}) == "2 3"  # an int stays an int
+    assert scaler.problems({"factor": True, "times": False, "on": 1}) == [
+        "argument 'factor' must be number, got true",
+        "argument 'times' must be integer, got false",
+        "argument 'on' must be one of true, got 1",
+    ]
+    assert scaler.problems({"factor": 1.5, "times": 1}) == []
+
+
 def test_arguments_must_be_an_object() -> None:
     with pytest.raises(ToolArgumentError, match="must be a JSON object"):
         Tool.from_function(get_weather).call(["Oslo"])  # type: ignore[arg-type]

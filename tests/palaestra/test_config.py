@@ -128,3 +128,138 @@ def test_pipeline_errors_name_the_stage_and_field(tmp_path):
         load_pipeline(write(tmp_path, PIPELINE + "    model: other\n"))
     with pytest.raises(ConfigError, match="is a pipeline of 3 stages"):
         load_config(write(tmp_path, PIPELINE))
+
+
+# --- one config class per stage ------------------------------------------------------
+
+STAGE_OVERRIDES = {
+    "sft": ["stage=sft", "data.path=sft.jsonl"],
+    "dpo": ["stage=dpo", "data.path=prefs.jsonl"],
+    "reward_model": ["stage=reward_model", "data.path=prefs.jsonl"],
+    "grpo": ["stage=grpo"],
+    "ppo": ["stage=ppo"],
+    "online_dpo": ["stage=online_dpo"],
+}
+
+
+def test_every_stage_has_a_config_class():
+    from palaestra.config import STAGE_CONFIGS
+    from palaestra.options import STAGES
+
+    assert list(STAGE_CONFIGS) == list(STAGES) == list(STAGE_OVERRIDES)
+
+
+@pytest.mark.parametrize("stage", list(STAGE_OVERRIDES))
+def test_each_stage_loads_into_its_own_class(stage):
+    from palaestra.config import STAGE_CONFIGS
+
+    config = load_config(None, STAGE_OVERRIDES[stage])
+    assert type(config) is STAGE_CONFIGS[stage] and config.stage == stage
+
+
+def test_the_stage_classes_hold_only_the_sections_their_stage_uses():
+    from palaestra.config import (
+        DPOStage,
+        GRPOStage,
+        OnlineDPOStage,
+        PPOStage,
+        RewardModelStage,
+        SFTStage,
+    )
+
+    shared = {"stage", "model", "device", "seed", "engine_dtype", "env", "rollout"}
+    shared |= {"trainer", "eval", "run"}
+    on_policy = shared | {"engine", "server", "verify_every", "verify_tolerance"}
+    assert set(SFTStage.model_fields) == set(RewardModelStage.model_fields) == shared | {"data"}
+    assert set(DPOStage.model_fields) == shared | {"data", "dpo"}
+    assert set(GRPOStage.model_fields) == on_policy | {"grpo"}
+    assert set(PPOStage.model_fields) == on_policy | {"grpo", "ppo"}
+    assert set(OnlineDPOStage.model_fields) == on_policy | {"grpo", "dpo"}
+
+
+def test_a_config_without_a_stage_is_grpo():
+    from palaestra.config import GRPOStage
+
+    assert type(load_config(None)) is GRPOStage
+
+
+def test_a_wrong_stage_lists_the_stages():
+    allowed = "sft, dpo, reward_model, grpo, ppo, online_dpo"
+    with pytest.raises(ConfigError, match=rf"stage: must be one of {allowed} \(got 'rl'\)"):
+        load_config(None, ["stage=rl"])
+    with pytest.raises(ConfigError, match=rf"stage: must be one of {allowed} \(got \[1\]\)"):
+        load_config(None, ["stage=[1]"])
+
+
+def test_a_key_of_another_stage_names_the_stages_that_take_it():
+    with pytest.raises(
+        ConfigError,
+        match=r"\n  ppo: stage 'grpo' does not take this key \(stages that take it: ppo\)",
+    ):
+        load_config(None, ["ppo.gamma=0.5"])
+    with pytest.raises(
+        ConfigError,
+        match=r"engine: stage 'sft' does not take this key \(stages that take it: grpo, ppo, online_dpo\)",
+    ):
+        load_config(None, [*STAGE_OVERRIDES["sft"], "engine=vllm"])
+    with pytest.raises(ConfigError, match=r"data: stage 'grpo' does not take this key"):
+        load_config(None, ["data.path=sft.jsonl"])
+
+
+def test_error_paths_start_at_the_section_not_at_the_stage_tag():
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, ["trainer.lr=-1"])
+    assert "\n  trainer.lr: Input should be greater than 0 (got -1)" in str(caught.value)
+    assert "grpo.trainer" not in str(caught.value)
+
+
+def test_online_dpo_reads_only_the_dynamic_sampling_of_the_grpo_section():
+    config = load_config(None, ["stage=online_dpo", "grpo.dynamic_sampling=true"])
+    assert config.grpo.dynamic_sampling is True
+    with pytest.raises(ConfigError, match=r"online_dpo reads only .*remove grpo\.kl_coef"):
+        load_config(None, ["stage=online_dpo", "grpo.kl_coef=0.1"])
+    with pytest.raises(ConfigError, match=r"dpo\.loss kto takes labelled answers"):
+        load_config(None, ["stage=online_dpo", "dpo.loss=kto"])
+
+
+def test_a_stage_resolves_its_precision(monkeypatch):
+    from palaestra import models
+
+    monkeypatch.setattr(models, "native_bfloat16", lambda device: False)
+    config = load_config(None, ["trainer.dtype=float32"])
+    assert config.precision() == models.Precision(
+        "cpu", "float32", "float32", native_bfloat16=False, from_auto=True
+    )
+    assert load_config(None, STAGE_OVERRIDES["sft"]).precision().engine == "float32"
+
+
+SHARED_DATA = """
+model: tiny-random
+data: {path: sft.jsonl, batch_size: 4}
+stages:
+  - stage: sft
+  - stage: dpo
+    data: {path: prefs.jsonl}
+  - stage: grpo
+"""
+
+
+def test_a_shared_section_goes_only_to_the_stages_that_take_it(tmp_path):
+    from palaestra.config import load_pipeline
+
+    sft, dpo, grpo = load_pipeline(write(tmp_path, SHARED_DATA))
+    assert str(sft.data.path) == "sft.jsonl" and sft.data.batch_size == 4
+    assert str(dpo.data.path) == "prefs.jsonl" and dpo.data.batch_size == 4
+    assert grpo.stage == "grpo" and "data" not in type(grpo).model_fields
+
+
+def test_a_shared_key_that_no_stage_of_the_pipeline_takes_is_an_error(tmp_path):
+    from palaestra.config import load_pipeline
+
+    with pytest.raises(
+        ConfigError,
+        match=r"no stage of this pipeline takes the shared key\(s\) 'ppo' \(stages that take it: ppo\)",
+    ):
+        load_pipeline(write(tmp_path, PIPELINE + "ppo: {gamma: 0.9}\n"))
+    with pytest.raises(ConfigError, match=r"'trainr' \(no stage takes it: check the spelling\)"):
+        load_pipeline(write(tmp_path, PIPELINE + "trainr: {steps: 1}\n"))

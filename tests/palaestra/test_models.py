@@ -1,4 +1,5 @@
-"""Model resolution and loading: the embedded models, local directories, broken inputs."""
+"""Model resolution and loading (the embedded models, local directories, broken inputs) and
+the precision a stage resolves once for its device."""
 
 from __future__ import annotations
 
@@ -13,8 +14,15 @@ from safetensors.torch import load_file, save_file
 
 from palaestra import models
 from palaestra.errors import ModelLoadError, ModelNotFoundError
-from palaestra.models import load_model, load_tokenizer, resolve_model
-from palaestra.trainer.learner import Learner
+from palaestra.models import Precision, load_model, load_tokenizer, resolve_model
+
+
+@pytest.fixture(autouse=True)
+def _fresh_warnings():
+    """The slow-bfloat16 warning is given once per process and device: each test starts anew."""
+    models._warn_slow_bfloat16.cache_clear()
+    yield
+    models._warn_slow_bfloat16.cache_clear()
 
 
 def test_tiny_random_is_a_small_llama_with_the_smollm2_tokenizer():
@@ -137,11 +145,11 @@ def test_auto_dtype_is_bfloat16_only_where_the_device_runs_it_natively(monkeypat
 
     assert models.resolve_dtype("auto", "cpu") == ("bfloat16" if native else "float32")
     assert models.resolve_dtype("float32", "cpu") == "float32"
-    # the default learner and engine follow it: autocast only with native bfloat16
+    # models load in float32 (the master weights); the learner autocasts only with native
+    # bfloat16
     model, _ = load_model("tiny-random")
     assert next(model.parameters()).dtype == torch.float32
-    learner = Learner(model, lr=1e-3)
-    assert learner.autocast_dtype == (torch.bfloat16 if native else None)
+    assert Precision.resolve("cpu").autocast_dtype == (torch.bfloat16 if native else None)
 
 
 def test_explicit_bfloat16_without_native_support_warns_and_is_kept(monkeypatch):
@@ -151,6 +159,68 @@ def test_explicit_bfloat16_without_native_support_warns_and_is_kept(monkeypatch)
         assert models.resolve_dtype("bfloat16", "cpu") == "bfloat16"
     with pytest.raises(ValueError, match="auto, float32, bfloat16"):
         models.resolve_dtype("float16", "cpu")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_precision_resolves_auto_for_the_device_and_says_why(monkeypatch, native):
+    monkeypatch.setattr(models, "native_bfloat16", lambda device: native)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # auto never warns
+        precision = Precision.resolve("cpu")
+    chosen = "bfloat16" if native else "float32"
+    assert precision == Precision("cpu", chosen, chosen, native_bfloat16=native, from_auto=True)
+    has = "has" if native else "has no"
+    assert precision.describe() == (
+        f"learner {chosen} on cpu, engine {chosen} (auto: cpu {has} native bfloat16)"
+    )
+
+
+def test_precision_keeps_explicit_dtypes_and_says_nothing_of_auto(monkeypatch):
+    monkeypatch.setattr(models, "native_bfloat16", lambda device: True)
+
+    precision = Precision.resolve("cpu", learner="float32", engine="bfloat16")
+    assert (precision.learner, precision.engine, precision.from_auto) == (
+        "float32",
+        "bfloat16",
+        False,
+    )
+    assert precision.autocast_dtype is None
+    assert precision.describe() == "learner float32 on cpu, engine bfloat16"
+    with pytest.raises(ValueError, match="auto, float32, bfloat16"):
+        Precision.resolve("cpu", learner="float16")  # type: ignore[arg-type]
+
+
+def test_explicit_bfloat16_without_native_support_warns_once_per_resolve(monkeypatch):
+    monkeypatch.setattr(models, "native_bfloat16", lambda device: False)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        precision = Precision.resolve("cpu", learner="bfloat16", engine="bfloat16")
+        # the stage's later call sites (model loading, engine) do not warn again
+        assert models.resolve_dtype("bfloat16", "cpu") == "bfloat16"
+    slow = [w for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(slow) == 1 and "use dtype auto or float32" in str(slow[0].message)
+    assert (precision.learner, precision.engine) == ("bfloat16", "bfloat16")
+
+
+def test_explicit_bfloat16_with_native_support_does_not_warn(monkeypatch):
+    monkeypatch.setattr(models, "native_bfloat16", lambda device: True)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        precision = Precision.resolve("cpu", learner="bfloat16", engine="bfloat16")
+    assert precision.autocast_dtype == torch.bfloat16
+
+
+def test_the_autocast_context_follows_the_learner_dtype(monkeypatch):
+    monkeypatch.setattr(models, "native_bfloat16", lambda device: True)
+    a, b = torch.ones(2, 3), torch.ones(3, 2)
+
+    with Precision.resolve("cpu", learner="bfloat16").autocast():
+        assert (a @ b).dtype == torch.bfloat16
+    with Precision.resolve("cpu", learner="float32").autocast():
+        assert (a @ b).dtype == torch.float32
 
 
 def test_native_bfloat16_on_this_cpu_matches_its_instruction_set():

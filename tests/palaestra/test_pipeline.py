@@ -7,8 +7,10 @@ import json
 import pytest
 import yaml
 
+from palaestra import pipeline as pipeline_module
 from palaestra.config import load_pipeline, read_config
 from palaestra.pipeline import run_pipeline
+from palaestra.trainer.stages.common import StageResult
 
 TWO_STAGES = """
 model: tiny-random
@@ -108,3 +110,41 @@ def test_resume_refuses_a_finished_stage_whose_config_changed(tmp_path):
         run_pipeline(changed, root, raw, resume=True)
     with pytest.raises(ConfigError, match=r"no pipeline\.json"):
         run_pipeline(stages, tmp_path / "elsewhere", raw, resume=True)
+
+
+SFT_THEN_GRPO = """
+model: tiny-random
+data: {path: sft.jsonl}
+stages:
+  - stage: sft
+  - stage: grpo
+"""
+
+
+def test_each_stage_runs_through_its_own_function_with_its_own_config(
+    tmp_path, monkeypatch, capsys
+):
+    """The pipeline's own work, with the stage functions replaced: each stage reaches the
+    runner of its name with the config class of its stage, on the checkpoint before."""
+    from palaestra.options import STAGES
+
+    assert list(pipeline_module.RUNNERS) == list(STAGES)
+    calls = []
+
+    def fake_run(config, run):
+        calls.append((type(config).__name__, config.model, config.eval.before))
+        return StageResult(config.stage, str(run.root / "checkpoints" / "final"))
+
+    for stage in STAGES:
+        monkeypatch.setitem(pipeline_module.RUNNERS, stage, fake_run)
+    stages, raw = pipeline(tmp_path, SFT_THEN_GRPO)
+    root = tmp_path / "run"
+    results = run_pipeline(stages, root, raw)
+
+    first = str(root / "1-sft" / "checkpoints" / "final")
+    assert calls == [("SFTStage", "tiny-random", True), ("GRPOStage", first, False)]
+    assert [r["checkpoint"] for r in results] == [
+        first,
+        str(root / "2-grpo" / "checkpoints" / "final"),
+    ]
+    assert capsys.readouterr().err.count("[precision] learner") == 2  # said once per stage

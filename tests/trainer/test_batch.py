@@ -8,7 +8,7 @@ import torch
 from palaestra.agent.engines import FakeEngine
 from palaestra.agent.engines.base import SamplingParams
 from palaestra.agent.render import ChatRenderer
-from palaestra.agent.rollout import EpisodeRequest, run_episode
+from palaestra.agent.rollout import EpisodeRequest, RolloutLimits, run_episode
 from palaestra.agent.trajectory import StopReason, Trajectory
 from palaestra.envs.core import TextEnv
 from palaestra.trainer.batch import collate, rows_of_token_values
@@ -37,12 +37,13 @@ def test_unsplit_trajectories_make_one_row_each():
     a = trajectory([1, 2, 3, 4], [0, 0, 1, 1])
     b = trajectory([5, 6, 7], [0, 1, 1])
 
-    batch = collate([a, b], [0.5, -0.5], pad_id=PAD)
+    batch = collate([a, b], pad_id=PAD, advantages=[0.5, -0.5])
 
     assert batch.input_ids_BT.tolist() == [[1, 2, 3, 4], [5, 6, 7, PAD]]
     assert batch.attention_mask_BT.tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
     assert batch.loss_mask_BT.tolist() == [[0, 0, 1, 1], [0, 1, 1, 0]]
-    assert batch.advantages_B.tolist() == [0.5, -0.5]
+    # each trajectory's advantage on its sampled tokens
+    assert batch.advantages_BT.tolist() == [[0, 0, 0.5, 0.5], [0, -0.5, -0.5, 0]]
     assert batch.episode_B.tolist() == [0, 1]
 
 
@@ -50,7 +51,7 @@ def test_a_split_trajectory_makes_one_row_per_segment_with_its_advantage():
     split = trajectory([1, 2, 3, 4, 5, 6, 7, 8], [0, 1, 1, 0, 0, 0, 1, 1], segment_starts=(0, 3))
     plain = trajectory([9, 10], [0, 1])
 
-    batch = collate([split, plain], [2.0, -1.0], pad_id=PAD)
+    batch = collate([split, plain], pad_id=PAD, advantages=[2.0, -1.0])
 
     assert batch.input_ids_BT.tolist() == [
         [1, 2, 3, PAD, PAD],
@@ -61,7 +62,7 @@ def test_a_split_trajectory_makes_one_row_per_segment_with_its_advantage():
     expected_logprobs = [[0, -0.2, -0.3, 0, 0], [0, 0, 0, -0.7, -0.8], [0, -1.0, 0, 0, 0]]
     assert torch.allclose(batch.old_logprobs_BT, torch.tensor(expected_logprobs))
     assert batch.episode_B.tolist() == [0, 0, 1]
-    assert batch.advantages_B.tolist() == [2.0, 2.0, -1.0]
+    assert batch.advantages_BT.tolist() == [[0, 2, 2, 0, 0], [0, 0, 0, 2, 2], [0, -1, 0, 0, 0]]
     assert batch.num_loss_tokens == split.num_sampled_tokens + plain.num_sampled_tokens
     kl_B = torch.tensor([0.25, 0.5, 1.0])
     assert batch.sum_per_episode(kl_B, 2).tolist() == [0.75, 1.0]
@@ -78,16 +79,16 @@ def test_per_token_values_are_laid_out_in_collates_rows():
     rows_BT = rows_of_token_values([split, plain], values)
 
     assert rows_BT.tolist() == [[0, 0.5, 0.5, 0, 0], [0, 0, 0, -1, -1], [0, 2, 0, 0, 0]]
-    assert rows_BT.shape == collate([split, plain], [0.0, 0.0], pad_id=PAD).input_ids_BT.shape
+    assert rows_BT.shape == collate([split, plain], pad_id=PAD).input_ids_BT.shape
     with pytest.raises(ValueError, match="2 values for a trajectory of 8 tokens"):
         rows_of_token_values([split], [[0, 1]])
 
 
 def test_collate_refuses_mismatched_or_empty_input():
     with pytest.raises(ValueError, match="2 advantages"):
-        collate([trajectory([1, 2], [0, 1])], [0.0, 1.0], pad_id=PAD)
+        collate([trajectory([1, 2], [0, 1])], pad_id=PAD, advantages=[0.0, 1.0])
     with pytest.raises(ValueError, match="no trajectories"):
-        collate([], [], pad_id=PAD)
+        collate([], pad_id=PAD)
 
 
 class TwoQuestions(TextEnv):
@@ -123,10 +124,10 @@ async def test_rows_of_a_split_episode_are_what_the_engine_was_prompted_with(tok
         SamplingParams(),
         EpisodeRequest(0, 0),
         env_id="two",
-        max_turns=2,
+        limits=RolloutLimits(max_turns=2),
     )
 
-    batch = collate([t], [1.0], pad_id=tokenizer.pad_token_id)
+    batch = collate([t], pad_id=tokenizer.pad_token_id)
 
     assert len(batch) == 2 and batch.episode_B.tolist() == [0, 0]
     for row, (prompt, sampled) in enumerate(zip(engine.prompts, replies, strict=True)):

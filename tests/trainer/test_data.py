@@ -128,3 +128,6 @@ def test_token_batch_pads_and_masks(tokenizer):
     assert batch.attention_mask_BT[1].sum() == len(rows[1].ids)
     assert batch.loss_mask_BT[1, len(rows[1].ids) :].sum() == 0
     assert batch.num_loss_tokens == sum(rows[0].mask) + sum(rows[1].mask)
+    # a dataset batch carries no behaviour log-probs, advantages or labels
+    assert batch.old_logprobs_BT is None and batch.advantages_BT is None
+    assert batch.labels_B is None and batch.episode_B is None

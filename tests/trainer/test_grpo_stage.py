@@ -294,10 +294,10 @@ def test_overlong_filtering_masks_the_loss_of_truncated_episodes_only():
         )
 
     cut, done = episode(StopReason.MAX_TOKENS), episode(StopReason.ANSWERED)
-    batch = collate([cut, done], [1.0, -1.0], pad_id=0)
+    batch = collate([cut, done], pad_id=0, advantages=[1.0, -1.0])
 
     assert _without_truncated(batch, [cut, done]).loss_mask_BT.tolist() == [[0, 0, 0], [0, 1, 1]]
-    everything_cut = collate([cut, cut], [1.0, -1.0], pad_id=0)
+    everything_cut = collate([cut, cut], pad_id=0, advantages=[1.0, -1.0])
     assert _without_truncated(everything_cut, [cut, cut]) is everything_cut  # nothing left else
 
 

@@ -11,8 +11,8 @@ import torch
 from palaestra.agent.trajectory import StopReason, Trajectory
 from palaestra.models import load_model
 from palaestra.trainer.batch import collate
-from palaestra.trainer.learner import Learner, token_logprobs
-from palaestra.trainer.losses import policy_loss
+from palaestra.trainer.learner import Learner, OptimSettings, policy_forward, token_logprobs
+from palaestra.trainer.losses import PolicyLossInputs, PolicyLossSettings, policy_loss
 
 PAD = 2
 
@@ -48,18 +48,18 @@ TRAJECTORIES = [
 
 
 def test_collate_pads_right_and_masks_sampled_tokens_only():
-    batch = collate(TRAJECTORIES[:2], [1.0, -1.0], pad_id=PAD)
+    batch = collate(TRAJECTORIES[:2], pad_id=PAD, advantages=[1.0, -1.0])
     assert batch.input_ids_BT.tolist() == [[5, 6, 7, 10, 11, 12, 13], [5, 6, 20, 21, PAD, PAD, PAD]]
     assert batch.attention_mask_BT.tolist() == [[1] * 7, [1, 1, 1, 1, 0, 0, 0]]
     assert batch.loss_mask_BT.tolist() == [[0, 0, 0, 1, 1, 1, 1], [0, 0, 1, 1, 0, 0, 0]]
     assert batch.num_loss_tokens == 6
-    assert batch.advantages_B.tolist() == [1.0, -1.0]
+    assert batch.advantages_BT.tolist() == [[0, 0, 0, 1, 1, 1, 1], [0, 0, -1, -1, 0, 0, 0]]
     assert [len(m) for m in batch.micro_batches(1)] == [1, 1]
     assert batch.micro_batches(1)[1].input_ids_BT.shape == (1, 4)  # trimmed to its row
 
 
 def test_token_logprobs_match_a_full_log_softmax(tiny):
-    batch = collate(TRAJECTORIES, [0.0] * 4, pad_id=PAD)
+    batch = collate(TRAJECTORIES, pad_id=PAD)
     with torch.no_grad():
         got = token_logprobs(tiny, batch, temperature=0.7)
         logits = tiny(input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT).logits
@@ -72,22 +72,23 @@ def test_token_logprobs_match_a_full_log_softmax(tiny):
 
 
 def grpo_loss(batch, logprobs_BT, *, num_tokens, num_seqs):
-    return policy_loss(
-        logprobs_BT,
-        batch.old_logprobs_BT,
-        batch.advantages_B,
-        batch.loss_mask_BT,
+    inputs = PolicyLossInputs(
+        old_logprobs_BT=batch.old_logprobs_BT,
+        advantages_BT=batch.advantages_BT,
+        mask_BT=batch.loss_mask_BT,
         num_tokens=num_tokens,
         num_seqs=num_seqs,
     )
+    return policy_loss(logprobs_BT, inputs, PolicyLossSettings())
 
 
 def learner(model, micro_batch_size):
-    return Learner(model, lr=1e-2, micro_batch_size=micro_batch_size, dtype="float32")
+    settings = OptimSettings(lr=1e-2, micro_batch_size=micro_batch_size)
+    return Learner(model, settings, forward=policy_forward(1.0))
 
 
 def test_micro_batching_gives_the_full_batch_update(tiny):
-    batch = collate(TRAJECTORIES, [1.0, -0.5, 0.25, -1.0], pad_id=PAD)
+    batch = collate(TRAJECTORIES, pad_id=PAD, advantages=[1.0, -0.5, 0.25, -1.0])
     whole, split = learner(copy.deepcopy(tiny), 4), learner(copy.deepcopy(tiny), 1)
     m_whole = whole.step(batch, grpo_loss)
     m_split = split.step(batch, grpo_loss)
@@ -101,7 +102,7 @@ def test_micro_batching_gives_the_full_batch_update(tiny):
 @pytest.mark.parametrize("advantage", [1.0, -1.0])
 def test_a_step_moves_the_logprob_of_sampled_tokens_with_the_advantage_sign(tiny, advantage):
     model = copy.deepcopy(tiny)
-    batch = collate(TRAJECTORIES[:1], [advantage], pad_id=PAD)
+    batch = collate(TRAJECTORIES[:1], pad_id=PAD, advantages=[advantage])
     on_policy = token_logprobs(model, batch).detach()  # ratio 1: nothing is clipped
     batch = dataclasses.replace(batch, old_logprobs_BT=on_policy)
     before = on_policy.sum()
@@ -112,7 +113,7 @@ def test_a_step_moves_the_logprob_of_sampled_tokens_with_the_advantage_sign(tiny
 
 def test_named_weights_round_trip_into_an_engine_copy(tiny):
     trained = learner(copy.deepcopy(tiny), 2)
-    trained.step(collate(TRAJECTORIES, [1.0, 0.0, 0.0, -1.0], pad_id=PAD), grpo_loss)
+    trained.step(collate(TRAJECTORIES, pad_id=PAD, advantages=[1.0, 0.0, 0.0, -1.0]), grpo_loss)
     clone = copy.deepcopy(tiny)
     clone.load_state_dict(dict(trained.named_weights()))
     assert any(

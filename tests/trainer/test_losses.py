@@ -21,22 +21,27 @@ With clip range [0.8, 1.2], per token ``l = -min(ratio * A, clip(ratio) * A)``::
                    t2 ratio 1.1 inside ->                 -min(-1.1, -1.1) =  1.1
 
 Row sums: -1.7 and 3.4; 5 tokens in all.
+
+The batches here keep one advantage per sequence (``advantages_B``, as TRL takes them);
+``_policy_loss`` spreads it over the tokens into ``PolicyLossInputs.advantages_BT``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import types
 from collections import defaultdict
+from typing import Any
 
 import pytest
 import torch
 
+from palaestra.options import AGGREGATIONS, KL_ESTIMATORS
 from palaestra.trainer.losses import (
-    AGGREGATIONS,
-    KL_ESTIMATORS,
-    LOSSES,
+    PolicyLossInputs,
+    PolicyLossSettings,
     kl_estimate,
     kl_penalized_rewards,
     policy_loss,
@@ -79,6 +84,23 @@ def _random_batch(seed: int, B: int = 6, T: int = 7) -> dict[str, torch.Tensor]:
         "ref_logprobs_BT": logprobs_BT.detach()
         + 0.3 * torch.randn(B, T, generator=generator, dtype=torch.float64),
     }
+
+
+_SETTING_NAMES = {field.name for field in dataclasses.fields(PolicyLossSettings)}
+
+
+def _policy_loss(
+    batch: dict[str, torch.Tensor], **options: Any
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """``policy_loss`` on a batch dict, each sequence's advantage spread over its tokens;
+    ``options`` go to ``PolicyLossSettings`` or ``PolicyLossInputs`` by name."""
+    values: dict[str, Any] = {**batch, **options}
+    logprobs_BT = values.pop("logprobs_BT")
+    advantages_B = values.pop("advantages_B")
+    T = values["mask_BT"].shape[-1]
+    values.setdefault("advantages_BT", advantages_B[:, None].expand(-1, T))
+    settings = {name: values.pop(name) for name in _SETTING_NAMES & values.keys()}
+    return policy_loss(logprobs_BT, PolicyLossInputs(**values), PolicyLossSettings(**settings))
 
 
 def _rows(batch: dict[str, torch.Tensor], rows: slice) -> dict[str, torch.Tensor]:
@@ -164,8 +186,8 @@ def test_kl_penalized_rewards_by_hand():
     ],
 )
 def test_policy_loss_by_hand_for_each_aggregation(aggregation, expected):
-    loss, metrics = policy_loss(
-        **_without_ref(_hand_batch()), aggregation=aggregation, max_seq_len=4
+    loss, metrics = _policy_loss(
+        _without_ref(_hand_batch()), aggregation=aggregation, max_seq_len=4
     )
     assert loss.item() == pytest.approx(expected)
     assert metrics == pytest.approx(
@@ -182,7 +204,7 @@ def test_policy_loss_by_hand_for_each_aggregation(aggregation, expected):
 def test_gradient_flows_only_through_unclipped_sampled_tokens():
     # token-mean: dl/dlogprob = -A * ratio / 5 where not clipped; 0 where clipped or masked.
     batch = _hand_batch()
-    loss, _ = policy_loss(**_without_ref(batch))
+    loss, _ = _policy_loss(_without_ref(batch))
     expected_BT = torch.tensor(
         [
             [0.0, -1 * 0.5 / 5, 0.0],  # clipped high, unclipped (A > 0, ratio < 0.8), masked
@@ -195,7 +217,7 @@ def test_gradient_flows_only_through_unclipped_sampled_tokens():
 def test_wider_clip_high_lets_the_positive_advantage_token_through():
     # DAPO's clip-higher: with 1 + clip_high = 1.6 the ratio 1.5 of row 0, t0 is no longer
     # clipped, so its loss is -1.5 instead of -1.2; the negative-advantage side is unchanged.
-    loss, metrics = policy_loss(**_without_ref(_hand_batch()), clip_high=0.6)
+    loss, metrics = _policy_loss(_without_ref(_hand_batch()), clip_high=0.6)
     assert loss.item() == pytest.approx((-1.5 - 0.5 + 3.4) / 5)
     assert metrics["clip_frac_high"] == 0.0
     assert metrics["clip_frac_low"] == pytest.approx(1 / 5)
@@ -203,7 +225,7 @@ def test_wider_clip_high_lets_the_positive_advantage_token_through():
 
 def test_wider_clip_low_lets_the_negative_advantage_token_through():
     # With 1 - clip_low = 0.4 the ratio 0.5 of row 1, t0 is inside: loss 0.5 instead of 0.8.
-    loss, metrics = policy_loss(**_without_ref(_hand_batch()), clip_low=0.6)
+    loss, metrics = _policy_loss(_without_ref(_hand_batch()), clip_low=0.6)
     assert loss.item() == pytest.approx((-1.7 + 0.5 + 1.5 + 1.1) / 5)
     assert metrics["clip_frac_low"] == 0.0
 
@@ -220,7 +242,7 @@ def test_wider_clip_low_lets_the_negative_advantage_token_through():
 )
 def test_kl_in_the_loss_by_hand(estimator, kl_sum, dkl_dlogprob_BT):
     batch = _hand_batch()
-    loss, metrics = policy_loss(**batch, kl_coef=0.1, kl_estimator=estimator)
+    loss, metrics = _policy_loss(batch, kl_coef=0.1, kl_estimator=estimator)
 
     assert loss.item() == pytest.approx(0.34 + 0.1 * kl_sum / 5)
     assert metrics["policy_loss"] == pytest.approx(0.34)
@@ -233,7 +255,7 @@ def test_kl_in_the_loss_by_hand(estimator, kl_sum, dkl_dlogprob_BT):
 
 def test_reference_without_kl_coef_changes_nothing():
     batch = _hand_batch()
-    loss, metrics = policy_loss(**batch, kl_coef=0.0)
+    loss, metrics = _policy_loss(batch, kl_coef=0.0)
     assert loss.item() == pytest.approx(0.34)
     assert "kl" not in metrics
 
@@ -245,30 +267,27 @@ def test_garbage_at_masked_positions_never_reaches_loss_or_gradient():
         garbage["logprobs_BT"][0, 2] = -math.inf
     garbage["old_logprobs_BT"][0, 2] = 50.0
     garbage["ref_logprobs_BT"][0, 2] = math.nan
+    garbage["advantages_BT"] = torch.tensor([[1.0, 1.0, math.inf], [-1.0, -1.0, -1.0]])
     for kl_estimator in KL_ESTIMATORS:
-        loss, _ = policy_loss(**batch, kl_coef=0.1, kl_estimator=kl_estimator)
-        garbage_loss, _ = policy_loss(**garbage, kl_coef=0.1, kl_estimator=kl_estimator)
+        loss, _ = _policy_loss(batch, kl_coef=0.1, kl_estimator=kl_estimator)
+        garbage_loss, _ = _policy_loss(garbage, kl_coef=0.1, kl_estimator=kl_estimator)
         assert garbage_loss.item() == pytest.approx(loss.item())
         torch.testing.assert_close(_grad(garbage_loss, garbage), _grad(loss, batch))
 
 
 def test_bool_and_integer_masks_agree():
     batch = _without_ref(_hand_batch())
-    bool_loss, _ = policy_loss(**{**batch, "mask_BT": batch["mask_BT"].bool()})
-    assert bool_loss.item() == pytest.approx(policy_loss(**batch)[0].item())
+    bool_loss, _ = _policy_loss({**batch, "mask_BT": batch["mask_BT"].bool()})
+    assert bool_loss.item() == pytest.approx(_policy_loss(batch)[0].item())
 
 
 def test_global_counts_replace_the_batch_counts():
     batch = _without_ref(_hand_batch())
-    loss, metrics = policy_loss(**batch, num_tokens=10)
+    loss, metrics = _policy_loss(batch, num_tokens=10)
     assert loss.item() == pytest.approx(1.7 / 10)
     assert metrics["loss"] == pytest.approx(1.7 / 5)  # metrics describe this batch alone
-    loss, _ = policy_loss(**batch, aggregation="seq-mean-token-mean", num_seqs=4)
+    loss, _ = _policy_loss(batch, aggregation="seq-mean-token-mean", num_seqs=4)
     assert loss.item() == pytest.approx((-1.7 / 2 + 3.4 / 3) / 4)
-
-
-def test_losses_lookup_names_policy_loss():
-    assert LOSSES["grpo"] is policy_loss
 
 
 # --------------------------------------------------------------------------- micro-batching
@@ -279,14 +298,14 @@ def test_losses_lookup_names_policy_loss():
 def test_micro_batches_with_global_counts_give_the_full_batch_gradient(aggregation, kl_coef):
     batch = _random_batch(seed=1)
     kwargs = {"aggregation": aggregation, "kl_coef": kl_coef, "max_seq_len": 7}
-    full_loss, _ = policy_loss(**batch, **kwargs)
+    full_loss, _ = _policy_loss(batch, **kwargs)
     full_grad = _grad(full_loss, batch)
 
     counts = {"num_tokens": float(batch["mask_BT"].sum()), "num_seqs": 6.0}
     summed_loss, summed_grad = 0.0, []
     for rows in (slice(0, 2), slice(2, 6)):  # unequal sizes and token counts
         micro = _rows(batch, rows)
-        loss, _ = policy_loss(**micro, **kwargs, **counts)
+        loss, _ = _policy_loss(micro, **kwargs, **counts)
         summed_loss += loss.item()
         summed_grad.append(_grad(loss, micro))
 
@@ -302,7 +321,8 @@ def test_micro_batches_with_global_counts_give_the_full_batch_gradient(aggregati
     [
         ({"old_logprobs_BT": torch.zeros(2, 4)}, r"old_logprobs_BT must have shape \(2, 3\)"),
         ({"mask_BT": torch.ones(3, 3)}, r"mask_BT must have shape \(2, 3\)"),
-        ({"advantages_B": torch.zeros(2, 1)}, r"advantages_B must have shape \(2,\)"),
+        ({"advantages_BT": torch.zeros(2, 1)}, r"advantages_BT must have shape \(2, 3\)"),
+        ({"is_weights_BT": torch.ones(2, 2)}, r"is_weights_BT must have shape \(2, 3\)"),
         ({"ref_logprobs_BT": torch.zeros(2)}, r"ref_logprobs_BT must have shape \(2, 3\)"),
         ({"logprobs_BT": torch.zeros(6)}, "logprobs_BT must be 2-D"),
         ({"aggregation": "sum"}, "aggregation must be one of 'token-mean', 'seq-mean-token-mean'"),
@@ -314,11 +334,13 @@ def test_micro_batches_with_global_counts_give_the_full_batch_gradient(aggregati
         ({"clip_high": -0.1}, "clip_high must be >= 0"),
         ({"num_tokens": 0}, "num_tokens must be > 0"),
         ({"num_seqs": -1}, "num_seqs must be > 0"),
+        ({"max_seq_len": 0}, "max_seq_len must be > 0"),
+        ({"ratio_level": "batch"}, "ratio_level must be one of 'token', 'sequence'; got 'batch'"),
     ],
 )
 def test_policy_loss_rejects_bad_inputs(change, match):
     with pytest.raises(ValueError, match=match):
-        policy_loss(**{**_hand_batch(), **change})
+        _policy_loss(_hand_batch(), **change)
 
 
 def test_kl_functions_reject_bad_inputs():
@@ -450,8 +472,8 @@ def test_matches_trl_grpo_loss_on_one_batch(trl_grpo_trainer, loss_type, aggrega
     max_completion_length. TRL's KL (``beta``) is k3 in the loss: our ``kl_coef`` with
     ``kl_estimator="k3"``. Loss, gradient, clip fractions and KL must all agree."""
     ours_batch, trl_batch = _random_batch(seed), _random_batch(seed)
-    ours, metrics = policy_loss(
-        **ours_batch,
+    ours, metrics = _policy_loss(
+        ours_batch,
         clip_high=0.28,
         aggregation=aggregation,
         kl_coef=beta,
@@ -477,8 +499,8 @@ def test_matches_trl_grpo_loss_on_one_batch(trl_grpo_trainer, loss_type, aggrega
 def test_sequence_level_ratios_match_trl_gspo(trl_grpo_trainer, loss_type, aggregation, seed):
     """GSPO: TRL's ``importance_sampling_level="sequence"`` is our ``ratio_level``."""
     ours_batch, trl_batch = _random_batch(seed), _random_batch(seed)
-    ours, _ = policy_loss(
-        **ours_batch, clip_high=0.28, aggregation=aggregation, ratio_level="sequence"
+    ours, _ = _policy_loss(
+        ours_batch, clip_high=0.28, aggregation=aggregation, ratio_level="sequence"
     )
     theirs, _ = _trl_loss(
         trl_grpo_trainer,
@@ -491,7 +513,7 @@ def test_sequence_level_ratios_match_trl_gspo(trl_grpo_trainer, loss_type, aggre
 
     torch.testing.assert_close(ours, theirs)
     torch.testing.assert_close(_grad(ours, ours_batch), _grad(theirs, trl_batch))
-    token_level, _ = policy_loss(**_random_batch(seed), clip_high=0.28, aggregation=aggregation)
+    token_level, _ = _policy_loss(_random_batch(seed), clip_high=0.28, aggregation=aggregation)
     assert not torch.isclose(ours, token_level)  # the level changes the loss on this batch
 
 
@@ -501,7 +523,9 @@ def test_a_sequence_ratio_is_the_geometric_mean_of_its_token_ratios():
     mask = torch.tensor([[0.0, 1.0, 1.0]])
 
     loss, metrics = policy_loss(
-        logprobs, old, torch.tensor([1.0]), mask, clip_high=0.5, ratio_level="sequence"
+        logprobs,
+        PolicyLossInputs(old, advantages_BT=torch.ones(1, 3), mask_BT=mask),
+        PolicyLossSettings(clip_high=0.5, ratio_level="sequence"),
     )
 
     assert loss.item() == pytest.approx(-math.exp(0.2))
@@ -510,7 +534,7 @@ def test_a_sequence_ratio_is_the_geometric_mean_of_its_token_ratios():
 
 def test_matches_trl_on_the_hand_batch(trl_grpo_trainer):
     ours_batch, trl_batch = _hand_batch(), _hand_batch()
-    ours, _ = policy_loss(**ours_batch, clip_high=0.28, kl_coef=0.04)
+    ours, _ = _policy_loss(ours_batch, clip_high=0.28, kl_coef=0.04)
     theirs, _ = _trl_loss(
         trl_grpo_trainer, trl_batch, loss_type="dapo", beta=0.04, max_completion_length=3
     )
@@ -532,8 +556,8 @@ def test_matches_trl_under_gradient_accumulation(trl_grpo_trainer, loss_type, ag
     counts = {"num_tokens": float(batch["mask_BT"].sum()), "num_seqs": 6.0}
     for rows in (slice(0, 3), slice(3, 6)):
         ours_micro, trl_micro = _rows(batch, rows), _rows(batch, rows)
-        ours, _ = policy_loss(
-            **ours_micro, clip_high=0.28, aggregation=aggregation, max_seq_len=9, **counts
+        ours, _ = _policy_loss(
+            ours_micro, clip_high=0.28, aggregation=aggregation, max_seq_len=9, **counts
         )
         theirs, _ = _trl_loss(
             trl_grpo_trainer,
@@ -559,9 +583,9 @@ def test_trl_bnpo_under_accumulation_averages_micro_batch_token_means(trl_grpo_t
     assert tokens_per_micro[0] != tokens_per_micro[1]
     for rows in (slice(0, 3), slice(3, 6)):
         micro = _rows(batch, rows)
-        local_mean, _ = policy_loss(**_without_ref(micro), clip_high=0.28)
-        global_mean, _ = policy_loss(
-            **_without_ref(micro), clip_high=0.28, num_tokens=float(batch["mask_BT"].sum())
+        local_mean, _ = _policy_loss(_without_ref(micro), clip_high=0.28)
+        global_mean, _ = _policy_loss(
+            _without_ref(micro), clip_high=0.28, num_tokens=float(batch["mask_BT"].sum())
         )
         theirs, _ = _trl_loss(
             trl_grpo_trainer,
@@ -573,84 +597,3 @@ def test_trl_bnpo_under_accumulation_averages_micro_batch_token_means(trl_grpo_t
         )
         torch.testing.assert_close(theirs, local_mean / 2)
         assert not torch.isclose(theirs, global_mean)
-
-
-# --- truncated importance sampling from the engine to the learner -----------------------
-
-
-def test_token_level_behaviour_weights_by_hand():
-    from palaestra.trainer.losses import behaviour_weights
-
-    # log pi_prox - log mu per token: row 0 = [ln 0.5, ln 3], row 1 = [ln 1.5, (masked)]
-    prox = torch.tensor([[math.log(0.5), math.log(3.0)], [math.log(1.5), 9.0]])
-    mu = torch.zeros(2, 2)
-    mask = torch.tensor([[1, 1], [1, 0]])
-    w, m = behaviour_weights(prox, mu, mask, cap=2.0, level="token")
-    assert torch.allclose(w, torch.tensor([[0.5, 2.0], [1.5, 0.0]]))  # 3 capped at 2
-    assert m["mismatch/capped_frac"] == pytest.approx(1 / 3)
-    assert m["mismatch/abs_dlogprob"] == pytest.approx(
-        (math.log(2) + math.log(3) + math.log(1.5)) / 3
-    )
-    raw = [0.5, 3.0, 1.5]  # ESS of the untruncated weights: (sum w)^2 / (n sum w^2)
-    assert m["mismatch/ess"] == pytest.approx(sum(raw) ** 2 / (3 * sum(x * x for x in raw)))
-
-
-def test_sequence_level_weights_multiply_token_ratios():
-    from palaestra.trainer.losses import behaviour_weights
-
-    prox = torch.tensor([[math.log(0.5), math.log(3.0)], [math.log(1.5), 0.0]])
-    mask = torch.tensor([[1, 1], [1, 0]])
-    w, _ = behaviour_weights(prox, torch.zeros(2, 2), mask, cap=2.0, level="sequence")
-    # row 0: 0.5 * 3 = 1.5 on both tokens; row 1: 1.5 on its one token
-    assert torch.allclose(w, torch.tensor([[1.5, 1.5], [1.5, 0.0]]))
-
-
-def test_agreeing_policies_give_unit_weights_and_full_ess():
-    from palaestra.trainer.losses import behaviour_weights
-
-    lp = torch.tensor([[-1.0, -2.0, -0.5]])
-    w, m = behaviour_weights(lp, lp.clone(), torch.ones(1, 3))
-    assert torch.equal(w, torch.ones(1, 3))
-    assert m["mismatch/ess"] == pytest.approx(1.0) and m["mismatch/abs_dlogprob"] == 0.0
-
-
-def test_is_weights_scale_each_tokens_surrogate_and_gradient():
-    from palaestra.trainer.losses import policy_loss
-
-    lp = torch.zeros(1, 2, requires_grad=True)
-    old = torch.zeros(1, 2)
-    weights = torch.tensor([[0.5, 2.0]])
-    loss, _ = policy_loss(lp, old, torch.tensor([1.0]), torch.ones(1, 2), is_weights_BT=weights)
-    # ratio 1, A = 1: per-token surrogate -1 scaled by the weights, token-mean over 2 tokens
-    assert loss.item() == pytest.approx(-(0.5 + 2.0) / 2)
-    loss.backward()
-    assert torch.allclose(lp.grad, torch.tensor([[-0.25, -1.0]]))
-
-
-def test_behaviour_weight_arguments_are_checked():
-    from palaestra.trainer.losses import behaviour_weights
-
-    lp = torch.zeros(1, 2)
-    with pytest.raises(ValueError, match="cap"):
-        behaviour_weights(lp, lp, torch.ones(1, 2), cap=0.5)
-    with pytest.raises(ValueError, match="level"):
-        behaviour_weights(lp, lp, torch.ones(1, 2), level="batch")
-
-
-def test_token_advantages_replace_the_sequence_advantage_token_by_token():
-    logprobs = torch.tensor([[0.0, -1.0, -2.0]], requires_grad=True)
-    old = torch.tensor([[0.0, -1.0, -2.0]])  # ratio 1 everywhere: the loss is -mean(A_t)
-    mask = torch.tensor([[0.0, 1.0, 1.0]])
-
-    per_seq, _ = policy_loss(logprobs, old, torch.tensor([0.5]), mask)
-    same, _ = policy_loss(
-        logprobs, old, torch.tensor([9.0]), mask, token_advantages_BT=torch.full((1, 3), 0.5)
-    )
-    per_turn, _ = policy_loss(
-        logprobs, old, torch.tensor([9.0]), mask, token_advantages_BT=torch.tensor([[0, 1.0, -3.0]])
-    )
-
-    assert same.item() == pytest.approx(per_seq.item()) == pytest.approx(-0.5)
-    assert per_turn.item() == pytest.approx(-(1.0 - 3.0) / 2)
-    (grad,) = torch.autograd.grad(per_turn, logprobs)
-    assert grad[0].tolist() == pytest.approx([0.0, -0.5, 1.5])  # d(-ratio * A / n)/dlogprob

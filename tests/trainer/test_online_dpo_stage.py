@@ -49,7 +49,7 @@ def test_episode_log_probs_sum_sampled_tokens_across_turns_and_split_samples():
 
     whole = episode(0, 1.0, "whole", mask=(0, 1, 1, 0, 0, 1))  # a tool reply at 3-4
     split = Trajectory(**{**whole.__dict__, "task_id": "split", "segment_starts": (0, 3)})
-    batch = collate([whole, split], [0.0, 0.0], pad_id=0)
+    batch = collate([whole, split], pad_id=0)
     logprobs_BT = torch.arange(1.0, 1.0 + batch.input_ids_BT.numel()).view(batch.input_ids_BT.shape)
     sums_E, lengths_E = _episode_sums(batch, -logprobs_BT)
     # row 0 = whole: sampled at 1, 2, 5 -> values 2, 3, 6 (row width 6)

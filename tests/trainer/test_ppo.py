@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -13,8 +14,10 @@ from palaestra.config import load_config
 from palaestra.envs import register
 from palaestra.envs.core import TextEnv
 from palaestra.rundir import RunDir
-from palaestra.trainer.critic import Critic, CriticLearner
+from palaestra.trainer.critic import Critic
 from palaestra.trainer.data import ChatEncoder, token_batch
+from palaestra.trainer.learner import Learner, OptimSettings
+from palaestra.trainer.losses import value_loss
 from palaestra.trainer.stages.ppo import run_ppo
 
 
@@ -130,15 +133,31 @@ def test_critic_values_live_on_sampled_tokens_only():
     batch = token_batch([ChatEncoder(tokenizer, 256).encode(chat)], tokenizer.pad_token_id)
     critic = Critic.from_pretrained("tiny-random")
     torch.nn.init.normal_(critic.head.weight)  # nonzero values everywhere it is read
-    learner = CriticLearner(critic, lr=1e-2, clip=0.2, dtype="float32")
-    values = learner.values(batch)
+    learner = Learner(critic, OptimSettings(lr=1e-2), forward=lambda model, micro: model(micro))
+    values = learner.score(batch)
     sampled = batch.loss_mask_BT.bool()
     assert (values[~sampled] == 0).all() and (values[sampled] != 0).all()
     returns = torch.where(sampled, torch.ones_like(values), 0.0)
-    first = learner.step(batch, returns, values)["critic/value_loss"]
+
+    def critic_step(old_values_BT):
+        targets = dataclasses.replace(batch, old_values_BT=old_values_BT, returns_BT=returns)
+        return learner.step(targets, value_loss_fn, weigh_metrics_by="tokens")["value_loss"]
+
+    first = critic_step(values)
     for _ in range(5):
-        last = learner.step(batch, returns, learner.values(batch))["critic/value_loss"]
+        last = critic_step(learner.score(batch))
     assert last < first
+
+
+def value_loss_fn(batch, values_BT, *, num_tokens, num_seqs):
+    return value_loss(
+        values_BT,
+        batch.old_values_BT,
+        batch.returns_BT,
+        batch.loss_mask_BT,
+        clip=0.2,
+        num_tokens=num_tokens,
+    )
 
 
 @pytest.mark.parametrize("bad", ["ppo.lam=1.5", "ppo.value_clip=0"])

@@ -14,7 +14,11 @@ from collections import defaultdict
 import pytest
 import torch
 
+from palaestra.options import PREFERENCE_LOSS_NAMES
 from palaestra.trainer.losses import (
+    PREFERENCE_LOSSES,
+    PairLogps,
+    PreferenceSettings,
     bradley_terry_loss,
     kto_loss,
     preference_loss,
@@ -32,6 +36,13 @@ def sig(x: float) -> float:
 
 
 T = torch.tensor
+
+
+def pairs(chosen, rejected, *, ref=(None, None), lengths=None, num_pairs=None) -> PairLogps:
+    """``PairLogps`` of summed log-probs; ``lengths`` (chosen, rejected) default to 1 token
+    each, which DPO (``sigmoid``) never reads."""
+    chosen_lengths, rejected_lengths = lengths or (torch.ones_like(chosen),) * 2
+    return PairLogps(chosen, rejected, chosen_lengths, rejected_lengths, *ref, num_pairs=num_pairs)
 
 
 # --- hand values ---------------------------------------------------------------------------
@@ -54,12 +65,9 @@ def test_dpo_sigmoid_by_hand():
     # pair 1: chosen 0 - 0 = 0, rejected -1 - (-2) = 1, d = -1
     beta = 0.5
     loss, m = preference_loss(
-        T([-1.0, 0.0]),
-        T([-3.0, -1.0]),
-        ref_chosen_logps_P=T([-2.0, 0.0]),
-        ref_rejected_logps_P=T([-2.5, -2.0]),
-        loss="sigmoid",
-        beta=beta,
+        "sigmoid",
+        pairs(T([-1.0, 0.0]), T([-3.0, -1.0]), ref=(T([-2.0, 0.0]), T([-2.5, -2.0]))),
+        PreferenceSettings(beta=beta),
     )
     expected = (-logsig(0.5 * 1.5) - logsig(0.5 * -1.0)) / 2
     assert loss.item() == pytest.approx(expected, rel=1e-6)
@@ -73,13 +81,9 @@ def test_cdpo_label_smoothing_by_hand():
     # d = (−1 − −2) − (−3 − −2.5) = 1.5, beta d = 0.15
     e = 0.1
     loss, _ = preference_loss(
-        T([-1.0]),
-        T([-3.0]),
-        ref_chosen_logps_P=T([-2.0]),
-        ref_rejected_logps_P=T([-2.5]),
-        loss="sigmoid",
-        beta=0.1,
-        label_smoothing=e,
+        "sigmoid",
+        pairs(T([-1.0]), T([-3.0]), ref=(T([-2.0]), T([-2.5]))),
+        PreferenceSettings(beta=0.1, label_smoothing=e),
     )
     assert loss.item() == pytest.approx(-(1 - e) * logsig(0.15) - e * logsig(-0.15), rel=1e-6)
 
@@ -87,40 +91,19 @@ def test_cdpo_label_smoothing_by_hand():
 def test_ipo_uses_per_token_log_ratios():
     # chosen: (-4 - -6) / 4 = 0.5 per token; rejected: (-6 - -3) / 2 = -1.5; d = 2
     beta = 0.25
-    loss, _ = preference_loss(
-        T([-4.0]),
-        T([-6.0]),
-        ref_chosen_logps_P=T([-6.0]),
-        ref_rejected_logps_P=T([-3.0]),
-        chosen_lengths_P=T([4]),
-        rejected_lengths_P=T([2]),
-        loss="ipo",
-        beta=beta,
-    )
+    ipo_pair = pairs(T([-4.0]), T([-6.0]), ref=(T([-6.0]), T([-3.0])), lengths=(T([4]), T([2])))
+    loss, _ = preference_loss("ipo", ipo_pair, PreferenceSettings(beta=beta))
     assert loss.item() == pytest.approx((2.0 - 1 / (2 * beta)) ** 2)  # (2 - 2)^2 = 0
-    loss, _ = preference_loss(
-        T([-4.0]),
-        T([-6.0]),
-        ref_chosen_logps_P=T([-6.0]),
-        ref_rejected_logps_P=T([-3.0]),
-        chosen_lengths_P=T([4]),
-        rejected_lengths_P=T([2]),
-        loss="ipo",
-        beta=1.0,
-    )
+    loss, _ = preference_loss("ipo", ipo_pair, PreferenceSettings(beta=1.0))
     assert loss.item() == pytest.approx((2.0 - 0.5) ** 2)
 
 
 def test_simpo_is_reference_free_and_length_normalised():
     # mean logps: chosen -6/3 = -2, rejected -4/1 = -4; beta 2, gamma 1: 2 * 2 - 1 = 3
     loss, m = preference_loss(
-        T([-6.0]),
-        T([-4.0]),
-        chosen_lengths_P=T([3]),
-        rejected_lengths_P=T([1]),
-        loss="simpo",
-        beta=2.0,
-        simpo_gamma=1.0,
+        "simpo",
+        pairs(T([-6.0]), T([-4.0]), lengths=(T([3]), T([1]))),
+        PreferenceSettings(beta=2.0, simpo_gamma=1.0),
     )
     assert loss.item() == pytest.approx(-logsig(3.0), rel=1e-6)
     assert m["rewards/chosen"] == pytest.approx(-4.0) and m["rewards/rejected"] == pytest.approx(
@@ -133,12 +116,9 @@ def test_orpo_is_nll_plus_the_odds_ratio_term():
     m_c, m_r, beta = -0.5, -1.5, 0.1
     log_odds = (m_c - math.log(1 - math.exp(m_c))) - (m_r - math.log(1 - math.exp(m_r)))
     loss, _ = preference_loss(
-        T([-1.0]),
-        T([-3.0]),
-        chosen_lengths_P=T([2]),
-        rejected_lengths_P=T([2]),
-        loss="orpo",
-        beta=beta,
+        "orpo",
+        pairs(T([-1.0]), T([-3.0]), lengths=(T([2]), T([2]))),
+        PreferenceSettings(beta=beta),
     )
     assert loss.item() == pytest.approx(0.5 - beta * logsig(log_odds), rel=1e-6)
 
@@ -147,17 +127,12 @@ def test_pairs_split_over_micro_batches_add_up_to_the_whole_batch():
     c = torch.tensor([-1.0, -2.0, -0.5, -4.0], requires_grad=True)
     r = torch.tensor([-2.0, -1.0, -3.0, -4.5], requires_grad=True)
     ref_c, ref_r = T([-1.5, -1.5, -1.0, -3.0]), T([-1.5, -1.5, -2.0, -4.0])
-    kwargs = {"loss": "sigmoid", "beta": 0.3}
-    whole, _ = preference_loss(c, r, ref_chosen_logps_P=ref_c, ref_rejected_logps_P=ref_r, **kwargs)
+    settings = PreferenceSettings(beta=0.3)
+    whole, _ = preference_loss("sigmoid", pairs(c, r, ref=(ref_c, ref_r)), settings)
     (g_whole_c,) = torch.autograd.grad(whole, c)
     parts = sum(
         preference_loss(
-            c[s],
-            r[s],
-            ref_chosen_logps_P=ref_c[s],
-            ref_rejected_logps_P=ref_r[s],
-            num_pairs=4,
-            **kwargs,
+            "sigmoid", pairs(c[s], r[s], ref=(ref_c[s], ref_r[s]), num_pairs=4), settings
         )[0]
         for s in (slice(0, 1), slice(1, 4))
     )
@@ -167,12 +142,38 @@ def test_pairs_split_over_micro_batches_add_up_to_the_whole_batch():
 
 
 def test_preference_losses_refuse_missing_inputs():
+    settings = PreferenceSettings(beta=0.1)
     with pytest.raises(ValueError, match="reference model"):
-        preference_loss(T([-1.0]), T([-2.0]), loss="sigmoid", beta=0.1)
-    with pytest.raises(ValueError, match="lengths"):
-        preference_loss(T([-1.0]), T([-2.0]), loss="simpo", beta=0.1)
-    with pytest.raises(ValueError, match="loss must be one of"):
-        preference_loss(T([-1.0]), T([-2.0]), loss="hinge", beta=0.1)  # type: ignore[arg-type]
+        preference_loss("sigmoid", pairs(T([-1.0]), T([-2.0])), settings)
+    with pytest.raises(ValueError, match=r"chosen_lengths_P must have shape \(1,\)"):
+        pairs(T([-1.0]), T([-2.0]), lengths=(T([]), T([1])))
+    with pytest.raises(ValueError, match=r"ref_rejected_P must have shape \(1,\)"):
+        pairs(T([-1.0]), T([-2.0]), ref=(T([-1.0]), T([-1.0, -2.0])))
+    with pytest.raises(ValueError, match="num_pairs must be > 0"):
+        pairs(T([-1.0]), T([-2.0]), num_pairs=0)
+    with pytest.raises(ValueError, match="loss must be one of 'sigmoid', 'ipo', 'simpo', 'orpo'"):
+        preference_loss("hinge", pairs(T([-1.0]), T([-2.0])), settings)
+
+
+def test_every_preference_loss_name_is_in_the_table():
+    assert tuple(PREFERENCE_LOSSES) == PREFERENCE_LOSS_NAMES
+    for name, entry in PREFERENCE_LOSSES.items():
+        assert entry.name == name
+        assert entry.needs_reference is (name not in ("simpo", "orpo"))
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"beta": 0.0}, "beta must be > 0"),
+        ({"label_smoothing": 0.5}, r"label_smoothing must be in \[0, 0.5\)"),
+        ({"label_smoothing": -0.1}, r"label_smoothing must be in \[0, 0.5\)"),
+        ({"simpo_gamma": -1.0}, "simpo_gamma must be >= 0"),
+    ],
+)
+def test_preference_settings_reject_bad_values(change, match):
+    with pytest.raises(ValueError, match=match):
+        PreferenceSettings(**change)
 
 
 def test_kto_by_hand():
@@ -314,14 +315,14 @@ PAIRS = {
 def test_dpo_and_ipo_match_trl(loss_type):
     p = PAIRS
     ours, _ = preference_loss(
-        T(p["chosen"]),
-        T(p["rejected"]),
-        ref_chosen_logps_P=T(p["ref_c"]),
-        ref_rejected_logps_P=T(p["ref_r"]),
-        chosen_lengths_P=T(p["lc"]),
-        rejected_lengths_P=T(p["lr"]),
-        loss=loss_type,
-        beta=0.2,
+        loss_type,
+        pairs(
+            T(p["chosen"]),
+            T(p["rejected"]),
+            ref=(T(p["ref_c"]), T(p["ref_r"])),
+            lengths=(T(p["lc"]), T(p["lr"])),
+        ),
+        PreferenceSettings(beta=0.2),
     )
     trl = _trl_dpo(loss_type, 0.2, *p.values())
     assert ours.item() == pytest.approx(trl, rel=1e-5)
@@ -341,13 +342,9 @@ def test_cdpo_matches_trls_cpo_sigmoid_with_label_smoothing():
     )
     trl_losses, _, _ = CPOTrainer.cpo_loss(trainer, ratio_c, ratio_r)
     ours, _ = preference_loss(
-        T(p["chosen"]),
-        T(p["rejected"]),
-        ref_chosen_logps_P=T(p["ref_c"]),
-        ref_rejected_logps_P=T(p["ref_r"]),
-        loss="sigmoid",
-        beta=beta,
-        label_smoothing=e,
+        "sigmoid",
+        pairs(T(p["chosen"]), T(p["rejected"]), ref=(T(p["ref_c"]), T(p["ref_r"]))),
+        PreferenceSettings(beta=beta, label_smoothing=e),
     )
     assert ours.item() == pytest.approx(trl_losses.mean().item(), rel=1e-6)
 
@@ -368,13 +365,9 @@ def test_simpo_matches_trl_cpo_simpo():
     )
     trl_losses, trl_chosen, _ = CPOTrainer.cpo_loss(trainer, mean_c, mean_r)
     ours, m = preference_loss(
-        T(p["chosen"]),
-        T(p["rejected"]),
-        chosen_lengths_P=T(p["lc"]),
-        rejected_lengths_P=T(p["lr"]),
-        loss="simpo",
-        beta=beta,
-        simpo_gamma=gamma,
+        "simpo",
+        pairs(T(p["chosen"]), T(p["rejected"]), lengths=(T(p["lc"]), T(p["lr"]))),
+        PreferenceSettings(beta=beta, simpo_gamma=gamma),
     )
     assert ours.item() == pytest.approx(trl_losses.mean().item(), rel=1e-6)
     assert m["rewards/chosen"] == pytest.approx(trl_chosen.mean().item(), rel=1e-6)
@@ -390,25 +383,12 @@ def test_orpo_matches_trl_odds_ratio_loss():
     trainer = types.SimpleNamespace(beta=beta, accelerator=_Accelerator())
     trl_or, *_ = ORPOTrainer.odds_ratio_loss(trainer, chosen / lengths, rejected / lengths)
     trl_nll = -(chosen.sum() / lengths.sum())  # token mean over the batch's chosen tokens
-    ours, _ = preference_loss(
-        chosen,
-        rejected,
-        chosen_lengths_P=lengths,
-        rejected_lengths_P=lengths,
-        loss="orpo",
-        beta=beta,
-    )
+    settings = PreferenceSettings(beta=beta)
+    ours, _ = preference_loss("orpo", pairs(chosen, rejected, lengths=(lengths, lengths)), settings)
     assert ours.item() == pytest.approx((trl_nll - trl_or.mean()).item(), rel=1e-6)
     # unequal lengths: only the NLL term differs, by exactly the two averages' difference
     uneven = T([1, 3, 2])
-    ours, _ = preference_loss(
-        chosen,
-        rejected,
-        chosen_lengths_P=uneven,
-        rejected_lengths_P=lengths,
-        loss="orpo",
-        beta=beta,
-    )
+    ours, _ = preference_loss("orpo", pairs(chosen, rejected, lengths=(uneven, lengths)), settings)
     trl_or, *_ = ORPOTrainer.odds_ratio_loss(trainer, chosen / uneven, rejected / lengths)
     per_pair_nll = -(chosen / uneven).mean()
     assert ours.item() == pytest.approx((per_pair_nll - trl_or.mean()).item(), rel=1e-6)

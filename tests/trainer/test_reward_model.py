@@ -49,6 +49,50 @@ def test_bradley_terry_training_learns_the_held_out_preference(reward_model):
     assert m["eval/rm_margin_after"] > m["eval/rm_margin_before"] + 0.5
 
 
+def test_the_reward_model_warms_up_and_checkpoints_gradients_as_configured(tmp_path, monkeypatch):
+    """It trains on the one learner: ``trainer.warmup_steps`` ramps the learning rate
+    (step k runs at ``lr * k / (warmup_steps + 1)``, then ``lr``) and
+    ``trainer.gradient_checkpointing`` is on; its own loop used to ignore both."""
+    from palaestra.trainer.learner import Learner
+
+    seen = []
+    step = Learner.step
+
+    def recording(self, batch, loss_fn, **kwargs):
+        seen.append((self.optimizer.param_groups[0]["lr"], self.model.is_gradient_checkpointing))
+        return step(self, batch, loss_fn, **kwargs)
+
+    monkeypatch.setattr(Learner, "step", recording)
+    data = tmp_path / "prefs.jsonl"
+    data.write_text(
+        "\n".join(
+            json.dumps({"prompt": f"Q{i}?", "chosen": f"correct {i}", "rejected": f"wrong {i}"})
+            for i in range(6)
+        )
+    )
+    cfg = load_config(
+        None,
+        [
+            "model=tiny-random",
+            "stage=reward_model",
+            f"data.path={data}",
+            "data.batch_size=2",
+            "trainer.steps=4",
+            "trainer.lr=0.03",
+            "trainer.warmup_steps=2",
+            "trainer.gradient_checkpointing=true",
+            "run.progress=false",
+        ],
+    )
+    run = RunDir(tmp_path / "run", cfg.model_dump(mode="json"))
+    run_reward_model(cfg, run)
+    run.close()
+    assert [lr for lr, _ in seen] == pytest.approx([0.01, 0.02, 0.03, 0.03])
+    assert all(checkpointing for _, checkpointing in seen)
+    records = [json.loads(line) for line in (run.root / "metrics.jsonl").read_text().splitlines()]
+    assert all({"loss", "accuracy", "margin"} <= set(r) for r in records if r["kind"] == "train")
+
+
 def test_the_checkpoint_scores_conversations(reward_model):
     scorer = RewardModelScorer(reward_model.checkpoint)
     good, bad = scorer.score(

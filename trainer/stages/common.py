@@ -1,9 +1,11 @@
-"""What every training stage shares: its result, the learner built from the config, the
-held-out evaluation on the env, frozen model copies and memory bookkeeping.
+"""What every training stage shares: its result, the policy learner and the engine built
+from the config, the held-out evaluation on the env, frozen model copies, step
+bookkeeping and memory.
 
 A stage is a function ``run_<stage>(config, run) -> StageResult`` in its own module of
 this package; ``palaestra.pipeline`` runs a list of them in order, each on the checkpoint
-the one before wrote.
+the one before wrote. Stages import this module and the loops (``onpolicy``,
+``dataset``), never each other.
 """
 
 from __future__ import annotations
@@ -23,16 +25,16 @@ import gymnasium as gym
 
 from palaestra import envs
 from palaestra.agent.engines.base import Engine, SamplingParams
-from palaestra.agent.engines.build import build_engine, close_engine
+from palaestra.agent.engines.build import ServerSettings, build_engine, close_engine
 from palaestra.agent.evaluate import EvalResult, evaluate
 from palaestra.agent.learned_reward import LearnedReward, RewardModelScorer
 from palaestra.agent.render import ChatRenderer
-from palaestra.agent.rollout import EnvPool
-from palaestra.config import TrainConfig
+from palaestra.agent.rollout import EnvPool, RolloutLimits
+from palaestra.config import OnPolicyStageConfig, StageConfig
 from palaestra.models import resolve_model, turn_end_ids
 from palaestra.rundir import RunDir
 from palaestra.trainer.checkpoint import save_checkpoint
-from palaestra.trainer.learner import Learner
+from palaestra.trainer.learner import Learner, OptimSettings, policy_forward
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -55,27 +57,69 @@ class StageResult:
     ``eval/loss_after`` for SFT; ``eval/pref_accuracy_after`` for DPO)."""
 
 
-def build_learner(
-    cfg: TrainConfig, model: PreTrainedModel, *, temperature: float | None = None
+def policy_learner(
+    cfg: StageConfig, model: PreTrainedModel, *, temperature: float | None = None
 ) -> Learner:
-    """A learner over ``model`` with the ``trainer`` section's optimisation settings, scoring
+    """A learner over the policy ``model`` with the ``trainer`` section's settings, scoring
     at the rollout temperature (or ``temperature``: 1 for stages trained on datasets)."""
-    t = cfg.trainer
     return Learner(
         model,
-        lr=t.lr,
-        betas=t.betas,
-        weight_decay=t.weight_decay,
-        warmup_steps=t.warmup_steps,
-        max_grad_norm=t.max_grad_norm,
-        micro_batch_size=t.micro_batch_size,
-        dtype=t.dtype,
-        temperature=cfg.rollout.temperature if temperature is None else temperature,
-        gradient_checkpointing=t.gradient_checkpointing,
+        OptimSettings.of(cfg.trainer),
+        forward=policy_forward(cfg.rollout.temperature if temperature is None else temperature),
+        precision=cfg.precision(),
     )
 
 
-def train_env_factory(cfg: TrainConfig) -> Callable[[], gym.Env]:
+def open_engine(
+    cfg: StageConfig,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    share_weights: bool = False,
+) -> Engine:
+    """The rollout engine the config asks for, on ``model``'s weights: an on-policy stage's
+    ``engine`` (with its ``server``), or a transformers engine for the other stages.
+    A transformers engine samples with a frozen copy, so training never touches it, unless
+    ``share_weights`` (evaluation only: nothing trains ``model``)."""
+    kind, server = "transformers", None
+    if isinstance(cfg, OnPolicyStageConfig):
+        kind = cfg.engine
+        server = _server(cfg) if kind == "openai" else None
+    copy_weights = kind == "transformers" and not share_weights
+    return build_engine(
+        kind,
+        model=frozen_copy(model) if copy_weights else model,
+        model_dir=resolve_model(cfg.model),
+        eos_token_ids=turn_end_ids(model, tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        dtype=cfg.precision().engine,
+        device=cfg.device,
+        seed=cfg.seed,
+        max_batch_size=cfg.rollout.tasks_per_step * cfg.rollout.group_size,
+        server=server,
+    )
+
+
+def _server(cfg: OnPolicyStageConfig) -> ServerSettings:
+    server = cfg.server
+    return ServerSettings(
+        url=str(server.url),
+        model_name=server.model_name or cfg.model,
+        api_key=os.environ.get(server.api_key_env) if server.api_key_env else None,
+        timeout_s=server.timeout_s,
+        max_retries=server.max_retries,
+    )
+
+
+def rollout_limits(cfg: StageConfig) -> RolloutLimits:
+    """The ``rollout`` section's per-episode limits."""
+    r = cfg.rollout
+    return RolloutLimits(
+        max_turns=r.max_turns, max_total_tokens=r.max_total_tokens, max_episode_s=r.max_episode_s
+    )
+
+
+def train_env_factory(cfg: StageConfig) -> Callable[[], gym.Env]:
     """A function building the configured env's training split; with
     ``env.reward_model`` set, wrapped so a reward model scores each finished episode (the
     model is loaded once here and shared by every env the function builds). Held-out
@@ -93,7 +137,7 @@ def train_env_factory(cfg: TrainConfig) -> Callable[[], gym.Env]:
 
 
 async def evaluate_on_env(
-    cfg: TrainConfig, engine: Engine, renderer: ChatRenderer, run: RunDir, *, step: int
+    cfg: StageConfig, engine: Engine, renderer: ChatRenderer, run: RunDir, *, step: int
 ) -> EvalResult:
     """Evaluate ``engine``'s policy on the env's held-out split as the ``eval`` section
     says; logs the result to ``run`` (kind ``eval``) and prints a summary."""
@@ -111,9 +155,7 @@ async def evaluate_on_env(
             env_id=cfg.env.id,
             num_tasks=e.num_tasks,
             samples=e.samples,
-            max_turns=cfg.rollout.max_turns,
-            max_total_tokens=cfg.rollout.max_total_tokens,
-            max_episode_s=cfg.rollout.max_episode_s,
+            limits=rollout_limits(cfg),
             seed=cfg.seed,
         )
     finally:
@@ -133,25 +175,16 @@ async def evaluate_on_env(
 
 
 async def evaluate_model(
-    cfg: TrainConfig,
+    cfg: StageConfig,
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     run: RunDir,
     *,
     step: int,
 ) -> EvalResult:
-    """``evaluate_on_env`` for a stage without a rollout engine: samples with a frozen copy
-    of ``model`` (the engine casts its model to ``engine_dtype``), dropped afterwards."""
-    engine = build_engine(
-        "transformers",
-        model=frozen_copy(model),
-        model_dir=resolve_model(cfg.model),
-        eos_token_ids=turn_end_ids(model, tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        dtype=cfg.engine_dtype,
-        device=cfg.device,
-        seed=cfg.seed,
-    )
+    """``evaluate_on_env`` for a stage without a rollout engine: samples with a
+    transformers engine on a frozen copy of ``model``, dropped afterwards."""
+    engine = open_engine(cfg, model, tokenizer)
     try:
         return await evaluate_on_env(cfg, engine, ChatRenderer(tokenizer), run, step=step)
     finally:
@@ -159,7 +192,7 @@ async def evaluate_model(
 
 
 def end_step(
-    cfg: TrainConfig,
+    cfg: StageConfig,
     run: RunDir,
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -167,8 +200,8 @@ def end_step(
     metrics: dict[str, float],
     started: float,
 ) -> None:
-    """Log a dataset stage's step (with its time and peak memory) and save the
-    ``run.save_every`` checkpoint."""
+    """Log a step (with its time and peak memory) and save the ``run.save_every``
+    checkpoint."""
     metrics |= {"time/step_s": time.perf_counter() - started, "memory/peak_rss_gb": peak_rss_gb()}
     run.log(step, metrics)
     if cfg.run.save_every and step % cfg.run.save_every == 0 and step < cfg.trainer.steps:

@@ -2,7 +2,8 @@
 
 ``dpo.loss`` picks the loss (``trainer.losses``): ``sigmoid`` (DPO; cDPO with
 ``label_smoothing``), ``ipo``, ``kto`` (answers labelled desirable or not), ``simpo`` and
-``orpo`` (both reference-free). One stage, top to bottom:
+``orpo`` (both reference-free). The dataset loop (``stages.dataset``) runs it; what is
+the family's own, top to bottom:
 
 1. **reference**: for the losses that need one, the starting model scores every answer of
    the train and held-out sets ONCE, before training; the per-token log-probs are kept in
@@ -10,10 +11,10 @@
    model is then dropped. SimPO and ORPO load no reference.
 2. **step**: ``data.batch_size`` pairs as interleaved rows (chosen, rejected, chosen, ...;
    micro-batches hold whole pairs), each answer's log-prob summed over its own tokens
-   (the prompt is masked), the loss, one AdamW step. KTO steps take answers instead, and
-   first estimate ``KL(policy || reference)`` on mismatched prompt/answer rows (each answer
+   (the prompt is masked), the loss (``trainer.preference.pair_loss``), one AdamW step.
+   KTO steps take answers instead (``labels_B``: 1 desirable, 0 undesirable), and first
+   estimate ``KL(policy || reference)`` on mismatched prompt/answer rows (each answer
    after the next example's prompt), without grad, as its reference point.
-3. **log / checkpoint**.
 
 Before and after training, on held-out pairs: how often the model finds the chosen
 answer more likely than the rejected one (``eval/pref_accuracy``), the mean log-prob
@@ -25,57 +26,55 @@ held-out accuracy if enabled.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import sys
-import time
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
-from tqdm import tqdm
 
-from palaestra.config import TrainConfig
 from palaestra.models import load_model, resolve_model
 from palaestra.rundir import RunDir
 from palaestra.trainer.batch import TokenBatch
-from palaestra.trainer.checkpoint import save_checkpoint
 from palaestra.trainer.data import (
     ChatEncoder,
     Encoded,
     LabelledAnswer,
     PreferencePair,
-    batch_indices,
-    held_out,
     labelled,
     pairs_only,
     read_preferences,
+    split_dataset,
     token_batch,
 )
-from palaestra.trainer.learner import Learner
-from palaestra.trainer.losses import REFERENCE_FREE, kto_loss, preference_loss
-from palaestra.trainer.stages.common import (
-    StageResult,
-    build_learner,
-    end_step,
-    evaluate_model,
-    frozen_copy,
-    save_interrupted,
-)
+from palaestra.trainer.learner import Learner, LossFn
+from palaestra.trainer.losses import kto_loss
+from palaestra.trainer.preference import needs_reference, pair_loss
+from palaestra.trainer.stages.common import StageResult, frozen_copy, policy_learner
+from palaestra.trainer.stages.dataset import DatasetStep, DatasetTask, run_dataset_stage
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from palaestra.config import DPOConfig, DPOStage
 
 
-@dataclasses.dataclass
-class _Rows:
-    """Tokenised answers with their cached reference log-probs (None: reference-free)."""
+@dataclasses.dataclass(frozen=True)
+class _Answers:
+    """Tokenised answers, each after its prompt, and what a batch of them carries."""
 
     rows: list[Encoded]
+    """One row per answer (pairs: chosen, rejected, chosen, ...)."""
     ref: list[torch.Tensor] | None = None
+    """Each row's per-token reference log-probs (None: a reference-free loss)."""
+    labels: list[bool] | None = None
+    """KTO: whether each answer is desirable."""
 
-    def batch(
-        self, indices: Sequence[int], pad_id: int, advantages: Sequence[float] = ()
-    ) -> TokenBatch:
+    def batch(self, indices: Sequence[int], pad_id: int) -> TokenBatch:
         batch = token_batch([self.rows[i] for i in indices], pad_id)
-        if advantages:
-            batch = dataclasses.replace(batch, advantages_B=torch.tensor(advantages))
+        if self.labels is not None:
+            labels_B = torch.tensor([float(self.labels[i]) for i in indices])
+            batch = dataclasses.replace(batch, labels_B=labels_B)
         if self.ref is None:
             return batch
         ref_BT = torch.zeros(batch.input_ids_BT.shape)
@@ -84,80 +83,42 @@ class _Rows:
         return batch.with_ref_logprobs(ref_BT)
 
 
-def run_dpo(cfg: TrainConfig, run: RunDir) -> StageResult:
+def run_dpo(cfg: DPOStage, run: RunDir) -> StageResult:
     """Run a DPO-family stage as configured, writing into ``run``."""
-    torch.manual_seed(cfg.seed)
+    return run_dataset_stage(cfg, run, dpo_task)
+
+
+def dpo_task(cfg: DPOStage, run: RunDir) -> DatasetTask:
+    """Load the model and the answers, score the reference once; the family's steps."""
     model, tokenizer = load_model(resolve_model(cfg.model), device=cfg.device)
     encoder, pad_id = ChatEncoder(tokenizer, cfg.data.max_length), tokenizer.pad_token_id
-    train_examples, held_examples = _load(cfg)
+    train_examples, held_examples = split_dataset(cfg.data, cfg.seed, read_preferences)
     kto = cfg.dpo.loss == "kto"
-    # 1. encode; KTO trains on answers (and mismatched rows for its KL), the rest on pairs
+    # KTO trains on answers (and mismatched rows for its KL), the other losses on pairs
     if kto:
-        answers = labelled(train_examples)
-        mismatched = [answers[(i + 1) % len(answers)].completion for i in range(len(answers))]
-        train = _Rows([_encode(encoder, a.prompt, a.completion) for a in answers])
-        kl_rows = _Rows(
-            [_encode(encoder, a.prompt, m) for a, m in zip(answers, mismatched, strict=True)]
-        )
-        desirable = [1.0 if a.desirable else -1.0 for a in answers]
+        train, kl_rows = _kto_answers(encoder, labelled(train_examples))
     else:
-        train = _Rows(_pair_rows(encoder, pairs_only(train_examples, cfg.data.path)))
-    held = _Rows(_pair_rows(encoder, [e for e in held_examples if isinstance(e, PreferencePair)]))
-    learner = build_learner(cfg, model, temperature=1.0)
-    learner.micro_batch_size = max(2, learner.micro_batch_size // 2 * 2)  # whole pairs
-    # 2. reference log-probs, once
-    if cfg.dpo.loss not in REFERENCE_FREE:
-        reference = frozen_copy(model)
-        for answers_of in (train, held, *([kl_rows] if kto else [])):
-            answers_of.ref = _per_row_logprobs(learner, reference, answers_of.rows, pad_id)
-        del reference
+        train = _Answers(_pair_rows(encoder, pairs_only(train_examples, cfg.data.path)))
+        kl_rows = _Answers([])  # only KTO has KL rows
+    held_pairs = [e for e in held_examples if isinstance(e, PreferencePair)]
+    held = _Answers(_pair_rows(encoder, held_pairs))
+    learner = policy_learner(cfg, model, temperature=1.0)
+    if needs_reference(cfg.dpo.loss):
+        train, held, kl_rows = _with_reference(learner, model, pad_id, train, held, kl_rows)
         torch.save({"train": train.ref, "held_out": held.ref}, run.root / "reference_logprobs.pt")
-    before = (
-        asyncio.run(evaluate_model(cfg, model, tokenizer, run, step=0)) if cfg.eval.before else None
+    measures = functools.partial(_held_out_measures, learner, held, pad_id, cfg.dpo.beta)
+    if kto:
+        step = _kto_step(cfg.dpo, learner, train, kl_rows, pad_id)
+        return DatasetTask("dpo", learner, tokenizer, len(train.rows), step, measures)
+    return DatasetTask(
+        "dpo",
+        learner,
+        tokenizer,
+        len(train.rows) // 2,
+        _pair_step(cfg.dpo, train, pad_id),
+        measures,
+        micro_batch_size=max(2, cfg.trainer.micro_batch_size // 2 * 2),  # whole pairs
     )
-    metrics = _held_out_measures(learner, held, pad_id, "before", cfg.dpo.beta)
-    per_step = cfg.data.batch_size if kto else cfg.data.batch_size * 2
-    batches = batch_indices(len(train.rows) // (1 if kto else 2), cfg.data.batch_size, cfg.seed)
-    steps, step = cfg.trainer.steps, 0
-    try:
-        for step in tqdm(
-            range(1, steps + 1), desc=cfg.dpo.loss, disable=not cfg.run.progress, file=sys.stderr
-        ):
-            started = time.perf_counter()
-            picked = next(batches)
-            if kto:
-                batch = train.batch(picked, pad_id, [desirable[i] for i in picked])
-                kl = _kl_estimate(learner, kl_rows, picked, pad_id)
-                step_metrics = learner.step(batch, _kto_loss_fn(cfg, kl))
-            else:
-                pair_rows = [r for i in picked for r in (2 * i, 2 * i + 1)]
-                step_metrics = learner.step(train.batch(pair_rows, pad_id), _pair_loss_fn(cfg))
-            step_metrics["answers"] = float(per_step)
-            end_step(cfg, run, model, tokenizer, step, step_metrics, started)
-    except BaseException:
-        save_interrupted(model, tokenizer, run, step)
-        raise
-    metrics |= _held_out_measures(learner, held, pad_id, "after", cfg.dpo.beta)
-    if held.rows:
-        run.log(steps, {k.removeprefix("eval/"): v for k, v in metrics.items()}, kind="eval")
-    after = (
-        asyncio.run(evaluate_model(cfg, model, tokenizer, run, step=steps))
-        if cfg.eval.after
-        else None
-    )
-    final = save_checkpoint(model, tokenizer, run.checkpoints / "final")
-    return StageResult("dpo", str(final), before=before, after=after, metrics=metrics)
-
-
-def _load(
-    cfg: TrainConfig,
-) -> tuple[list[PreferencePair | LabelledAnswer], list[PreferencePair | LabelledAnswer]]:
-    examples = read_preferences(cfg.data.path)  # type: ignore[arg-type]
-    if cfg.data.eval_path is not None:
-        return examples, read_preferences(cfg.data.eval_path)
-    if cfg.data.eval_size:
-        return held_out(examples, cfg.data.eval_size, cfg.seed, cfg.data.path)
-    return examples, []
 
 
 def _encode(encoder: ChatEncoder, prompt: list, answer: list) -> Encoded:
@@ -169,16 +130,86 @@ def _pair_rows(encoder: ChatEncoder, pairs: Sequence[PreferencePair]) -> list[En
     return [_encode(encoder, p.prompt, answer) for p in pairs for answer in (p.chosen, p.rejected)]
 
 
-def _per_row_logprobs(
-    learner: Learner, model, rows: list[Encoded], pad_id: int
-) -> list[torch.Tensor]:
-    """Each row's per-token log-probs under ``model`` (0 off the answer), trimmed to its length."""
-    out: list[torch.Tensor] = []
-    for start in range(0, len(rows), 16):
-        chunk = rows[start : start + 16]
-        logprobs_BT = learner.score(model, token_batch(chunk, pad_id))
-        out += [logprobs_BT[b, : len(r.ids)].clone() for b, r in enumerate(chunk)]
+def _kto_answers(
+    encoder: ChatEncoder, answers: Sequence[LabelledAnswer]
+) -> tuple[_Answers, _Answers]:
+    """KTO's labelled answers, and each answer after the NEXT answer's prompt (its KL rows)."""
+    train = _Answers(
+        [_encode(encoder, a.prompt, a.completion) for a in answers],
+        labels=[a.desirable for a in answers],
+    )
+    mismatched = [answers[(i + 1) % len(answers)].completion for i in range(len(answers))]
+    kl_rows = [_encode(encoder, a.prompt, m) for a, m in zip(answers, mismatched, strict=True)]
+    return train, _Answers(kl_rows)
+
+
+def _with_reference(
+    learner: Learner, model: PreTrainedModel, pad_id: int, *sets: _Answers
+) -> list[_Answers]:
+    """``sets`` with the starting ``model``'s per-token log-probs of every row, scored once
+    by a frozen copy that is dropped afterwards."""
+    reference = frozen_copy(model)
+    out = []
+    for answers in sets:
+        ref: list[torch.Tensor] = []
+        for start in range(0, len(answers.rows), 16):
+            chunk = answers.rows[start : start + 16]
+            logprobs_BT = learner.score(token_batch(chunk, pad_id), model=reference)
+            ref += [logprobs_BT[b, : len(r.ids)].clone() for b, r in enumerate(chunk)]
+        out.append(dataclasses.replace(answers, ref=ref))
     return out
+
+
+def _pair_step(
+    settings: DPOConfig, train: _Answers, pad_id: int
+) -> Callable[[Sequence[int]], DatasetStep]:
+    """A step over pairs: both answers of each picked pair, interleaved."""
+
+    def loss(
+        batch: TokenBatch, outputs: torch.Tensor, *, num_tokens: float, num_seqs: float
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        sums_B, lengths_B = _sums(batch, outputs)  # outputs: the policy's token log-probs
+        ref_B = None if batch.ref_logprobs_BT is None else _sums(batch, batch.ref_logprobs_BT)[0]
+        return pair_loss(settings, sums_B, lengths_B, ref_B, num_seqs / 2)
+
+    def step(picked: Sequence[int]) -> DatasetStep:
+        rows = [r for i in picked for r in (2 * i, 2 * i + 1)]
+        return DatasetStep(train.batch(rows, pad_id), loss, {"answers": float(len(rows))})
+
+    return step
+
+
+def _kto_step(
+    settings: DPOConfig, learner: Learner, train: _Answers, kl_rows: _Answers, pad_id: int
+) -> Callable[[Sequence[int]], DatasetStep]:
+    """A KTO step over the picked answers, its reference point estimated first."""
+
+    def step(picked: Sequence[int]) -> DatasetStep:
+        batch = train.batch(picked, pad_id)
+        kl = _kl_estimate(learner, kl_rows.batch(picked, pad_id))
+        return DatasetStep(batch, _kto_loss_fn(settings, kl), {"answers": float(len(picked))})
+
+    return step
+
+
+def _kto_loss_fn(settings: DPOConfig, kl: float) -> LossFn:
+    def loss(
+        batch: TokenBatch, outputs: torch.Tensor, *, num_tokens: float, num_seqs: float
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        if batch.ref_logprobs_BT is None or batch.labels_B is None:
+            raise ValueError("a KTO batch carries reference log-probs and labels")
+        return kto_loss(
+            _sums(batch, outputs)[0],
+            _sums(batch, batch.ref_logprobs_BT)[0],
+            batch.labels_B > 0,
+            kl=kl,
+            beta=settings.beta,
+            desirable_weight=settings.desirable_weight,
+            undesirable_weight=settings.undesirable_weight,
+            num_examples=num_seqs,
+        )
+
+    return loss
 
 
 def _sums(batch: TokenBatch, logprobs_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,73 +217,17 @@ def _sums(batch: TokenBatch, logprobs_BT: torch.Tensor) -> tuple[torch.Tensor, t
     return (logprobs_BT * batch.loss_mask_BT).sum(dim=1), batch.loss_mask_BT.sum(dim=1)
 
 
-def pair_loss(
-    cfg: TrainConfig,
-    sums_B: torch.Tensor,
-    lengths_B: torch.Tensor,
-    ref_sums_B: torch.Tensor | None,
-    num_pairs: float,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """``dpo.loss`` on answers laid out chosen, rejected, chosen, ...: their summed
-    log-probs, token counts and (with a reference) the reference's sums."""
-    d = cfg.dpo
-    return preference_loss(
-        sums_B[0::2],
-        sums_B[1::2],
-        loss=d.loss,  # type: ignore[arg-type]
-        beta=d.beta,
-        ref_chosen_logps_P=None if ref_sums_B is None else ref_sums_B[0::2],
-        ref_rejected_logps_P=None if ref_sums_B is None else ref_sums_B[1::2],
-        chosen_lengths_P=lengths_B[0::2],
-        rejected_lengths_P=lengths_B[1::2],
-        label_smoothing=d.label_smoothing,
-        simpo_gamma=d.simpo_gamma,
-        num_pairs=num_pairs,
-    )
-
-
-def _pair_loss_fn(cfg: TrainConfig):
-    def loss(batch: TokenBatch, logprobs_BT: torch.Tensor, *, num_tokens: float, num_seqs: float):
-        sums_B, lengths_B = _sums(batch, logprobs_BT)
-        ref_B = (
-            _sums(batch, batch.ref_logprobs_BT)[0] if batch.ref_logprobs_BT is not None else None
-        )
-        return pair_loss(cfg, sums_B, lengths_B, ref_B, num_seqs / 2)
-
-    return loss
-
-
-def _kto_loss_fn(cfg: TrainConfig, kl: float):
-    """KTO over answer rows; a row's advantage field carries its label (+1 desirable)."""
-    d = cfg.dpo
-
-    def loss(batch: TokenBatch, logprobs_BT: torch.Tensor, *, num_tokens: float, num_seqs: float):
-        assert batch.ref_logprobs_BT is not None  # KTO always has a reference
-        return kto_loss(
-            _sums(batch, logprobs_BT)[0],
-            _sums(batch, batch.ref_logprobs_BT)[0],
-            batch.advantages_B > 0,
-            kl=kl,
-            beta=d.beta,
-            desirable_weight=d.desirable_weight,
-            undesirable_weight=d.undesirable_weight,
-            num_examples=num_seqs,
-        )
-
-    return loss
-
-
-def _kl_estimate(learner: Learner, kl_rows: _Rows, picked: Sequence[int], pad_id: int) -> float:
+def _kl_estimate(learner: Learner, kl_batch: TokenBatch) -> float:
     """KTO's reference point: the mean log-ratio policy / reference of the step's answers
     placed after mismatched prompts, without grad."""
-    batch = kl_rows.batch(picked, pad_id)
-    policy_B = _sums(batch, learner.score(learner.model, batch))[0]
-    assert batch.ref_logprobs_BT is not None
-    return float((policy_B - _sums(batch, batch.ref_logprobs_BT)[0]).mean())
+    if kl_batch.ref_logprobs_BT is None:
+        raise ValueError("KTO's mismatched rows carry reference log-probs")
+    policy_B = _sums(kl_batch, learner.score(kl_batch))[0]
+    return float((policy_B - _sums(kl_batch, kl_batch.ref_logprobs_BT)[0]).mean())
 
 
 def _held_out_measures(
-    learner: Learner, held: _Rows, pad_id: int, when: str, beta: float
+    learner: Learner, held: _Answers, pad_id: int, beta: float, when: str
 ) -> dict[str, float]:
     """How often the model finds the chosen answer more likely, the mean log-prob margin,
     and (with a reference) how often DPO's implicit reward ranks the pair right."""
@@ -260,10 +235,7 @@ def _held_out_measures(
         return {}
     sums = torch.cat(
         [
-            _sums(
-                batch := token_batch(held.rows[s : s + 16], pad_id),
-                learner.score(learner.model, batch),
-            )[0]
+            _sums(batch := token_batch(held.rows[s : s + 16], pad_id), learner.score(batch))[0]
             for s in range(0, len(held.rows), 16)
         ]
     )

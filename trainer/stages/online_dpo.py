@@ -2,7 +2,7 @@
 
 Iterative (online) DPO: sample, judge with the env's reward, prefer the better episode.
 Rollouts, infrastructure-failure filtering, weight sync, logging and evaluation are the
-GRPO stage's loop (``grpo.run_policy_gradient``); this module replaces steps 3-5:
+on-policy loop's (``stages.onpolicy``); this module is its update, top to bottom:
 
 1. **pair**: within each group (episodes of one task), the best episode is paired with
    the worst, the second best with the second worst, and so on, up to
@@ -19,39 +19,70 @@ GRPO stage's loop (``grpo.run_policy_gradient``); this module replaces steps 3-5
 
 from __future__ import annotations
 
-import asyncio
 from collections import defaultdict
-from typing import TYPE_CHECKING
 
 import torch
 
 from palaestra.agent.trajectory import Trajectory
-from palaestra.config import TrainConfig
-from palaestra.models import load_model, resolve_model
+from palaestra.config import OnlineDPOStage
 from palaestra.rundir import RunDir
 from palaestra.trainer.batch import TokenBatch, collate
-from palaestra.trainer.errors import TrainerError
-from palaestra.trainer.losses import REFERENCE_FREE
+from palaestra.trainer.learner import LossFn
+from palaestra.trainer.losses import PREFERENCE_LOSSES
+from palaestra.trainer.policy_gradient import with_reference
+from palaestra.trainer.preference import pair_loss
 from palaestra.trainer.stages.common import StageResult, frozen_copy
-from palaestra.trainer.stages.dpo import pair_loss
-from palaestra.trainer.stages.grpo import Parts, run_policy_gradient
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedModel
+from palaestra.trainer.stages.onpolicy import Policy, run_on_policy
 
 
-def run_online_dpo(cfg: TrainConfig, run: RunDir) -> StageResult:
+def run_online_dpo(cfg: OnlineDPOStage, run: RunDir) -> StageResult:
     """Run an online DPO stage as configured, writing into ``run``."""
-    if cfg.dpo.loss == "kto":
-        raise TrainerError("online_dpo trains on pairs; dpo.loss kto takes labelled answers")
-    reference = None
-    if cfg.dpo.loss not in REFERENCE_FREE:
-        reference = frozen_copy(load_model(resolve_model(cfg.model), device=cfg.device)[0])
+    return run_on_policy(
+        cfg, run, lambda policy: OnlineDPOUpdate(cfg, policy), dynamic_sampling=cfg.grpo
+    )
 
-    def learn(cfg: TrainConfig, parts: Parts, trajectories: list[Trajectory]) -> dict[str, float]:
-        return _learn(cfg, parts, reference, trajectories)
 
-    return asyncio.run(run_policy_gradient(cfg, run, learn))
+class OnlineDPOUpdate:
+    """Best-versus-worst pairs within each group, one preference-loss step."""
+
+    def __init__(self, cfg: OnlineDPOStage, policy: Policy) -> None:
+        self.cfg, self.policy = cfg, policy
+        # the reference is the stage's starting model: the policy before its first step
+        needs_reference = PREFERENCE_LOSSES[cfg.dpo.loss].needs_reference
+        self.reference = frozen_copy(policy.model) if needs_reference else None
+
+    def __call__(self, trajectories: list[Trajectory]) -> dict[str, float]:
+        pairs, without = preference_pairs(trajectories, self.cfg.dpo.pairs_per_group)
+        counts = {
+            "online_dpo/pairs": float(len(pairs)),
+            "online_dpo/groups_without_pair": float(without),
+        }
+        if not pairs:
+            return counts | {"online_dpo/skipped_update": 1.0}
+        episodes = [tr for pair in pairs for tr in pair]  # chosen0, rejected0, chosen1, ...
+        learner = self.policy.learner
+        batch = collate(episodes, pad_id=self.policy.tokenizer.pad_token_id)
+        batch = with_reference(learner, self.reference, batch)
+        # micro-batches hold whole pairs: two rows each, or the whole batch when split
+        # episodes spread over more rows
+        size = learner.settings.micro_batch_size
+        micro = len(batch) if len(batch) != len(episodes) else max(2, size // 2 * 2)
+        return counts | learner.step(batch, self._loss(len(pairs)), micro_batch_size=micro)
+
+    def finish(self, run: RunDir) -> None:
+        """Online DPO owns nothing besides the policy."""
+
+    def _loss(self, num_pairs: int) -> LossFn:
+        def loss(
+            batch: TokenBatch, logprobs_BT: torch.Tensor, *, num_tokens: float, num_seqs: float
+        ):
+            sums_E, lengths_E = _episode_sums(batch, logprobs_BT)
+            ref_E = None
+            if batch.ref_logprobs_BT is not None:
+                ref_E = _episode_sums(batch, batch.ref_logprobs_BT)[0]
+            return pair_loss(self.cfg.dpo, sums_E, lengths_E, ref_E, num_pairs)
+
+        return loss
 
 
 def preference_pairs(
@@ -75,36 +106,6 @@ def preference_pairs(
     return pairs, without
 
 
-def _learn(
-    cfg: TrainConfig,
-    parts: Parts,
-    reference: PreTrainedModel | None,
-    trajectories: list[Trajectory],
-) -> dict[str, float]:
-    pairs, without = preference_pairs(trajectories, cfg.dpo.pairs_per_group)
-    counts = {
-        "online_dpo/pairs": float(len(pairs)),
-        "online_dpo/groups_without_pair": float(without),
-    }
-    if not pairs:
-        return counts | {"online_dpo/skipped_update": 1.0}
-    episodes = [tr for pair in pairs for tr in pair]  # chosen0, rejected0, chosen1, ...
-    batch = collate(episodes, [0.0] * len(episodes), pad_id=parts.tokenizer.pad_token_id)
-    if reference is not None:
-        batch = batch.with_ref_logprobs(parts.learner.score(reference, batch))
-    split = len(batch) != len(episodes)
-    learner = parts.learner
-    size = learner.micro_batch_size
-    # micro-batches hold whole pairs: two rows each, or the whole batch when split episodes
-    # spread over more rows
-    learner.micro_batch_size = len(batch) if split else max(2, size // 2 * 2)
-    try:
-        metrics = learner.step(batch, _loss_fn(cfg, len(pairs)))
-    finally:
-        learner.micro_batch_size = size
-    return counts | metrics
-
-
 def _episode_sums(
     batch: TokenBatch, logprobs_BT: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,14 +118,3 @@ def _episode_sums(
     zeros = torch.zeros(n, dtype=sums_B.dtype, device=sums_B.device)
     index = episodes.to(sums_B.device)
     return zeros.index_add(0, index, sums_B), zeros.index_add(0, index, lengths_B)
-
-
-def _loss_fn(cfg: TrainConfig, num_pairs: int):
-    def loss(batch: TokenBatch, logprobs_BT: torch.Tensor, *, num_tokens: float, num_seqs: float):
-        sums_E, lengths_E = _episode_sums(batch, logprobs_BT)
-        ref_E = None
-        if batch.ref_logprobs_BT is not None:
-            ref_E = _episode_sums(batch, batch.ref_logprobs_BT)[0]
-        return pair_loss(cfg, sums_E, lengths_E, ref_E, num_pairs)
-
-    return loss

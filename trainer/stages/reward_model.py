@@ -2,139 +2,146 @@
 
 The model is the starting causal LM's body with a fresh scalar head
 (``AutoModelForSequenceClassification``, one label), read at the conversation's last token
-(``agent.learned_reward.last_token_scores``). One step, top to bottom:
+(``agent.learned_reward.last_token_scores``). The dataset loop (``stages.dataset``) runs
+it on the one ``Learner``; what is the reward model's own, top to bottom:
 
 1. **batch**: ``data.batch_size`` pairs from ``data.path`` (``{"prompt", "chosen",
-   "rejected"}``), each answer scored after its prompt, the whole conversation rendered
-   with the chat template.
-2. **loss**: ``-log sigmoid(r_chosen - r_rejected)`` (``losses.bradley_terry_loss``),
-   micro-batched, gradient clipping, AdamW at ``trainer.lr``.
-3. **log / checkpoint**: ``checkpoints/final`` loads with
+   "rejected"}``), each answer after its prompt, the whole conversation rendered with the
+   chat template (``agent.learned_reward.encode_conversations``, as scoring renders it);
+   rows interleaved chosen, rejected, ... and micro-batches of ``trainer.micro_batch_size``
+   PAIRS, so a pair is never split.
+2. **loss**: ``-log sigmoid(r_chosen - r_rejected)`` (``losses.bradley_terry_loss``) over
+   the step's pairs; loss, accuracy and margin are means over pairs. Being the one
+   learner's step, it honours ``trainer.warmup_steps`` and
+   ``trainer.gradient_checkpointing``, which this stage's own optimiser loop used to
+   ignore, beside clipping, AdamW and the resolved precision.
+3. **checkpoint**: ``checkpoints/final`` loads with
    ``AutoModelForSequenceClassification.from_pretrained`` and serves as a learned reward
    in any env with ``env.reward_model.path`` (read ``agent.learned_reward`` on reward
    hacking first).
 
-Before and after: the held-out pair accuracy (``eval/rm_accuracy``) and mean margin.
+Before and after: the held-out pair accuracy (``eval/rm_accuracy``) and mean margin
+(``eval/rm_margin``). A reward model generates no text, so the env never evaluates it.
 """
 
 from __future__ import annotations
 
-import sys
-import time
+import functools
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from tqdm import tqdm
 
 from palaestra.agent.learned_reward import encode_conversations, last_token_scores
-from palaestra.config import TrainConfig
-from palaestra.envs.core import Messages
-from palaestra.models import load_tokenizer, resolve_dtype, resolve_model
+from palaestra.models import load_tokenizer, resolve_model
 from palaestra.rundir import RunDir
-from palaestra.trainer.checkpoint import save_checkpoint
-from palaestra.trainer.data import (
-    PreferencePair,
-    batch_indices,
-    held_out,
-    pairs_only,
-    read_preferences,
-)
+from palaestra.trainer.batch import TokenBatch
+from palaestra.trainer.data import PreferencePair, pairs_only, read_preferences, split_dataset
+from palaestra.trainer.learner import Learner, OptimSettings
 from palaestra.trainer.losses import bradley_terry_loss
-from palaestra.trainer.stages.common import StageResult, peak_rss_gb, save_interrupted
+from palaestra.trainer.stages.common import StageResult
+from palaestra.trainer.stages.dataset import DatasetStep, DatasetTask, run_dataset_stage
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from palaestra.config import RewardModelStage
 
 
-def run_reward_model(cfg: TrainConfig, run: RunDir) -> StageResult:
+def run_reward_model(cfg: RewardModelStage, run: RunDir) -> StageResult:
     """Train a Bradley-Terry reward model as configured, writing into ``run``."""
+    return run_dataset_stage(cfg, run, reward_model_task)
+
+
+def reward_model_task(cfg: RewardModelStage, run: RunDir) -> DatasetTask:
+    """Load the model with a fresh head and the pairs; the reward model's steps."""
+    model, tokenizer = _load_reward_model(cfg)
+    train, held = split_dataset(cfg.data, cfg.seed, _read_pairs)
+    learner = Learner(
+        model,
+        OptimSettings.of(cfg.trainer),
+        forward=_scores,
+        precision=cfg.precision(),
+    )
+    max_length = cfg.data.max_length
+
+    def step(picked: Sequence[int]) -> DatasetStep:
+        return DatasetStep(_pair_batch(tokenizer, [train[i] for i in picked], max_length), _loss)
+
+    return DatasetTask(
+        "reward_model",
+        learner,
+        tokenizer,
+        len(train),
+        step,
+        functools.partial(_held_out_measures, learner, tokenizer, held, max_length),
+        micro_batch_size=2 * cfg.trainer.micro_batch_size,  # pairs, two rows each
+        generates=False,
+    )
+
+
+def _load_reward_model(cfg: RewardModelStage) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The starting model's body with a fresh scalar head (float32; the learner autocasts)."""
     from transformers import AutoModelForSequenceClassification
 
-    torch.manual_seed(cfg.seed)
     model_dir = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(
         model_dir, num_labels=1, dtype=torch.float32
     )
     model.config.pad_token_id = tokenizer.pad_token_id
-    model.to(cfg.device)
-    pairs = pairs_only(read_preferences(cfg.data.path), cfg.data.path)  # type: ignore[arg-type]
-    if cfg.data.eval_path is not None:
-        train, held = pairs, pairs_only(read_preferences(cfg.data.eval_path), cfg.data.eval_path)
-    elif cfg.data.eval_size:
-        train, held = held_out(pairs, cfg.data.eval_size, cfg.seed, cfg.data.path)
-    else:
-        train, held = pairs, []
-    t = cfg.trainer
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay
-    )
-    autocast = torch.autocast(
-        cfg.device.split(":")[0],
-        dtype=torch.bfloat16,
-        enabled=resolve_dtype(t.dtype, cfg.device) == "bfloat16",
-    )
-    metrics = _accuracy(model, tokenizer, held, cfg, "before")
-    batches = batch_indices(len(train), cfg.data.batch_size, cfg.seed)
-    step = 0
-    try:
-        for step in tqdm(
-            range(1, t.steps + 1),
-            desc="reward model",
-            disable=not cfg.run.progress,
-            file=sys.stderr,
-        ):
-            started = time.perf_counter()
-            model.train()
-            optimizer.zero_grad(set_to_none=True)
-            batch = [train[i] for i in next(batches)]
-            totals: dict[str, float] = {}
-            for start in range(0, len(batch), t.micro_batch_size):
-                micro = batch[start : start + t.micro_batch_size]
-                with autocast:
-                    chosen_P, rejected_P = _scores(model, tokenizer, micro, cfg)
-                loss, m = bradley_terry_loss(chosen_P, rejected_P, num_pairs=len(batch))
-                loss.backward()
-                for name, value in m.items():
-                    totals[name] = totals.get(name, 0.0) + value * len(micro) / len(batch)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-            optimizer.step()
-            totals |= {
-                "grad_norm": float(grad_norm),
-                "time/step_s": time.perf_counter() - started,
-                "memory/peak_rss_gb": peak_rss_gb(),
-            }
-            run.log(step, totals)
-    except BaseException:
-        save_interrupted(model, tokenizer, run, step)
-        raise
-    metrics |= _accuracy(model, tokenizer, held, cfg, "after")
-    if held:
-        run.log(t.steps, {k.removeprefix("eval/"): v for k, v in metrics.items()}, kind="eval")
-    final = save_checkpoint(model, tokenizer, run.checkpoints / "final")
-    return StageResult("reward_model", str(final), metrics=metrics)
+    return model.to(cfg.device), tokenizer
 
 
-def _scores(
-    model, tokenizer, pairs: list[PreferencePair], cfg: TrainConfig
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scores of the chosen and of the rejected conversations, shape ``(P,)`` each."""
-    conversations: list[Messages] = [
-        [*p.prompt, *answer] for p in pairs for answer in (p.chosen, p.rejected)
-    ]
-    ids_BT, mask_BT = encode_conversations(tokenizer, conversations, cfg.data.max_length)
-    scores_B = last_token_scores(model, ids_BT.to(cfg.device), mask_BT.to(cfg.device))
-    return scores_B[0::2], scores_B[1::2]
+def _read_pairs(path: Path) -> list[PreferencePair]:
+    """The preference pairs of ``path``; ``DataError`` if it holds unpaired answers."""
+    return pairs_only(read_preferences(path), path)
 
 
-def _accuracy(
-    model, tokenizer, pairs: list[PreferencePair], cfg: TrainConfig, when: str
+def _pair_batch(
+    tokenizer: PreTrainedTokenizerBase, pairs: Sequence[PreferencePair], max_length: int
+) -> TokenBatch:
+    """Rows chosen0, rejected0, chosen1, ...: each whole conversation, every token real."""
+    conversations = [[*p.prompt, *answer] for p in pairs for answer in (p.chosen, p.rejected)]
+    ids_BT, mask_BT = encode_conversations(tokenizer, conversations, max_length)
+    return TokenBatch(ids_BT, mask_BT, mask_BT.float())
+
+
+def _scores(model: torch.nn.Module, batch: TokenBatch) -> torch.Tensor:
+    """The learner's forward: one score per row, read at its last token, shape ``(B,)``."""
+    return last_token_scores(model, batch.input_ids_BT, batch.attention_mask_BT)
+
+
+def _loss(
+    batch: TokenBatch, outputs: torch.Tensor, *, num_tokens: float, num_seqs: float
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Bradley-Terry over the micro-batch's pairs; ``outputs`` are ``_scores``, one a row."""
+    return bradley_terry_loss(outputs[0::2], outputs[1::2], num_pairs=num_seqs / 2)
+
+
+def _held_out_measures(
+    learner: Learner,
+    tokenizer: PreTrainedTokenizerBase,
+    held: list[PreferencePair],
+    max_length: int,
+    when: str,
 ) -> dict[str, float]:
-    """Held-out pair accuracy (chosen scored above rejected) and mean margin."""
-    if not pairs:
+    """Held-out pair accuracy (chosen scored above rejected) and mean margin, scored in
+    float32 without autocast, as ``RewardModelScorer`` serves the model."""
+    if not held:
         return {}
-    model.eval()
+    model = learner.model.eval()
     with torch.no_grad():
-        parts = [
-            _scores(model, tokenizer, pairs[s : s + 16], cfg) for s in range(0, len(pairs), 16)
-        ]
-    margin = torch.cat([c - r for c, r in parts])
+        scores = torch.cat(
+            [
+                _scores(
+                    model, _pair_batch(tokenizer, held[s : s + 16], max_length).to(learner.device)
+                )
+                for s in range(0, len(held), 16)
+            ]
+        )
+    margin = scores[0::2] - scores[1::2]
     return {
         f"eval/rm_accuracy_{when}": float((margin > 0).float().mean()),
         f"eval/rm_margin_{when}": float(margin.mean()),

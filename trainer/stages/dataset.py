@@ -1,0 +1,140 @@
+"""The loop of every stage that trains on a dataset: SFT, the DPO family, the reward model.
+
+What differs between those stages (the model, how examples become a ``TokenBatch``, the
+loss, the held-out measures) is a ``DatasetTask`` the stage builds; the rest is this loop,
+once, top to bottom:
+
+1. **seed**, then **build** the task: load the model, read and split the data, score a
+   reference (the stage's own ``build`` function).
+2. **before**: the env's held-out evaluation (``eval.before``, for a model that
+   generates) and the task's held-out measures.
+3. **steps**: ``trainer.steps`` times, ``data.batch_size`` example indices
+   (``data.batch_indices``: seeded, reshuffled each pass), the task's batch and loss,
+   ``learner.step``, the step's metrics logged and the ``run.save_every`` checkpoint; on
+   any failure the weights trained so far are kept as ``checkpoints/interrupted``.
+4. **after**: the held-out measures (logged as one ``eval`` record), the env's
+   evaluation (``eval.after``), the final checkpoint.
+
+What this module does not do: rollouts (the on-policy loop) or anything one stage alone
+needs; a stage that needs more than ``DatasetTask`` offers is not a dataset stage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, TypeVar, cast
+
+import torch
+from tqdm import tqdm
+
+from palaestra.rundir import RunDir
+from palaestra.trainer.batch import TokenBatch
+from palaestra.trainer.checkpoint import save_checkpoint
+from palaestra.trainer.data import batch_indices
+from palaestra.trainer.learner import Learner, LossFn
+from palaestra.trainer.stages.common import (
+    StageResult,
+    end_step,
+    evaluate_model,
+    save_interrupted,
+)
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from palaestra.agent.evaluate import EvalResult
+    from palaestra.config import DatasetStageConfig
+
+Config = TypeVar("Config", bound="DatasetStageConfig")
+
+
+@dataclass(frozen=True)
+class DatasetStep:
+    """What one optimizer step trains on."""
+
+    batch: TokenBatch
+    """The step's rows."""
+    loss_fn: LossFn
+    """The loss over a micro-batch of ``batch`` (``Learner.step``'s ``loss_fn``)."""
+    metrics: dict[str, float] = field(default_factory=dict)
+    """Logged beside the learner's metrics (e.g. the step's trained tokens)."""
+
+
+@dataclass(frozen=True)
+class DatasetTask:
+    """What a dataset stage plugs into the loop."""
+
+    name: str
+    """The stage's name (``StageResult.stage``, the progress bar's label)."""
+    learner: Learner
+    """The learner over the model this stage trains."""
+    tokenizer: PreTrainedTokenizerBase
+    """Saved beside the weights in every checkpoint."""
+    num_examples: int
+    """How many training examples a step's indices are drawn from (a pair is one)."""
+    step: Callable[[Sequence[int]], DatasetStep]
+    """The batch, loss and extra metrics of a step over these example indices."""
+    held_out_measures: Callable[[str], dict[str, float]]
+    """``eval/<measure>_<when>`` on the held-out examples, for ``when`` ``before`` or
+    ``after`` training; ``{}`` without held-out examples."""
+    micro_batch_size: int | None = None
+    """Rows per micro-batch where rows must stay together (a pair's two answers); None:
+    ``trainer.micro_batch_size``."""
+    generates: bool = True
+    """Whether the model samples text, so the env can evaluate it (a reward model does not)."""
+
+    @property
+    def model(self) -> PreTrainedModel:
+        """The learner's model: a Hugging Face model, saved with ``tokenizer``."""
+        return cast("PreTrainedModel", self.learner.model)
+
+
+def run_dataset_stage(
+    cfg: Config, run: RunDir, build: Callable[[Config, RunDir], DatasetTask]
+) -> StageResult:
+    """Seed, ``build`` the stage's task and run it as the module docstring says."""
+    torch.manual_seed(cfg.seed)
+    task = build(cfg, run)
+    before = _evaluate_on_env(cfg, task, run, step=0) if cfg.eval.before else None
+    measures = task.held_out_measures("before")
+    _train(cfg, run, task)
+    measures |= task.held_out_measures("after")
+    steps = cfg.trainer.steps
+    if measures:
+        run.log(steps, {k.removeprefix("eval/"): v for k, v in measures.items()}, kind="eval")
+    after = _evaluate_on_env(cfg, task, run, step=steps) if cfg.eval.after else None
+    final = save_checkpoint(task.model, task.tokenizer, run.checkpoints / "final")
+    return StageResult(task.name, str(final), before=before, after=after, metrics=measures)
+
+
+def _train(cfg: DatasetStageConfig, run: RunDir, task: DatasetTask) -> None:
+    """``trainer.steps`` optimizer steps; keeps the weights if one fails."""
+    model, tokenizer = task.model, task.tokenizer
+    batches = batch_indices(task.num_examples, cfg.data.batch_size, cfg.seed)
+    steps, step = cfg.trainer.steps, 0
+    try:
+        for step in tqdm(
+            range(1, steps + 1), desc=task.name, disable=not cfg.run.progress, file=sys.stderr
+        ):
+            started = time.perf_counter()
+            planned = task.step(next(batches))
+            metrics = task.learner.step(
+                planned.batch, planned.loss_fn, micro_batch_size=task.micro_batch_size
+            )
+            end_step(cfg, run, model, tokenizer, step, metrics | planned.metrics, started)
+    except BaseException:
+        save_interrupted(model, tokenizer, run, step)
+        raise
+
+
+def _evaluate_on_env(
+    cfg: DatasetStageConfig, task: DatasetTask, run: RunDir, *, step: int
+) -> EvalResult | None:
+    """The env's held-out evaluation of the model at ``step``; None for a reward model."""
+    if not task.generates:
+        return None
+    return asyncio.run(evaluate_model(cfg, task.model, task.tokenizer, run, step=step))
