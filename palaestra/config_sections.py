@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from palaestra.options import (
     Advantage,
@@ -133,6 +133,12 @@ class GRPOConfig(Section):
     token or per sequence. Costs one extra forward pass; logs the mismatch (|dlogprob|, ESS)."""
     is_cap: float = Field(2.0, ge=1)
     """Truncation level of the importance weights."""
+
+    @field_validator("importance_sampling", mode="before")
+    @classmethod
+    def _off_is_a_word(cls, value: Any) -> Any:
+        """YAML reads a bare ``off`` (``grpo.importance_sampling=off``) as false: take it."""
+        return "off" if value is False else value
     turn_credit: TurnCredit = "episode"
     """How multi-turn episodes credit their turns: ``episode`` gives every sampled token
     the episode's group advantage on its total reward; ``return_to_go`` gives each turn's

@@ -71,9 +71,9 @@ class OptimSettings:
     """Recompute activations in backward (Hugging Face models)."""
 
     @classmethod
-    def of(cls, trainer: TrainerConfig, **changes: float) -> OptimSettings:
-        """The ``trainer`` section's settings, with ``changes`` (e.g. a critic's ``lr``)."""
-        settings = cls(
+    def of(cls, trainer: TrainerConfig) -> OptimSettings:
+        """The ``trainer`` section's settings."""
+        return cls(
             lr=trainer.lr,
             betas=trainer.betas,
             weight_decay=trainer.weight_decay,
@@ -82,7 +82,6 @@ class OptimSettings:
             micro_batch_size=trainer.micro_batch_size,
             gradient_checkpointing=trainer.gradient_checkpointing,
         )
-        return dataclasses.replace(settings, **changes)  # type: ignore[arg-type]
 
 
 def token_logprobs(

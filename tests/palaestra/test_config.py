@@ -263,3 +263,10 @@ def test_a_shared_key_that_no_stage_of_the_pipeline_takes_is_an_error(tmp_path):
         load_pipeline(write(tmp_path, PIPELINE + "ppo: {gamma: 0.9}\n"))
     with pytest.raises(ConfigError, match=r"'trainr' \(no stage takes it: check the spelling\)"):
         load_pipeline(write(tmp_path, PIPELINE + "trainr: {steps: 1}\n"))
+
+
+def test_a_bare_off_on_the_command_line_turns_importance_sampling_off():
+    # YAML parses the override value `off` as false; the option's name for it is "off"
+    assert load_config(None, ["grpo.importance_sampling=off"]).grpo.importance_sampling == "off"
+    with pytest.raises(ConfigError, match="importance_sampling"):
+        load_config(None, ["grpo.importance_sampling=true"])

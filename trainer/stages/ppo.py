@@ -59,13 +59,17 @@ class PPOUpdate:
         self.reference = frozen_copy(policy.model) if cfg.grpo.kl_coef > 0 else None
         self.loss = policy_loss_fn(loss_settings(cfg, cfg.grpo))
         critic = Critic.from_pretrained(cfg.ppo.critic_model or cfg.model, device=cfg.device)
-        # the critic's AdamW keeps torch's defaults (betas, weight decay) and no warm-up
-        settings = OptimSettings.of(
-            cfg.trainer, lr=cfg.ppo.critic_lr, warmup_steps=0, weight_decay=0.01
+        # the critic's AdamW keeps torch's defaults (betas, weight decay), without warm-up
+        settings = OptimSettings(
+            lr=cfg.ppo.critic_lr,
+            betas=(0.9, 0.999),
+            weight_decay=0.01,
+            max_grad_norm=cfg.trainer.max_grad_norm,
+            micro_batch_size=cfg.trainer.micro_batch_size,
         )
         self.critic = Learner(
             critic,
-            dataclasses.replace(settings, betas=(0.9, 0.999), gradient_checkpointing=False),
+            settings,
             forward=lambda model, micro: model(micro),
             precision=cfg.precision(),
         )
