@@ -139,6 +139,7 @@ class GRPOConfig(Section):
     def _off_is_a_word(cls, value: Any) -> Any:
         """YAML reads a bare ``off`` (``grpo.importance_sampling=off``) as false: take it."""
         return "off" if value is False else value
+
     turn_credit: TurnCredit = "episode"
     """How multi-turn episodes credit their turns: ``episode`` gives every sampled token
     the episode's group advantage on its total reward; ``return_to_go`` gives each turn's
