@@ -134,17 +134,17 @@ class GRPOConfig(Section):
     is_cap: float = Field(2.0, ge=1)
     """Truncation level of the importance weights."""
 
-    @field_validator("importance_sampling", mode="before")
-    @classmethod
-    def _off_is_a_word(cls, value: Any) -> Any:
-        """YAML reads a bare ``off`` (``grpo.importance_sampling=off``) as false: take it."""
-        return "off" if value is False else value
-
     turn_credit: TurnCredit = "episode"
     """How multi-turn episodes credit their turns: ``episode`` gives every sampled token
     the episode's group advantage on its total reward; ``return_to_go`` gives each turn's
     tokens the advantage of the rewards from that turn on, against the group's mean at the
     same turn index (for envs with per-turn rewards). The same on single-turn envs."""
+
+    @field_validator("importance_sampling", mode="before")
+    @classmethod
+    def _off_is_a_word(cls, value: Any) -> Any:
+        """YAML reads a bare ``off`` (``grpo.importance_sampling=off``) as false: take it."""
+        return "off" if value is False else value
 
     @model_validator(mode="after")
     def _check_turn_credit(self) -> GRPOConfig:
