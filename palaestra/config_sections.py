@@ -133,7 +133,6 @@ class GRPOConfig(Section):
     token or per sequence. Costs one extra forward pass; logs the mismatch (|dlogprob|, ESS)."""
     is_cap: float = Field(2.0, ge=1)
     """Truncation level of the importance weights."""
-
     turn_credit: TurnCredit = "episode"
     """How multi-turn episodes credit their turns: ``episode`` gives every sampled token
     the episode's group advantage on its total reward; ``return_to_go`` gives each turn's
