@@ -8,6 +8,7 @@ work. The pieces:
 - ``step_info``: ``StepInfo``, the typed contract of the ``info`` dicts envs return, and
   ``EnvStopReason``, the stop reasons an env may report.
 - ``single_turn``: ``SingleTurnEnv``, the one-question, one-reply base.
+- ``solver``: ``ScriptedSolver``, an env's scripted expert (``expert_action``).
 - ``registry``: ``register`` / ``make`` / ``registered_ids``.
 - ``checker``: ``check_env``, the contract checks every env must pass.
 - ``tasks``: task sources (reasoning_gym generators, JSON-lines files) with disjoint splits.
@@ -52,6 +53,7 @@ from palaestra.envs.jsonl import read_jsonl
 from palaestra.envs.math import MathEnv
 from palaestra.envs.registry import make, register, registered_ids
 from palaestra.envs.single_turn import SingleTurnEnv
+from palaestra.envs.solver import ScriptedSolver, solver_of
 from palaestra.envs.step_info import EnvStopReason, StepInfo
 from palaestra.envs.tasks import JsonlSource, ReasoningGymSource, Task, TaskSource, parse_source
 from palaestra.envs.tool_calls import (
@@ -88,6 +90,7 @@ __all__ = [
     "ParsedTurn",
     "ReasoningGymSource",
     "ResetNeededError",
+    "ScriptedSolver",
     "SingleTurnEnv",
     "StepInfo",
     "StepInfoError",
@@ -120,5 +123,6 @@ __all__ = [
     "read_jsonl",
     "register",
     "registered_ids",
+    "solver_of",
     "tool",
 ]
