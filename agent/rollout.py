@@ -226,6 +226,8 @@ async def run_episode(
         return episode.finish(StopReason.ENV_ERROR, engine, _describe(exc))
     if opening.task_id is not None:
         episode.task_id = opening.task_id
+    if opening.env_id is not None:  # a mixture of envs names the one it picked
+        episode.env_id = opening.env_id
     tools = opening.tools
     messages = renderer.with_tool_instructions(messages, tools, opening.tool_instructions)
     episode.add_prompt(renderer.prompt_ids(messages, tools))

@@ -434,7 +434,7 @@ def held_out_accuracy(model_dir: Path, num_tasks: int) -> float:
     )  # fmt: skip
     if done.returncode != 0:
         raise RuntimeError(f"evaluation of {model_dir} failed:\n{done.stderr[-3000:]}")
-    return float(json.loads(done.stdout)["accuracy"])
+    return float(json.loads(done.stdout)[env.id]["accuracy"])
 
 
 def learning(

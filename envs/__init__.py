@@ -21,6 +21,8 @@ work. The pieces:
 - ``tool_env``: ``ToolEnv``, the multi-turn tool-use base (tasks + tools + a verifier).
 - ``tool_lookup``: ``ToolLookupEnv``, catalog questions that need ``lookup`` + ``calculator``.
 - ``bfcl``: ``BFCLEnv``, the Berkeley Function Calling Leaderboard's single-turn categories.
+- ``function_call``: ``FunctionCallEnv``, procedural function-calling requests with gold calls
+  (``call_mismatch`` scores them); ``function_catalog``: the functions they are drawn from.
 - ``code``: ``CodeEnv`` and ``CodeToolEnv``, programs graded by hidden tests in a sandbox.
 - ``humaneval``: the 164 HumanEval problems as ``CodeEnv`` / ``CodeToolEnv`` tasks.
 - ``search``: ``SearchEnv``, BM25 retrievers (in process or over HTTP) and a generated
@@ -48,6 +50,13 @@ from palaestra.envs.errors import (
     ToolTimeoutError,
     UnknownEnvError,
     VerifierError,
+)
+from palaestra.envs.function_call import (
+    FunctionCallEnv,
+    FunctionCallTask,
+    FunctionCallTasks,
+    GoldCall,
+    call_mismatch,
 )
 from palaestra.envs.jsonl import read_jsonl
 from palaestra.envs.math import MathEnv
@@ -78,6 +87,10 @@ __all__ = [
     "EnvError",
     "EnvStopReason",
     "EpisodeStats",
+    "FunctionCallEnv",
+    "FunctionCallTask",
+    "FunctionCallTasks",
+    "GoldCall",
     "HermesFormat",
     "JsonFormat",
     "JsonlSource",
@@ -115,6 +128,7 @@ __all__ = [
     "Verdict",
     "VerifierError",
     "calculator",
+    "call_mismatch",
     "check_env",
     "extract_answer",
     "get_format",

@@ -5,6 +5,7 @@ Catch ``EnvError`` to catch them all::
 
     EnvError
     ├── UnknownEnvError       make() got an id nobody registered
+    │   └── EnvModuleError        a module:EnvId whose module fails or does not register it
     ├── EnvConfigError        a constructor argument has a bad value
     ├── TaskSourceError       a task source spec or data file is malformed
     ├── ResetNeededError      step() before reset() or after the episode ended
@@ -48,6 +49,16 @@ class UnknownEnvError(EnvError, LookupError):
             "that registers a custom env is imported before make()."
         )
         self.env_id = env_id
+        self.known_ids = known_ids
+
+
+class EnvModuleError(UnknownEnvError):
+    """A ``module:EnvId`` whose module cannot be imported, or does not register ``EnvId``."""
+
+    def __init__(self, env_id: str, module: str, problem: str, known_ids: list[str]) -> None:
+        EnvError.__init__(self, f"{env_id!r}: module {module!r} {problem}")
+        self.env_id = env_id
+        self.module = module
         self.known_ids = known_ids
 
 

@@ -60,6 +60,9 @@ class StepInfo:
 
     task_id: str | None = None
     """The env's stable name for the task (reset's info; an int id is read as text)."""
+    env_id: str | None = None
+    """The registered id of the env that plays the episode, where the env the rollout was
+    given delegates to another (``EnvMixture`` picks one per task; reset's info)."""
     tools: list[dict[str, Any]] | None = None
     """JSON-schema function-tool specs, for the chat template's ``tools=`` (reset's info)."""
     tool_instructions: str | None = None
@@ -206,6 +209,7 @@ _TOOL_COUNTS = (
 
 _READERS: dict[str, Callable[[Any], Any]] = {
     "task_id": _task_id,
+    "env_id": _text,
     "tools": _tool_specs,
     "tool_instructions": _text,
     "category": _text,

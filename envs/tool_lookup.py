@@ -11,6 +11,14 @@ Splits: the test split is the first ``test_size`` tasks drawn from a test seed; 
 ``i`` is drawn from its own seed and redrawn while its question text appears in the test
 split, so the splits never share a question (and catalogs differ anyway).
 
+Scripted solver (``expert_action``, see ``envs/solver.py``): each task records how it is
+solved (``Task.metadata["recipe"]``: the field, the items and the arithmetic), so the expert
+plays three turns in the env's own tool-call format: the ``lookup`` calls, then one
+``calculator`` call on the looked-up values, then ``\\boxed{}`` around the calculator's
+result (two turns, without the calculator, when ``max_turns`` is 2). Every number the
+expert writes was read from a tool result, so a model trained on its episodes learns to
+copy numbers rather than do arithmetic.
+
 What this env does not do: partial credit, or checking that the tools were actually used
 (a lucky guess scores; with values up to hundreds it rarely happens).
 """
@@ -25,8 +33,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from palaestra.envs.errors import TaskSourceError
+from palaestra.envs.errors import ResetNeededError, TaskSourceError
 from palaestra.envs.tasks import Split, Task, check_split, stable_hash
+from palaestra.envs.tool_calls import ToolCall
 from palaestra.envs.tool_env import ToolEnv
 from palaestra.envs.tools import Tool
 from palaestra.envs.verify import AnswerFallback, extract_answer
@@ -119,12 +128,12 @@ class LookupTasks:
             stable_hash(f"tool_lookup:{self.seed}:{split}:{index}:{redraw}")
         )
         catalog = _random_catalog(rng, self.num_items)
-        question, answer = _random_question(rng, catalog)
+        question, answer, recipe = _random_question(rng, catalog)
         return Task(
             task_id=f"tool_lookup/seed{self.seed}/{split}/{index}",
             question=question,
             answer=str(answer),
-            metadata={"catalog": catalog},
+            metadata={"catalog": catalog, "recipe": recipe},
         )
 
 
@@ -139,7 +148,9 @@ def _random_catalog(rng: np.random.Generator, num_items: int) -> dict[str, dict[
 
 def _random_question(
     rng: np.random.Generator, catalog: dict[str, dict[str, int]]
-) -> tuple[str, int]:
+) -> tuple[str, int, dict[str, Any]]:
+    """A question, its answer and its recipe: ``{"field", "items", "expression"}``, where
+    ``expression.format(*values)`` (the items' looked-up values) is the answer's arithmetic."""
     field: Field = FIELDS[int(rng.integers(len(FIELDS)))]
     first, second = (str(name) for name in rng.choice(list(catalog), size=2, replace=False))
     a, b = catalog[first][field], catalog[second][field]
@@ -147,10 +158,12 @@ def _random_question(
     kind = int(rng.integers(3))
     if kind == 0:
         factor = int(rng.integers(2, 10))
-        return f"What is the {what} of the {first}, multiplied by {factor}?", a * factor
-    if kind == 1:
-        return f"What is the {what} of the {first} plus the {what} of the {second}?", a + b
-    return f"What is the {what} of the {first} minus the {what} of the {second}?", a - b
+        recipe = {"field": field, "items": [first], "expression": f"{{0}} * {factor}"}
+        return f"What is the {what} of the {first}, multiplied by {factor}?", a * factor, recipe
+    sign, word, answer = ("+", "plus", a + b) if kind == 1 else ("-", "minus", a - b)
+    recipe = {"field": field, "items": [first, second], "expression": f"{{0}} {sign} {{1}}"}
+    question = f"What is the {what} of the {first} {word} the {what} of the {second}?"
+    return question, answer, recipe
 
 
 # ----------------------------------------------------------------------------- calculator
@@ -241,6 +254,25 @@ class ToolLookupEnv(ToolEnv):
             if name.lower() == wanted:
                 return values[field]
         raise KeyError(f"no item named {item!r}; the items are: {', '.join(catalog)}")
+
+    def expert_action(self) -> str:
+        """The expert's next message (``ScriptedSolver``): the ``lookup`` calls, then a
+        ``calculator`` call on their values (skipped when ``max_turns`` is 2), then the boxed
+        result. It reads the values with the env's own tools, as the episode's results show
+        them."""
+        if self.task is None:
+            raise ResetNeededError("ToolLookupEnv.expert_action() needs an open episode: reset().")
+        recipe = self.task.metadata["recipe"]
+        field, items = recipe["field"], recipe["items"]
+        expression = recipe["expression"].format(*(self.lookup(item, field) for item in items))
+        calculate = self.max_turns >= 3
+        if self.stats.turn == 0:
+            calls = [ToolCall("lookup", {"item": item, "field": field}) for item in items]
+        elif self.stats.turn == 1 and calculate:
+            calls = [ToolCall("calculator", {"expression": expression})]
+        else:
+            return f"The answer is \\boxed{{{calculator(expression)}}}."
+        return self.format.render(calls)
 
     def verify(self, task: Task, answer: str) -> float:
         """1 when the boxed (else last) number in the answer equals the gold value."""

@@ -1,21 +1,35 @@
-"""A custom tool-use env in under 40 lines: tasks + tools + a verifier.
+"""A custom tool-use env in under 40 lines (tasks + tools + a verifier), plus a 6-line expert.
 
 Defines ``UnitPriceEnv`` (questions about a price list only a tool can read), registers it,
-checks it with ``check_env`` and plays one scripted episode, printing the conversation:
+checks it with ``check_env`` and plays one episode with its expert, printing the conversation:
 
     python examples/custom_tool_env.py
 
-Train on it like any registered env, e.g. ``env: {id: example/UnitPrice-v0}`` in a config
-(with ``rollout.max_turns`` above 1, so the model gets the tool results back).
+Importing this module registers ``example/UnitPrice-v0``, so ``palaestra`` can train and
+evaluate on it with no wrapper script, naming the module before the id (gymnasium's
+``module:EnvId``), from the repository root::
+
+    palaestra eval --model tiny-random --env examples.custom_tool_env:example/UnitPrice-v0
+
+and ``env: {id: "examples.custom_tool_env:example/UnitPrice-v0"}`` in a training config
+(with ``rollout.max_turns`` above 1, so the model gets the tool results back); the run's
+``config.yaml`` records that id, so the run can be repeated as it is.
+
+The env also says how an expert solves a task (``expert_action``, optional; see
+``envs/solver.py``), so ``palaestra collect`` writes SFT data from the env itself, rendered
+exactly as rollouts render it, to warm-start a model before RL::
+
+    palaestra collect --env examples.custom_tool_env:example/UnitPrice-v0 --policy oracle \
+        --episodes 200 --out unit_price_sft.jsonl
 """
 
 from __future__ import annotations
 
-from palaestra.envs import HermesFormat, Task, ToolCall, ToolEnv, check_env, make, register
+from palaestra.envs import Task, ToolCall, ToolEnv, check_env, make, register
 from palaestra.envs.tasks import stable_hash
 from palaestra.envs.verify import AnswerFallback, extract_answer
 
-# --- the env (under 40 lines) -----------------------------------------------------------
+# --- the env (under 40 lines, plus the optional 6-line expert) ---------------------------
 FRUITS = ["apple", "banana", "cherry", "damson", "elderberry", "fig", "grape", "kiwi"]
 
 
@@ -36,6 +50,7 @@ def make_tasks(split: str) -> list[Task]:
             f"unit_price/{fruit}/{n}",
             f"How many cents do {n} {fruit}s cost?",
             str(n * unit_price(fruit)),
+            metadata={"fruit": fruit, "count": n},
         )
         for fruit, n in questions
         if (stable_hash(f"{fruit}{n}") % 5 == 0) == (split == "test")
@@ -51,26 +66,32 @@ class UnitPriceEnv(ToolEnv):
     def verify(self, task: Task, answer: str) -> float:
         return float(extract_answer(answer, AnswerFallback.LAST_NUMBER) == task.answer)
 
+    def expert_action(self) -> str:  # optional: the expert's next message, for collect
+        fruit, count = self.task.metadata["fruit"], self.task.metadata["count"]
+        if self.stats.turn == 0:  # call the tool, written in the env's own tool-call format
+            return self.format.render([ToolCall("unit_price", {"fruit": fruit})])
+        price = unit_price(fruit)  # what the tool result said
+        return f"{count} x {price} = \\boxed{{{count * price}}}"
+
+
+register("example/UnitPrice-v0", f"{__name__}:UnitPriceEnv")  # on import: module:EnvId works
 
 # --- use it -----------------------------------------------------------------------------
 
 
 def main() -> None:
-    register("example/UnitPrice-v0", f"{__name__}:UnitPriceEnv")
     check_env(make("example/UnitPrice-v0"))
     print("check_env: passed")
 
     env = make("example/UnitPrice-v0", split="test")
-    messages, info = env.reset(seed=0)
-    fruit, count = info["task_id"].split("/")[1:]
-    call = HermesFormat().render([ToolCall("unit_price", {"fruit": fruit})], "Let me look it up.")
-    observation, *_ = env.step(call)
-    price = int(observation[0]["content"])
-    answer = f"{count} x {price} = \\boxed{{{int(count) * price}}}"
-    _, reward, _, _, step_info = env.step(answer)
-
-    conversation = [*messages, {"role": "assistant", "content": call}, *observation]
-    for message in [*conversation, {"role": "assistant", "content": answer}]:
+    conversation, _ = env.reset(seed=0)
+    done = False
+    while not done:
+        action = env.unwrapped.expert_action()
+        observation, reward, terminated, truncated, step_info = env.step(action)
+        conversation += [{"role": "assistant", "content": action}, *observation]
+        done = terminated or truncated
+    for message in conversation:
         print(f"[{message['role']}] {message['content']}")
     print(f"reward={reward} success={step_info['success']} tool_calls={step_info['tool_calls']}")
     env.close()

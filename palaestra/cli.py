@@ -3,7 +3,7 @@
 ::
 
     palaestra train CONFIG.yaml [dotted.key=value ...] [--resume RUN_DIR]
-    palaestra eval --model smollm2-135m --env palaestra/Math-v0 [--num-tasks 200 --samples 8]
+    palaestra eval --model smollm2-135m --env palaestra/Math-v0 [--env ID ...] [--out DIR]
     palaestra envs
     palaestra sandbox build-image
     palaestra audit-template smollm2-135m
@@ -20,14 +20,18 @@ import asyncio
 import json
 import sys
 import time
-from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from palaestra import collect_command, eval_command
 from palaestra.agent.errors import AgentError
 from palaestra.envs.errors import EnvError
 from palaestra.errors import PalaestraError
 from palaestra.sandboxes.errors import SandboxError
 from palaestra.trainer.errors import TrainerError
+
+if TYPE_CHECKING:
+    pass
 
 USER_ERRORS = (PalaestraError, EnvError, AgentError, TrainerError, SandboxError)
 """Errors whose message says what to fix: printed as one line, no traceback."""
@@ -46,13 +50,6 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _quiet_libraries() -> None:
-    """Hide per-file loading and saving bars; palaestra prints its own progress."""
-    from transformers.utils import logging
-
-    logging.disable_progress_bar()
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="palaestra", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
@@ -68,39 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     train.set_defaults(run=_train)
 
-    ev = sub.add_parser("eval", help="evaluate a model on an env's held-out split")
-    ev.add_argument("--model", default="smollm2-135m", help="model name or local HF directory")
-    ev.add_argument("--env", default="palaestra/Math-v0", help="registered env id")
-    ev.add_argument("--env-kwargs", default="{}", help="env constructor kwargs as JSON")
-    ev.add_argument("--split", default="test", help="task split to evaluate (default: test)")
-    ev.add_argument("--num-tasks", type=int, default=200)
-    ev.add_argument("--samples", type=int, default=1, help="episodes per task (pass@k)")
-    ev.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    ev.add_argument("--max-tokens", type=int, default=128)
-    ev.add_argument("--max-turns", type=int, default=1)
-    ev.add_argument("--device", default="cpu")
-    ev.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "float32", "bfloat16"],
-        help="the engine's dtype; auto: bfloat16 where the device runs it natively, else float32",
-    )
-    ev.add_argument(
-        "--engine",
-        default="transformers",
-        choices=["transformers", "vllm", "openai"],
-        help="rollout engine (vllm needs `make setup-vllm`)",
-    )
-    ev.add_argument("--server-url", help="with --engine openai: the server's root URL")
-    ev.add_argument("--server-model", help="with --engine openai: the served model's name")
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument(
-        "--sandbox",
-        choices=["bubblewrap", "docker"],
-        help="code envs (palaestra/HumanEval-v0): the sandbox backend that runs the tests",
-    )
-    ev.add_argument("--json", action="store_true", help="print the result as JSON")
-    ev.set_defaults(run=_eval)
+    eval_command.add_parser(sub)
 
     audit = sub.add_parser(
         "audit-template", help="check a model's chat template for multi-turn use"
@@ -136,6 +101,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
     serve.set_defaults(run=_search, action="serve")
 
+    collect_command.add_parser(sub)
+
     ls = sub.add_parser("envs", help="list registered environments")
     ls.set_defaults(run=_envs)
     return parser
@@ -149,9 +116,10 @@ def _train(args: argparse.Namespace) -> int:
     raw = read_config(args.config, args.overrides)
     stages = load_pipeline(args.config, args.overrides)
     # the stages import torch: a bad config fails before that
+    from palaestra.models import quiet_libraries
     from palaestra.pipeline import run_pipeline, run_stage
 
-    _quiet_libraries()
+    quiet_libraries()
     if "stages" in raw:
         if args.resume is not None:
             root = args.resume
@@ -207,80 +175,6 @@ def _summary(result: dict) -> str:
         parts.append(f"held-out accuracy {result['after']['accuracy']:.3f}")
     parts += [f"{k} {v:.3f}" for k, v in result["metrics"].items() if k.endswith("_after")]
     return ", ".join(parts) or "done"
-
-
-def _eval(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
-    from palaestra import envs
-    from palaestra.agent.engines.base import SamplingParams
-    from palaestra.agent.engines.build import close_engine
-    from palaestra.agent.evaluate import EvalResult, evaluate
-    from palaestra.agent.render import ChatRenderer
-    from palaestra.agent.rollout import EnvPool
-    from palaestra.agent.trajectory import Trajectory
-    from palaestra.config import GRPOStage
-    from palaestra.errors import ConfigError
-    from palaestra.models import load_model, resolve_model
-    from palaestra.trainer.stages.common import open_engine, rollout_limits
-
-    try:
-        env_kwargs = json.loads(args.env_kwargs)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"--env-kwargs is not valid JSON: {exc}") from None
-    if args.sandbox:
-        env_kwargs["sandbox"] = args.sandbox
-    if args.engine == "openai" and not args.server_url:
-        raise ConfigError("--engine openai needs --server-url, the root of a running server")
-    try:  # the engine and the limits as a training run with these settings would have them
-        cfg = GRPOStage.model_validate(
-            {
-                "model": args.model,
-                "device": args.device,
-                "seed": args.seed,
-                "engine": args.engine,
-                "engine_dtype": args.dtype,
-                "server": {"url": args.server_url, "model_name": args.server_model},
-                "rollout": {"max_turns": args.max_turns, "max_tokens": args.max_tokens},
-            }
-        )
-    except ValidationError as exc:
-        raise ConfigError(f"palaestra eval: {exc}") from None
-    _quiet_libraries()
-    model, tokenizer = load_model(resolve_model(args.model), device=args.device)
-    engine = open_engine(cfg, model, tokenizer, share_weights=True)
-    pool = EnvPool(lambda: envs.make(args.env, **env_kwargs, split=args.split), 64)
-    sampling = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
-
-    async def run() -> tuple[EvalResult, list[Trajectory]]:
-        try:
-            return await evaluate(
-                pool,
-                engine,
-                ChatRenderer(tokenizer),
-                sampling,
-                env_id=args.env,
-                num_tasks=args.num_tasks,
-                samples=args.samples,
-                limits=rollout_limits(cfg),
-                seed=args.seed,
-            )
-        finally:
-            await close_engine(engine)
-
-    try:
-        result, trajectories = asyncio.run(run())
-    finally:
-        pool.close()
-    # code envs name the reward hacks they caught (each episode scored 0)
-    hacks = Counter(h for t in trajectories for h in t.info.get("reward_hack", ()))
-    if args.json:
-        print(json.dumps(result.__dict__ | ({"reward_hacks": hacks} if hacks else {}), indent=2))
-    else:
-        print(f"{args.model} on {args.env} [{args.split}]: {result.summary()}")
-        if hacks:
-            print(f"  reward-hack attempts (scored 0): {dict(hacks)}")
-    return 0
 
 
 def _audit_template(args: argparse.Namespace) -> int:

@@ -98,8 +98,10 @@ class StageConfig(Section):
     engine_dtype: DType = "auto"
     """Dtype of the engine's copy of the weights (rollouts and evaluation); ``auto`` as
     ``trainer.dtype``."""
-    env: EnvConfig = EnvConfig()
-    """The env the stage trains on (on-policy stages) and evaluates on (every stage)."""
+    env: EnvConfig | list[EnvConfig] = EnvConfig()
+    """The env the stage trains on (on-policy stages) and evaluates on (every stage); a list
+    of envs trains on a mixture (each task drawn from one env by ``weight``) and evaluates
+    on each."""
     rollout: RolloutConfig = RolloutConfig()
     """Sampling of training episodes; evaluation takes its turn and token limits."""
     trainer: TrainerConfig = TrainerConfig()
@@ -114,6 +116,24 @@ class StageConfig(Section):
         if self.device != "cpu" and not self.device.startswith("cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
         return self
+
+    @model_validator(mode="after")
+    def _check_envs(self) -> StageConfig:
+        for where, listed in (("env", self.train_envs()), ("eval.envs", self.eval_envs())):
+            ids = [e.id for e in listed]
+            if not ids:
+                raise ValueError(f"{where} lists no env: name at least one")
+            if len(set(ids)) != len(ids):
+                raise ValueError(f"{where} names an env twice ({', '.join(ids)}); merge them")
+        return self
+
+    def train_envs(self) -> list[EnvConfig]:
+        """The training envs: ``env``, or each env it lists."""
+        return list(self.env) if isinstance(self.env, list) else [self.env]
+
+    def eval_envs(self) -> list[EnvConfig]:
+        """The held-out envs: ``eval.envs``, else the training envs."""
+        return self.train_envs() if self.eval.envs is None else list(self.eval.envs)
 
     def precision(self) -> Precision:
         """The learner's and the engine's dtypes with ``auto`` resolved for ``device``: a

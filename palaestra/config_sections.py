@@ -58,6 +58,9 @@ class EnvConfig(Section):
     reward_model: LearnedRewardConfig | None = None
     """Score finished episodes with a learned reward model (the RLHF path); see
     ``palaestra.agent.learned_reward`` for what it does and the reward-hacking caveat."""
+    weight: float = Field(1.0, gt=0)
+    """Where ``env`` lists several envs: this env's share of the training tasks is its
+    weight over the sum of the weights."""
 
 
 class RolloutConfig(Section):
@@ -269,6 +272,12 @@ class TrainerConfig(Section):
     """Stop after the first step that ends this many seconds after training started
     (evaluation before training not counted), even if ``steps`` are left: a fixed time
     budget (policy-gradient stages)."""
+    no_signal_steps: int = Field(3, ge=0)
+    """On-policy stages: after this many steps in a row without a learning signal (a tool
+    env where no tool call was parsed, or every group's rewards equal), say so loudly with
+    the likely causes and remedies; 0 turns the check off."""
+    stop_without_signal: bool = False
+    """Stop the run (keeping its weights) when that warning fires, instead of training on."""
 
 
 class EvalConfig(Section):
@@ -286,6 +295,12 @@ class EvalConfig(Section):
     """Evaluate the model before training."""
     after: bool = True
     """Evaluate the model after training."""
+    every_steps: int = Field(0, ge=0)
+    """Also evaluate every N training steps (on-policy stages), so the run shows held-out
+    success curves; 0: only before and after."""
+    envs: list[EnvConfig] | None = None
+    """Held-out envs to evaluate on, each on its own test split (``weight`` unused); default
+    the training envs (``env``)."""
 
 
 class RunConfig(Section):

@@ -391,3 +391,10 @@ def _build_tiny_random(gguf: Path, out: Path) -> None:
     _save_generation_config(model, config)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+def quiet_libraries() -> None:
+    """Hide transformers' per-file loading and saving bars; palaestra prints its own progress."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()

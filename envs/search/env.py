@@ -24,6 +24,11 @@ a line) or, by default, the built-in encyclopedia of ``seed`` (serve it with
 and test by a stable hash of their text (``test_fraction``); both splits search the same
 corpus.
 
+Scripted solver (``expert_action``, see ``envs/solver.py``) for the built-in questions: the
+``EncyclopediaOracle`` searches for the question's subject, reads the next entity out of the
+result, searches for it, and answers; it reads facts only from search results. Questions
+from a file do not say which facts lead to the answer, so their episodes have no expert.
+
 What this env does not do: reward the search itself (only the final answer scores), or
 stop a model from answering a guessable question without searching.
 """
@@ -39,13 +44,13 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from palaestra.envs.errors import EnvConfigError, TaskSourceError
+from palaestra.envs.errors import EnvConfigError, ResetNeededError, TaskSourceError
 from palaestra.envs.jsonl import read_jsonl
 from palaestra.envs.search.client import HttpRetriever
-from palaestra.envs.search.encyclopedia import Encyclopedia
+from palaestra.envs.search.encyclopedia import Encyclopedia, EncyclopediaOracle
 from palaestra.envs.search.retrieval import BM25Retriever, Document, Retriever, read_corpus
 from palaestra.envs.tasks import Split, Task, check_split, stable_hash
-from palaestra.envs.tool_calls import ParsedTurn
+from palaestra.envs.tool_calls import ParsedTurn, ToolCall
 from palaestra.envs.tool_env import Outcome, ToolEnv
 from palaestra.envs.tools import Tool
 from palaestra.envs.verify import last_boxed
@@ -324,6 +329,28 @@ class SearchEnv(ToolEnv):
         """The reward of a final reply: exact match and token F1, mixed by ``f1_weight``."""
         scores = self.scores(task, answer)
         return (1.0 - self.f1_weight) * scores["exact_match"] + self.f1_weight * scores["f1"]
+
+    def expert_action(self) -> str:
+        """The expert's next message (``ScriptedSolver``) on a built-in question: a ``search``
+        call for the next entity of the question's chain of facts, or the boxed answer once
+        the results hold it. It re-runs the episode's earlier searches with the env's own
+        ``search`` tool to read them (a sync call: from async code, run it in a thread)."""
+        if self.task is None:
+            raise ResetNeededError("SearchEnv.expert_action() needs an open episode: reset().")
+        if "relations" not in self.task.metadata:
+            raise EnvConfigError(
+                f"SearchEnv has no expert for task {self.task.task_id!r}: only the built-in "
+                "questions name the facts that lead to their answers (metadata 'subject' and "
+                "'relations'); questions from a file have none."
+            )
+        search = self.tools["search"]
+        results = [search.call(call.arguments) for call in self.stats.calls]
+        oracle = EncyclopediaOracle(
+            lambda query: self.format.render([ToolCall("search", {"query": query})])
+        )
+        return oracle.reply(
+            self.task.metadata["subject"], tuple(self.task.metadata["relations"]), results
+        )
 
     def _end(self, task: Task, parsed: ParsedTurn) -> Outcome:
         # ToolEnv scores the final reply with verify() as "correct"; this adds its parts and

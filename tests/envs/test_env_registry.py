@@ -1,15 +1,27 @@
-"""Every registered env passes check_env, and make() works through both entry points."""
+"""Every registered env passes check_env, make() works through both entry points, and
+``module:EnvId`` imports a user's module that registers its env."""
 
 from __future__ import annotations
 
 import importlib.util
+import sys
 
 import gymnasium as gym
 import pytest
 
 import palaestra.envs
-from palaestra.envs import MathEnv, TextEnv, UnknownEnvError, check_env, make, registered_ids
+from palaestra.envs import (
+    MathEnv,
+    SingleTurnEnv,
+    TextEnv,
+    UnknownEnvError,
+    check_env,
+    make,
+    registered_ids,
+    solver_of,
+)
 from palaestra.envs.bfcl import BFCLEnv, gold_calls
+from palaestra.envs.errors import EnvModuleError
 
 NEEDS_PACKAGE = {"palaestra/BFCL-v0": "bfcl_eval"}
 """Envs whose data ships in an optional package: skipped, saying why, when it is missing."""
@@ -33,7 +45,11 @@ def _registered_ids() -> list:
 
 
 def _gold_reply(env: gym.Env, info: dict) -> str:
-    """A reply that answers the opened task correctly: the gold calls for BFCL, else boxed."""
+    """A reply that answers the opened task correctly: the gold calls for BFCL, the expert's
+    reply for a single-turn env with a scripted solver, else the boxed answer."""
+    solver = solver_of(env)
+    if solver is not None and isinstance(env.unwrapped, SingleTurnEnv):
+        return solver.expert_action()
     if isinstance(env, BFCLEnv):  # the answer is a set of calls
         item = next(item for item in env.items if item.item_id == info["task_id"])
         return env.format.render(gold_calls(item)) or "No function fits."
@@ -114,3 +130,74 @@ async def test_astep_on_a_made_env() -> None:
 
     assert (reward, terminated, truncated) == (1.0, True, False)
     env.close()
+
+
+# ---------------------------------------------------------------- module:EnvId, gymnasium's way
+
+USER_MODULE = """
+from palaestra.envs import register
+from palaestra.envs.core import TextEnv
+
+
+class Echo(TextEnv):
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return [{"role": "user", "content": "Say hi."}], {"task_id": "hi"}
+
+    def step(self, action):
+        return [], float(action == "hi"), True, False, {"reward_components": {}}
+
+
+register("palaestra-test/NAME-v0", f"{__name__}:Echo")
+"""
+
+
+def user_module(tmp_path, monkeypatch, name: str) -> str:
+    """A module ``name`` in ``tmp_path``, on ``sys.path``, registering ``palaestra-test/<name>-v0``."""
+    (tmp_path / f"{name}.py").write_text(USER_MODULE.replace("NAME", name))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return name
+
+
+def test_module_colon_id_imports_the_module_that_registers_the_env(tmp_path, monkeypatch) -> None:
+    module = user_module(tmp_path, monkeypatch, "user_envs_a")
+
+    env = make(f"{module}:palaestra-test/user_envs_a-v0")
+
+    assert env.reset(seed=0)[1]["task_id"] == "hi" and env.step("hi")[1] == 1.0
+    assert "palaestra-test/user_envs_a-v0" in registered_ids()
+
+
+def test_a_module_that_cannot_be_imported_is_named_with_the_id() -> None:
+    with pytest.raises(EnvModuleError, match="no_such_user_module") as caught:
+        make("no_such_user_module:palaestra-test/Nothing-v0")
+    assert "palaestra-test/Nothing-v0" in str(caught.value) and "PYTHONPATH" in str(caught.value)
+    assert isinstance(caught.value, UnknownEnvError)  # caught where an unknown id is
+
+
+def test_a_module_that_does_not_register_the_id_is_named_with_the_id(tmp_path, monkeypatch) -> None:
+    module = user_module(tmp_path, monkeypatch, "user_envs_b")
+
+    with pytest.raises(EnvModuleError, match="user_envs_b") as caught:
+        make(f"{module}:palaestra-test/Other-v0")
+    assert "'palaestra-test/Other-v0'" in str(caught.value) and "register(" in str(caught.value)
+
+
+def test_a_module_that_raises_on_import_is_named(tmp_path, monkeypatch) -> None:
+    (tmp_path / "user_envs_broken.py").write_text("raise RuntimeError('no data file')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    with pytest.raises(EnvModuleError, match=r"user_envs_broken.*RuntimeError: no data file"):
+        make("user_envs_broken:palaestra-test/Broken-v0")
+
+
+def test_a_module_in_the_current_directory_is_found_as_python_m_would(
+    tmp_path, monkeypatch
+) -> None:
+    (tmp_path / "user_envs_c.py").write_text(USER_MODULE.replace("NAME", "user_envs_c"))
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    monkeypatch.chdir(tmp_path)  # the installed `palaestra` command has no cwd on sys.path
+
+    env = make("user_envs_c:palaestra-test/user_envs_c-v0")
+
+    assert env.reset(seed=0)[1]["task_id"] == "hi"

@@ -127,6 +127,6 @@ def test_palaestra_eval_reports_pass_at_k_on_humaneval() -> None:
     )
 
     assert out.returncode == 0, out.stderr[-2000:]
-    result = json.loads(out.stdout)
+    result = json.loads(out.stdout)["palaestra/HumanEval-v0"]
     assert result["num_tasks"] == 2 and set(result["pass_at"]) == {"1", "3"}
     assert result["infra_failures"] == 0 and result["accuracy"] == 0.0  # random weights

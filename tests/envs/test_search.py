@@ -1,4 +1,5 @@
-"""SearchEnv, BM25 retrieval, answer scoring and the generated encyclopedia, in-process."""
+"""SearchEnv, BM25 retrieval, answer scoring, the generated encyclopedia and the expert
+solver, in-process."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import json
 
 import pytest
 
-from palaestra.envs import check_env, make
+from palaestra.envs import check_env, make, solver_of
 from palaestra.envs.errors import EnvConfigError, TaskSourceError
 from palaestra.envs.search import (
     BM25Retriever,
@@ -240,3 +241,39 @@ async def test_the_oracle_searcher_scores_at_least_95_percent_and_guessing_near_
         assert all(info["tool_calls"] in (1, 2) for info in infos)
         guessed, _ = await score(env, guesser)
         assert guessed <= 0.02
+
+
+# ------------------------------------------------------------------------ the expert
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_the_expert_solves_the_builtin_questions_through_step(split):
+    env = make("palaestra/Search-v0", split=split)
+    assert solver_of(env) is env.unwrapped
+    infos = []
+    for task_index in range(100):
+        env.reset(options={"task_index": task_index})
+        while True:
+            action = env.unwrapped.expert_action()
+            *_, terminated, truncated, info = env.step(action)
+            if terminated or truncated:
+                break
+        infos.append(info)
+        assert action.startswith("\\boxed{")  # the last message answers
+
+    assert all(info["success"] for info in infos)
+    assert {info["tool_calls"] for info in infos} == {1, 2}  # single- and multi-hop
+    assert all(info["tool_errors"] == 0 for info in infos)
+
+
+def test_questions_from_a_file_have_no_expert(tmp_path):
+    write_corpus(DOCS, tmp_path / "corpus.jsonl")
+    lines = [
+        {"question": f"Which river flows past Orvane? ({i})", "answers": ["Kell"]}
+        for i in range(40)
+    ]
+    (tmp_path / "q.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    env = SearchEnv(corpus=str(tmp_path / "corpus.jsonl"), questions=str(tmp_path / "q.jsonl"))
+    env.reset(seed=0)
+    with pytest.raises(EnvConfigError, match="only the built-in questions"):
+        env.expert_action()

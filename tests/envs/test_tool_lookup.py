@@ -1,4 +1,5 @@
-"""ToolLookupEnv: a scripted solve with lookup + calculator, disjoint splits, a safe calculator."""
+"""ToolLookupEnv: a scripted solve with lookup + calculator, the expert solver, disjoint splits,
+a safe calculator."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ import pytest
 from palaestra.envs import (
     HermesFormat,
     LookupTasks,
+    ResetNeededError,
     TaskSourceError,
     ToolCall,
     ToolLookupEnv,
     calculator,
     make,
+    solver_of,
 )
 
 HERMES = HermesFormat()
@@ -123,3 +126,38 @@ def test_calculator(expression: str, value: float) -> None:
 def test_calculator_refuses_anything_but_arithmetic(expression: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         calculator(expression)
+
+
+def play_expert(env) -> dict:
+    """Play the open episode with the env's expert through the real ``step``; the last info."""
+    while True:
+        _, _, terminated, truncated, info = env.step(solver_of(env).expert_action())
+        if terminated or truncated:
+            return info
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_the_expert_solves_every_task_in_three_turns(split: str) -> None:
+    env = make("palaestra/ToolLookup-v0", split=split)
+    infos = []
+    for task_index in range(100):
+        env.reset(options={"task_index": task_index})
+        infos.append(play_expert(env))
+
+    assert all(info["success"] for info in infos)
+    assert {(info["turn"], info["tool_errors"]) for info in infos} == {(3, 0)}
+    assert {info["tool_calls"] for info in infos} == {2, 3}  # 1 or 2 lookups + calculator
+
+
+def test_the_expert_writes_the_envs_tool_format_and_skips_the_calculator_on_two_turns() -> None:
+    env = make("palaestra/ToolLookup-v0", split="test", tool_format="json", max_turns=2)
+    env.reset(options={"task_index": 0})
+    first = env.expert_action()
+    assert first.startswith("{") or first.startswith("[")
+    env.step(first)
+    assert env.expert_action().startswith("The answer is \\boxed{")
+    env.step(env.expert_action())
+    with pytest.raises(ResetNeededError, match="open episode"):  # the answer ended it
+        env.expert_action()
+    env.reset(options={"task_index": 1})
+    assert play_expert(env)["success"]

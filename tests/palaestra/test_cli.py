@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
+
+from palaestra.models import resolve_model
+
+ROOT = Path(__file__).parents[2]
+"""The repository root (``examples/`` is importable from there)."""
 
 TINY_OVERRIDES = [
     "model=tiny-random",
@@ -110,28 +117,146 @@ def test_unknown_model_is_one_line_error():
     assert out.stderr.strip().count("\n") == 0 and "no-such-model" in out.stderr
 
 
-def test_eval_reports_accuracy_on_tiny_random():
+def test_eval_without_env_or_run_says_it_uses_the_default_env():
+    args = "--model tiny-random --num-tasks 3 --samples 2 --temperature 1.0 --max-tokens 4"
+    out = palaestra("eval", *args.split(), "--json")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "palaestra/Math-v0 (the default env" in out.stderr
+    results = json.loads(out.stdout)  # env id -> result
+    assert list(results) == ["palaestra/Math-v0"]
+    result = results["palaestra/Math-v0"]
+    assert result["num_tasks"] == 3 and result["samples"] == 2
+    assert set(result["pass_at"]) == set(result["pass_hat"]) == {"1", "2"}
+    assert 0.0 <= result["accuracy"] <= 1.0 and result["max_turns"] == 1
+
+
+def test_eval_of_several_envs_writes_a_table_eval_json_and_episodes(tmp_path):
+    """Two envs in one run, one of them a user's env named ``module:EnvId``; no
+    ``--max-turns``, so each runs to its own turn limit."""
+    custom = "examples.custom_tool_env:example/UnitPrice-v0"
+    out = palaestra(
+        "eval",
+        *("--model", "tiny-random", "--env", "palaestra/ChainSum-v0", "--env", custom),
+        *("--env-kwargs", '{"size": 4}', "--env-kwargs", "{}"),  # one per env, in order
+        *("--num-tasks", "2", "--samples", "2", "--temperature", "1.0", "--max-tokens", "4"),
+        *("--out", str(tmp_path)),
+        cwd=ROOT,  # where the user's module is importable from
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    header, *rows = out.stdout.splitlines()[1:4]
+    assert header.split()[:2] == ["env", "tasks"] and "pass^k" in header
+    assert [row.split()[0] for row in rows] == ["palaestra/ChainSum-v0", custom]
+
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved["settings"]["env"] == ["palaestra/ChainSum-v0", custom]
+    assert saved["settings"]["max_turns"] is None and saved["settings"]["samples"] == 2
+    chain, tools = saved["results"]["palaestra/ChainSum-v0"], saved["results"][custom]
+    assert (chain["env_kwargs"], chain["max_turns"]) == ({"size": 4}, 1)
+    assert (tools["max_turns"], tools["max_turns_from"]) == (8, "the env's own limit")
+    for field in ("accuracy", "pass_at", "pass_hat", "mean_turns", "mean_tool_calls"):
+        assert field in tools
+    assert sum(tools["stop_reasons"].values()) == 4 and tools["infra_failures"] == 0
+
+    episodes = [json.loads(x) for x in (tmp_path / "episodes.jsonl").read_text().splitlines()]
+    assert [(e["env_id"], e["task_index"], e["sample"]) for e in episodes[4:]] == [
+        (custom, 0, 0),
+        (custom, 0, 1),
+        (custom, 1, 0),
+        (custom, 1, 1),
+    ]
+    for key in ("task_id", "reward", "success", "stop_reason", "turns", "tool_calls", "text"):
+        assert key in episodes[0]
+    assert "unit_price" in episodes[-1]["text"]  # the env's tools, in the decoded prompt
+
+
+def test_eval_of_a_checkpoint_uses_the_envs_its_run_trained_on(tmp_path):
+    """A run directory made by hand: config.yaml naming the env, a checkpoint beside it. The
+    env's split holds 3 tasks, so asking for 5 is capped, with a note."""
+    run = tmp_path / "runs" / "mine"
+    shutil.copytree(resolve_model("tiny-random"), run / "checkpoints" / "final")
+    env = {"id": "palaestra/ChainSum-v0", "kwargs": {"size": 3}}
+    (run / "config.yaml").write_text(yaml.safe_dump({"stage": "grpo", "env": env}))
+
+    model = str(run / "checkpoints" / "final")
+    out = palaestra("eval", "--model", model, "--num-tasks", "5", "--max-tokens", "4", "--json")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "what its run trained on" in out.stderr and str(run / "config.yaml") in out.stderr
+    results = json.loads(out.stdout)
+    assert list(results) == ["palaestra/ChainSum-v0"]
+    result = results["palaestra/ChainSum-v0"]
+    assert result["num_tasks"] == 3 and result["env_kwargs"] == {"size": 3}
+    assert "5 tasks asked for, but the split holds 3" in result["note"]
+    assert result["infra_failures"] == 0  # not 2 made-up failures for tasks that do not exist
+
+
+def test_eval_refuses_env_kwargs_that_do_not_match_the_envs():
     out = palaestra(
         "eval",
         "--model",
         "tiny-random",
-        "--env",
-        "palaestra/ChainSum-v0",
-        "--num-tasks",
-        "3",
-        "--samples",
-        "2",
-        "--temperature",
-        "1.0",
-        "--max-tokens",
-        "4",
-        "--json",
+        *("--env", "palaestra/Math-v0", "--env", "palaestra/ChainSum-v0"),
+        *("--env-kwargs", "{}", "--env-kwargs", "{}", "--env-kwargs", "{}"),
     )
-    assert out.returncode == 0, out.stderr[-2000:]
-    result = json.loads(out.stdout)
-    assert result["num_tasks"] == 3 and result["samples"] == 2
-    assert set(result["pass_at"]) == {"1", "2"}
-    assert 0.0 <= result["accuracy"] <= 1.0
+    assert out.returncode == 2 and "once per env" in out.stderr
+    assert out.stderr.strip().count("\n") == 0
+
+
+def test_a_config_naming_a_user_module_env_makes_it_and_records_the_id(tmp_path, monkeypatch):
+    """What ``palaestra train`` does with ``env.id: module:EnvId``: the config keeps the
+    string (the run's config.yaml records it) and ``palaestra.envs.make`` makes the env."""
+    from palaestra.config import load_config
+    from palaestra.envs import make
+
+    monkeypatch.syspath_prepend(str(ROOT))
+    env_id = "examples.custom_tool_env:example/UnitPrice-v0"
+    path = tmp_path / "custom.yaml"
+    path.write_text(
+        yaml.safe_dump({"stage": "grpo", "model": "tiny-random", "env": {"id": env_id}})
+    )
+
+    config = load_config(path)
+
+    assert config.model_dump(mode="json")["env"]["id"] == env_id  # what config.yaml records
+    env = make(config.env.id, **config.env.kwargs, split="test")
+    _, info = env.reset(seed=0)
+    assert info["task_id"].startswith("unit_price/") and info["tools"]
+    env.close()
+
+
+@pytest.mark.slow
+def test_train_and_eval_on_a_user_module_env_without_a_wrapper(tmp_path):
+    """``palaestra train`` on ``examples.custom_tool_env:example/UnitPrice-v0`` by its
+    ``module:EnvId``, then ``palaestra eval`` of the checkpoint on the env the run recorded."""
+    env_id = "examples.custom_tool_env:example/UnitPrice-v0"
+    out = palaestra(
+        "train",
+        "examples/tool_grpo.yaml",
+        "model=tiny-random",
+        f"env.id={env_id}",
+        "env.kwargs={}",
+        "rollout.tasks_per_step=2",
+        "rollout.group_size=2",
+        "rollout.max_tokens=8",
+        "trainer.steps=1",
+        "trainer.micro_batch_size=4",
+        "eval.num_tasks=2",
+        "run.progress=false",
+        f"run.output_dir={tmp_path}",
+        "run.name=custom",
+        cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = tmp_path / "custom"
+    assert yaml.safe_load((run / "config.yaml").read_text())["env"]["id"] == env_id
+
+    evaluated = palaestra(
+        "eval",
+        *("--model", str(run / "checkpoints" / "final")),
+        *("--num-tasks", "2", "--max-tokens", "4", "--json"),
+        cwd=ROOT,
+    )
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert list(json.loads(evaluated.stdout)) == [env_id]
 
 
 @pytest.mark.slow

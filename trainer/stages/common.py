@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import ctypes
 import ctypes.util
+import dataclasses
 import os
 import resource
 import sys
@@ -26,11 +27,13 @@ import gymnasium as gym
 from palaestra import envs
 from palaestra.agent.engines.base import Engine, SamplingParams
 from palaestra.agent.engines.build import ServerSettings, build_engine, close_engine
-from palaestra.agent.evaluate import EvalResult, evaluate
+from palaestra.agent.evaluate import EvalResult, evaluate, summarize
 from palaestra.agent.learned_reward import LearnedReward, RewardModelScorer
 from palaestra.agent.render import ChatRenderer
 from palaestra.agent.rollout import EnvPool, RolloutLimits
-from palaestra.config import OnPolicyStageConfig, StageConfig
+from palaestra.agent.trajectory import Trajectory
+from palaestra.config import EnvConfig, OnPolicyStageConfig, StageConfig
+from palaestra.envs.mixture import EnvMixture
 from palaestra.models import resolve_model, turn_end_ids
 from palaestra.rundir import RunDir
 from palaestra.trainer.checkpoint import save_checkpoint
@@ -120,58 +123,86 @@ def rollout_limits(cfg: StageConfig) -> RolloutLimits:
 
 
 def train_env_factory(cfg: StageConfig) -> Callable[[], gym.Env]:
-    """A function building the configured env's training split; with
-    ``env.reward_model`` set, wrapped so a reward model scores each finished episode (the
+    """A function building the training split of the configured env, or of the mixture of
+    envs ``env`` lists (``envs.EnvMixture``: each task drawn from one env by weight). An env
+    with ``reward_model`` set is wrapped so a reward model scores each finished episode (the
     model is loaded once here and shared by every env the function builds). Held-out
     evaluation never wraps: it measures the env's own reward."""
-    learned = cfg.env.reward_model
-    if learned is None:
-        return lambda: envs.make(cfg.env.id, **cfg.env.kwargs, split="train")
-    scorer = RewardModelScorer(learned.path, device=cfg.device)
-    return lambda: LearnedReward(
-        envs.make(cfg.env.id, **cfg.env.kwargs, split="train"),
-        scorer,
-        mode=learned.mode,
-        weight=learned.weight,
-    )
+    members = cfg.train_envs()
+    scorers = {
+        e.id: RewardModelScorer(e.reward_model.path, device=cfg.device)
+        for e in members
+        if e.reward_model is not None
+    }
+
+    def make(e: EnvConfig) -> gym.Env:
+        env = envs.make(e.id, **e.kwargs, split="train")
+        if e.reward_model is None:
+            return env
+        learned = e.reward_model
+        return LearnedReward(env, scorers[e.id], mode=learned.mode, weight=learned.weight)
+
+    if len(members) == 1:
+        return lambda: make(members[0])
+    return lambda: EnvMixture([(e.id, make(e), e.weight) for e in members])
+
+
+def env_label(cfg: StageConfig) -> str:
+    """The name of what the stage trains on: the env's id, or the mixture's ids joined."""
+    return "+".join(e.id for e in cfg.train_envs())
 
 
 async def evaluate_on_env(
     cfg: StageConfig, engine: Engine, renderer: ChatRenderer, run: RunDir, *, step: int
 ) -> EvalResult:
-    """Evaluate ``engine``'s policy on the env's held-out split as the ``eval`` section
-    says; logs the result to ``run`` (kind ``eval``) and prints a summary."""
-    e = cfg.eval
-    pool = EnvPool(lambda: envs.make(cfg.env.id, **cfg.env.kwargs, split="test"), 64)
+    """Evaluate ``engine``'s policy on each held-out env's test split as the ``eval``
+    section says; logs each env's success (``<env>/success``, ``<env>/pass@k``) and the
+    whole (``accuracy``: every env's episodes together) to ``run`` (kind ``eval``), prints
+    a summary per env, and returns the whole."""
+    held_out = cfg.eval_envs()
+    metrics: dict[str, float] = {}
+    episodes: list[Trajectory] = []
+    tasks = 0
+    for e in held_out:
+        result, played = await _evaluate_one(cfg, e, engine, renderer)
+        metrics |= {f"{e.id}/success": result.accuracy}
+        metrics |= {f"{e.id}/pass@{k}": v for k, v in result.pass_at.items()}
+        print(f"[eval @ step {step}] {e.id}: {result.summary()}", file=sys.stderr)
+        offset = len(episodes) and max(t.group_id for t in episodes) + 1
+        episodes += [dataclasses.replace(t, group_id=t.group_id + offset) for t in played]
+        tasks += result.num_tasks
+    whole = summarize(episodes, num_tasks=tasks, samples=cfg.eval.samples)
+    if len(held_out) > 1:
+        print(f"[eval @ step {step}] all envs: {whole.summary()}", file=sys.stderr)
+    metrics |= {"accuracy": whole.accuracy, "mean_tokens": whole.mean_tokens}
+    metrics |= {f"pass@{k}": v for k, v in whole.pass_at.items()}
+    run.log(step, metrics, kind="eval")
+    run.log_trajectories(step, episodes[: cfg.run.log_trajectories], renderer.decode, kind="eval")
+    return whole
+
+
+async def _evaluate_one(
+    cfg: StageConfig, e: EnvConfig, engine: Engine, renderer: ChatRenderer
+) -> tuple[EvalResult, list[Trajectory]]:
+    """One held-out env's result and episodes."""
+    pool = EnvPool(lambda: envs.make(e.id, **e.kwargs, split="test"), 64)
     sampling = SamplingParams(
-        max_tokens=e.max_tokens or cfg.rollout.max_tokens, temperature=e.temperature
+        max_tokens=cfg.eval.max_tokens or cfg.rollout.max_tokens, temperature=cfg.eval.temperature
     )
     try:
-        result, episodes = await evaluate(
+        return await evaluate(
             pool,
             engine,
             renderer,
             sampling,
-            env_id=cfg.env.id,
-            num_tasks=e.num_tasks,
-            samples=e.samples,
+            env_id=e.id,
+            num_tasks=cfg.eval.num_tasks,
+            samples=cfg.eval.samples,
             limits=rollout_limits(cfg),
             seed=cfg.seed,
         )
     finally:
         pool.close()
-    run.log(
-        step,
-        {
-            "accuracy": result.accuracy,
-            "mean_tokens": result.mean_tokens,
-            **{f"pass@{k}": v for k, v in result.pass_at.items()},
-        },
-        kind="eval",
-    )
-    run.log_trajectories(step, episodes[: cfg.run.log_trajectories], renderer.decode, kind="eval")
-    print(f"[eval @ step {step}] {result.summary()}", file=sys.stderr)
-    return result
 
 
 async def evaluate_model(

@@ -59,6 +59,7 @@ from palaestra.trainer.stages.common import (
     save_interrupted,
     train_env_factory,
 )
+from palaestra.trainer.stages.health import SignalWatch
 from palaestra.trainer.stages.sampling import rollout_producer
 from palaestra.trainer.stages.step_metrics import producer_metrics, rollout_metrics, step_resources
 from palaestra.trainer.weight_sync import default_tolerance, verify_engine_weights
@@ -145,16 +146,19 @@ async def _train(
     bar = tqdm(range(1, steps + 1), desc=cfg.stage, disable=not cfg.run.progress, file=sys.stderr)
     producer.start()
     started = time.perf_counter()
+    watch = SignalWatch(cfg.trainer.no_signal_steps)
     try:
         for step in bar:
             metrics = await _train_step(cfg, policy, update, producer, run, step)
             return_freed_memory()
-            bar.set_postfix(
-                reward=f"{metrics['reward_mean']:.3f}",
-                loss=f"{metrics.get('loss', float('nan')):.4f}",
-            )
+            bar.set_postfix(_progress(metrics))
             if cfg.run.save_every and step % cfg.run.save_every == 0 and step < steps:
                 save_checkpoint(policy.model, policy.tokenizer, run.checkpoints / f"step-{step}")
+            if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < steps:
+                await _evaluate(cfg, policy, run, step=step)
+            if watch.update(metrics) and cfg.trainer.stop_without_signal:
+                print(f"stopping at step {step}: trainer.stop_without_signal", file=sys.stderr)
+                break
             if cfg.trainer.max_time_s and time.perf_counter() - started > cfg.trainer.max_time_s:
                 print(
                     f"time budget of {cfg.trainer.max_time_s:.0f} s reached at step {step}",
@@ -219,6 +223,24 @@ async def _train_step(
     if cfg.run.log_trajectories:
         run.log_trajectories(step, trajectories[: cfg.run.log_trajectories], policy.renderer.decode)
     return metrics
+
+
+def _progress(metrics: dict[str, float]) -> dict[str, str]:
+    """The progress bar's figures: reward and loss, and tool calls in a tool env."""
+    shown = {
+        "reward": f"{metrics['reward_mean']:.3f}",
+        "loss": f"{metrics.get('loss', float('nan')):.4f}",
+    }
+    if "tool_calls_per_episode" in metrics:
+        shown |= {
+            "tools": f"{metrics['tool_calls_per_episode']:.2f}",
+            "valid": f"{metrics['valid_call_rate']:.2f}",
+            "parse_err": f"{metrics['parse_errors_per_episode']:.2f}",
+            "turns": f"{metrics['turns_mean']:.1f}",
+            "answered": f"{metrics['answered_frac']:.2f}",
+            "out_of_turns": f"{metrics['out_of_turns_frac']:.2f}",
+        }
+    return shown
 
 
 def _audit_template(cfg: OnPolicyStageConfig, policy: Policy, pool: EnvPool) -> None:

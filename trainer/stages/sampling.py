@@ -15,7 +15,7 @@ from palaestra.agent.render import ChatRenderer
 from palaestra.agent.rollout import EnvPool, EpisodeRequest
 from palaestra.agent.trajectory import Trajectory
 from palaestra.config import OnPolicyStageConfig
-from palaestra.trainer.stages.common import rollout_limits
+from palaestra.trainer.stages.common import env_label, rollout_limits
 
 
 def rollout_producer(
@@ -39,7 +39,7 @@ def rollout_producer(
         renderer,
         SamplingParams(max_tokens=r.max_tokens, temperature=r.temperature, top_p=r.top_p),
         lambda step: group_requests(cfg, step, rounds),
-        env_id=cfg.env.id,
+        env_id=env_label(cfg),
         limits=rollout_limits(cfg),
         max_staleness=r.max_staleness,
         queue_groups=r.tasks_per_step * (r.max_staleness + 1),

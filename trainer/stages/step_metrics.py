@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from palaestra.agent.evaluate import is_success
 from palaestra.agent.producer import RolloutProducer, group_staleness
 from palaestra.agent.rollout import episode_metrics
 from palaestra.agent.trajectory import StopReason, Trajectory
 from palaestra.trainer.stages.common import peak_rss_gb, rss_gb
+from palaestra.trainer.stages.health import tool_use_metrics
 
 
 def rollout_metrics(trajectories: list[Trajectory], episodes: list[Trajectory]) -> dict[str, float]:
@@ -37,8 +39,27 @@ def rollout_metrics(trajectories: list[Trajectory], episodes: list[Trajectory]) 
         "groups_all_solved_frac": sum(min(r) > 0 for r in by_group.values()) / len(by_group),
         "infra_failures": float(len(episodes) - len(trajectories)),
         **episode_metrics(episodes),
+        **tool_use_metrics(trajectories),
         **{f"reward/{k}": float(np.mean(v)) for k, v in components.items()},
+        **per_env_metrics(trajectories),
     }
+
+
+def per_env_metrics(trajectories: list[Trajectory]) -> dict[str, float]:
+    """Each env's reward, success rate and tool use (``<env id>/reward``, ...): a mixture's
+    envs apart, and the one env of a plain run under its id."""
+    by_env: dict[str, list[Trajectory]] = {}
+    for tr in trajectories:
+        by_env.setdefault(tr.env_id, []).append(tr)
+    metrics: dict[str, float] = {}
+    for env_id, played in sorted(by_env.items()):
+        metrics[f"{env_id}/reward"] = float(np.mean([tr.reward for tr in played]))
+        metrics[f"{env_id}/success"] = float(np.mean([is_success(tr) for tr in played]))
+        metrics[f"{env_id}/episodes"] = float(len(played))
+        tools = tool_use_metrics(played).get("tool_calls_per_episode")
+        if tools is not None:
+            metrics[f"{env_id}/tool_calls_per_episode"] = tools
+    return metrics
 
 
 def producer_metrics(

@@ -1,0 +1,104 @@
+"""``palaestra collect``: play episodes with an env's scripted expert or a model and write
+them as SFT data, rendered exactly as rollouts render them (``agent.collect``).
+
+What this module does not do: train on the data (a ``stage: sft`` config does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+
+def add_parser(sub: Any) -> None:
+    """The ``collect`` subcommand and its flags."""
+    co = sub.add_parser(
+        "collect", help="play episodes (the env's expert or a model) and write SFT data"
+    )
+    co.add_argument("--env", required=True, help="registered env id, or module:EnvId")
+    co.add_argument("--env-kwargs", default="{}", help="env constructor kwargs as JSON")
+    co.add_argument(
+        "--policy",
+        required=True,
+        metavar="oracle|MODEL",
+        help="oracle: the env's scripted solver; else a model name or local HF directory",
+    )
+    co.add_argument("--episodes", type=int, required=True, help="episodes to play")
+    co.add_argument(
+        "--keep",
+        choices=["success", "all"],
+        default="success",
+        help="which episodes to write (all: every one but infrastructure failures)",
+    )
+    co.add_argument("--out", type=Path, required=True, help="JSON-lines file of SFT records")
+    co.add_argument("--split", default="train", help="task split (default: train)")
+    co.add_argument("--seed", type=int, default=0, help="episode i resets with seed + i")
+    co.add_argument("--max-turns", type=int, help="default: the env's own turn limit")
+    co.add_argument("--temperature", type=float, default=1.0, help="a model's; 0 is greedy")
+    co.add_argument("--max-tokens", type=int, default=256, help="a model's tokens per turn")
+    co.add_argument("--device", default="cpu", help="where a model runs")
+    co.add_argument(
+        "--tokenizer",
+        default="smollm2-135m",
+        help="with --policy oracle: the model whose chat template renders the data",
+    )
+    co.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from palaestra import envs
+    from palaestra.agent.collect import ORACLE, Collection, Keep, collect, write_records
+    from palaestra.agent.engines.base import SamplingParams
+    from palaestra.agent.engines.build import close_engine
+    from palaestra.agent.render import ChatRenderer
+    from palaestra.agent.rollout import RolloutLimits
+    from palaestra.errors import ConfigError
+    from palaestra.models import load_model, load_tokenizer, resolve_model
+
+    try:
+        env_kwargs = json.loads(args.env_kwargs)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--env-kwargs is not valid JSON: {exc}") from None
+    if args.episodes < 1 or args.temperature < 0:
+        raise ConfigError("--episodes must be >= 1 and --temperature >= 0")
+    oracle = args.policy == ORACLE
+    engine = None
+    if oracle:
+        tokenizer = load_tokenizer(args.tokenizer)
+    else:  # a model's engine, built as training and evaluation build theirs
+        from palaestra.config import GRPOStage
+        from palaestra.models import quiet_libraries
+        from palaestra.trainer.stages.common import open_engine
+
+        quiet_libraries()
+        model, tokenizer = load_model(resolve_model(args.policy), device=args.device)
+        cfg = GRPOStage(model=args.policy, device=args.device, seed=args.seed)
+        engine = open_engine(cfg, model, tokenizer, share_weights=True)
+
+    limits = None if args.max_turns is None else RolloutLimits(max_turns=args.max_turns)
+
+    async def run() -> Collection:
+        try:
+            return await collect(
+                lambda: envs.make(args.env, **env_kwargs, split=args.split),
+                ORACLE if engine is None else engine,
+                ChatRenderer(tokenizer),
+                env_id=args.env,
+                episodes=args.episodes,
+                keep=Keep(args.keep),
+                seed=args.seed,
+                limits=limits,
+                sampling=SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature),
+            )
+        finally:
+            if engine is not None:
+                await close_engine(engine)
+
+    collection = asyncio.run(run())
+    written = write_records(args.out, collection.kept)
+    print(f"{args.policy} on {args.env} [{args.split}]: {collection.summary()}")
+    print(f"wrote {written} SFT records to {args.out}")
+    return 0
