@@ -55,7 +55,7 @@ from palaestra.envs.jsonl import read_jsonl
 from palaestra.envs.single_turn import SingleTurnEnv
 from palaestra.envs.step_info import StepInfo
 from palaestra.envs.tool_calls import ToolCall, ToolCallFormat, get_format
-from palaestra.envs.tool_env import system_messages
+from palaestra.envs.tool_env import function_task_opening
 
 CATEGORIES: dict[str, str] = {
     "simple": "simple_python",
@@ -403,20 +403,14 @@ class BFCLEnv(SingleTurnEnv[BFCLItem]):
 
     def opening(self, item: BFCLItem) -> tuple[Messages, dict[str, Any]]:
         """The question's messages (after the system message, if any) and its functions."""
-        tools = item.tools
-        messages = system_messages(
-            self.system_prompt, self.format, tools if self.tools_in_prompt else None
+        return function_task_opening(
+            self.system_prompt,
+            self.format,
+            item.tools,
+            [Message(**m) for m in item.messages],
+            tools_in_prompt=self.tools_in_prompt,
+            info=StepInfo(task_id=item.item_id, category=item.category, extra=self._extra(item)),
         )
-        messages += [Message(**m) for m in item.messages]
-        # the renderer puts the instructions in the prompt where the template ignores tools=
-        info = StepInfo(
-            task_id=item.item_id,
-            category=item.category,
-            tools=tools,
-            tool_instructions=self.format.instructions(tools),
-            extra=self._extra(item),
-        )
-        return messages, info.to_info()
 
     def step(self, action: str) -> tuple[Messages, float, bool, bool, dict[str, Any]]:
         """Score the reply's calls against the possible answers and end the episode."""

@@ -55,9 +55,9 @@ from palaestra.envs.errors import EnvConfigError, ResetNeededError, TaskSourceEr
 from palaestra.envs.function_catalog import CATALOG, DrawnFunction, draw_call, draw_function
 from palaestra.envs.single_turn import SingleTurnEnv
 from palaestra.envs.step_info import StepInfo
-from palaestra.envs.tasks import Split, _check_index, _resolve_size, check_split, stable_hash
+from palaestra.envs.tasks import Split, check_index, check_split, resolve_size, stable_hash
 from palaestra.envs.tool_calls import ToolCall, ToolCallFormat, get_format
-from palaestra.envs.tool_env import system_messages
+from palaestra.envs.tool_env import function_task_opening
 
 CATEGORY_WEIGHTS: dict[str, float] = {
     "simple": 0.2,
@@ -300,14 +300,14 @@ class FunctionCallTasks:
             raise EnvConfigError(
                 f"unknown category {category!r}; use 'all' or one of {list(CATEGORY_WEIGHTS)}."
             )
-        self.size = _resolve_size(size, self.split, test_size)
+        self.size = resolve_size(size, self.split, test_size)
         self.seed, self.category, self.test_size = seed, category, test_size
 
     def __len__(self) -> int:
         return self.size
 
     def __getitem__(self, index: int) -> FunctionCallTask:
-        _check_index(index, self.size, self)
+        check_index(index, self.size, self)
         if self.split == "test":
             return _test_task(self.seed, self.category, index)
         task_id = f"function_call/seed{self.seed}/train/{self.category}/{index}"
@@ -370,19 +370,14 @@ class FunctionCallEnv(SingleTurnEnv[FunctionCallTask]):
 
     def opening(self, task: FunctionCallTask) -> tuple[Messages, dict[str, Any]]:
         """The system message (if any) and the request; the functions in ``info["tools"]``."""
-        tools = task.tools
-        messages = system_messages(
-            self.system_prompt, self.format, tools if self.tools_in_prompt else None
+        return function_task_opening(
+            self.system_prompt,
+            self.format,
+            task.tools,
+            [Message(role="user", content=task.request)],
+            tools_in_prompt=self.tools_in_prompt,
+            info=StepInfo(task_id=task.task_id, category=task.category, extra=self._extra(task)),
         )
-        messages.append(Message(role="user", content=task.request))
-        info = StepInfo(
-            task_id=task.task_id,
-            category=task.category,
-            tools=tools,
-            tool_instructions=self.format.instructions(tools),
-            extra=self._extra(task),
-        )
-        return messages, info.to_info()
 
     def step(self, action: str) -> tuple[Messages, float, bool, bool, dict[str, Any]]:
         """Score the reply's calls against the gold calls and end the episode."""

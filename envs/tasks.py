@@ -86,7 +86,7 @@ def stable_hash(text: str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
 
 
-def _check_index(index: int, size: int, source: object) -> None:
+def check_index(index: int, size: int, source: object) -> None:
     if not 0 <= index < size:
         raise IndexError(f"task index {index} is out of range for {source} ({size} tasks).")
 
@@ -135,7 +135,7 @@ class ReasoningGymSource:
         self.seed = seed
         self.config = dict(config or {})
         self.test_size = test_size
-        self.size = _resolve_size(size, self.split, test_size)
+        self.size = resolve_size(size, self.split, test_size)
         self._datasets: dict[int, Any] = {}
         held_out = self._dataset("test", 0)
         if self.split == "test":
@@ -147,7 +147,7 @@ class ReasoningGymSource:
         return self.size
 
     def __getitem__(self, index: int) -> Task:
-        _check_index(index, self.size, self)
+        check_index(index, self.size, self)
         if self.split == "test":
             return self._test_tasks[index]
         for redraw in range(self.MAX_REDRAWS):
@@ -181,7 +181,7 @@ class ReasoningGymSource:
         )
 
 
-def _resolve_size(size: int | None, split: Split, test_size: int) -> int:
+def resolve_size(size: int | None, split: Split, test_size: int) -> int:
     if test_size < 1:
         raise TaskSourceError(f"test_size must be at least 1, got {test_size}.")
     if size is None:
@@ -260,7 +260,7 @@ class JsonlSource:
         return len(self._tasks)
 
     def __getitem__(self, index: int) -> Task:
-        _check_index(index, len(self._tasks), self)
+        check_index(index, len(self._tasks), self)
         return self._tasks[index]
 
     def __repr__(self) -> str:

@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from palaestra.envs.core import Message, Messages, TextEnv
@@ -366,3 +366,22 @@ def system_messages(
         parts.append(fmt.instructions(described_tools))
     content = "\n\n".join(part for part in parts if part)
     return [Message(role="system", content=content)] if content else []
+
+
+def function_task_opening(
+    system_prompt: str | None,
+    fmt: ToolCallFormat,
+    tools: list[dict[str, Any]],
+    conversation: Messages,
+    *,
+    tools_in_prompt: bool,
+    info: StepInfo,
+) -> tuple[Messages, dict[str, Any]]:
+    """The opening of a single-turn function-calling task (BFCL, FunctionCall): the system
+    message (describing ``tools`` when ``tools_in_prompt``), the ``conversation``, and reset's
+    ``info`` with the tools and their instructions added (the renderer puts those in the
+    prompt where the chat template ignores ``tools=``)."""
+    messages = system_messages(system_prompt, fmt, tools if tools_in_prompt else None)
+    messages += conversation
+    opened = replace(info, tools=tools, tool_instructions=fmt.instructions(tools))
+    return messages, opened.to_info()

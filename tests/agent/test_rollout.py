@@ -4,7 +4,6 @@ per-turn rewards, stop reasons, limits, tool descriptions."""
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from typing import Any
 
@@ -490,58 +489,6 @@ async def test_generate_groups_applies_the_limits_to_every_episode(tokenizer):
     assert [t.num_sampled_tokens for t in seen] == [2, 2, 2, 2]
     assert {t.stop_reason for t in seen} == {StopReason.MAX_TOKENS}
     pool.close()
-
-
-# --------------------------------------------------------------------------------- tools
-
-
-async def test_tools_a_template_ignores_are_described_in_the_system_message(tokenizer, caplog):
-    env = make("palaestra/ToolLookup-v0", split="train")
-    messages, info = env.reset(seed=7)
-    renderer = ChatRenderer(tokenizer)
-    assert not renderer.renders_tools(messages, info["tools"])  # SmolLM2's template
-    engine = FakeEngine(lambda prompt: reply(tokenizer, "\\boxed{1}"))
-
-    with caplog.at_level(logging.WARNING, logger="palaestra.agent.render"):
-        for seed in (7, 8):
-            await play(env, engine, renderer, seed=seed)
-
-    prompt = tokenizer.decode(engine.prompts[0])
-    assert prompt.count(info["tool_instructions"]) == 1 and '"name": "lookup"' in prompt
-    assert prompt.index(info["tool_instructions"]) < prompt.index("<|im_start|>user")
-    assert len([r for r in caplog.records if "ignores tools=" in r.message]) == 1  # once
-    env.close()
-
-    described = make("palaestra/ToolLookup-v0", split="train", tools_in_prompt=True)
-    engine = FakeEngine(lambda prompt: reply(tokenizer, "\\boxed{1}"))
-    await play(described, engine, renderer, seed=7)
-    assert tokenizer.decode(engine.prompts[0]).count("<tools>") == 1  # not described twice
-    described.close()
-
-
-TOOL_RENDERING = (
-    "{% if tools %}<|im_start|>system\nTools: {{ tools | map(attribute='function.name') "
-    "| join(', ') }}<|im_end|>\n{% endif %}"
-    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-def test_a_template_that_renders_tools_keeps_the_messages(tokenizer):
-    renderer = ChatRenderer(with_template(tokenizer, TOOL_RENDERING))
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
-    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {}}}]
-
-    assert renderer.renders_tools(messages, tools)
-    assert renderer.with_tool_instructions(messages, tools, "use lookup") == messages
-    plain = ChatRenderer(tokenizer)
-    described = plain.with_tool_instructions(messages, tools, "use lookup")
-    assert described[0] == {"role": "system", "content": "Be brief.\n\nuse lookup"}
-    assert plain.with_tool_instructions(messages[1:], tools, "use lookup")[0] == {
-        "role": "system",
-        "content": "use lookup",
-    }
-    assert plain.with_tool_instructions(messages, None, "use lookup") == messages
 
 
 # ------------------------------------------------------------------------------- metrics

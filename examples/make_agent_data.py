@@ -1,0 +1,59 @@
+"""Write the SFT data of ``examples/agent_pipeline.yaml``: expert episodes of each env.
+
+    python examples/make_agent_data.py            # writes data/agent_sft.jsonl (gitignored)
+    python examples/make_agent_data.py --episodes 100 --out /tmp/agent_sft.jsonl
+
+Each env's scripted expert (``expert_action``, see ``palaestra/envs/solver.py``) plays
+``--episodes`` training-split episodes, exactly as ``palaestra collect --policy oracle``
+does, with the same env kwargs and turn limit as the pipeline's GRPO stage; the successful
+ones are written, shuffled together, as one SFT file rendered for the embedded model's chat
+template. Held-out evaluation uses the envs' test splits, which none of these come from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+from pathlib import Path
+
+from palaestra import envs
+from palaestra.agent.collect import ORACLE, collect, write_records
+from palaestra.agent.render import ChatRenderer
+from palaestra.agent.rollout import RolloutLimits
+from palaestra.config import load_pipeline
+from palaestra.models import load_tokenizer
+
+PIPELINE = Path(__file__).parent / "agent_pipeline.yaml"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--episodes", type=int, default=400, help="expert episodes per env")
+    parser.add_argument("--out", type=Path, default=Path("data/agent_sft.jsonl"))
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    grpo = load_pipeline(PIPELINE)[-1]
+    renderer = ChatRenderer(load_tokenizer(grpo.model))
+    limits = RolloutLimits(max_turns=grpo.rollout.max_turns)
+    kept = []
+    for env in grpo.train_envs():
+        collection = asyncio.run(
+            collect(
+                lambda env=env: envs.make(env.id, **env.kwargs, split="train"),
+                ORACLE,
+                renderer,
+                env_id=env.id,
+                episodes=args.episodes,
+                seed=args.seed,
+                limits=limits,
+            )
+        )
+        print(f"{env.id}: {collection.summary()}")
+        kept += collection.kept
+    random.Random(args.seed).shuffle(kept)
+    print(f"wrote {write_records(args.out, kept)} SFT records to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
