@@ -52,7 +52,7 @@ import gymnasium as gym
 
 from palaestra.agent.engines.base import Engine, SamplingParams
 from palaestra.agent.errors import NoSolverError, RolloutConfigError
-from palaestra.agent.evaluate import env_turn_limit
+from palaestra.agent.evaluate import env_turn_limit, judged_success
 from palaestra.agent.render import ChatRenderer
 from palaestra.agent.rollout import (
     EnvPool,
@@ -244,7 +244,7 @@ def play_oracle(
         env_id=env_id,
         task_id=opening.task_id or str(seed),
         reward=reward,
-        success=_succeeded(reward, step.success),
+        success=judged_success(reward, step.success),
         stop_reason=stop,
     )
 
@@ -279,15 +279,10 @@ async def play_model(
         env_id=trajectory.env_id,
         task_id=trajectory.task_id,
         reward=trajectory.reward,
-        success=_succeeded(trajectory.reward, trajectory.step_info.success),
+        success=judged_success(trajectory.reward, trajectory.step_info.success),
         stop_reason=trajectory.stop_reason,
         trajectory=trajectory,
     )
-
-
-def _succeeded(reward: float, success: bool | None) -> bool:
-    """The env's ``success`` where it reports one, else a positive reward."""
-    return reward > 0 if success is None else success
 
 
 class _Recorder(gym.Wrapper):

@@ -71,8 +71,12 @@ def is_success(trajectory: Trajectory) -> bool:
     infrastructure failure never is."""
     if trajectory.stop_reason.is_infra_failure:
         return False
-    success = trajectory.step_info.success
-    return trajectory.reward > 0 if success is None else success
+    return judged_success(trajectory.reward, trajectory.step_info.success)
+
+
+def judged_success(reward: float, success: bool | None) -> bool:
+    """The env's ``success`` where it reports one, else a positive reward."""
+    return reward > 0 if success is None else success
 
 
 def env_turn_limit(env: gym.Env) -> int | None:

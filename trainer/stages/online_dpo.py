@@ -28,9 +28,8 @@ from palaestra.config import OnlineDPOStage
 from palaestra.rundir import RunDir
 from palaestra.trainer.batch import TokenBatch, collate
 from palaestra.trainer.learner import LossFn
-from palaestra.trainer.losses import PREFERENCE_LOSSES
 from palaestra.trainer.policy_gradient import with_reference
-from palaestra.trainer.preference import pair_loss
+from palaestra.trainer.preference import needs_reference, pair_loss
 from palaestra.trainer.stages.common import StageResult, frozen_copy
 from palaestra.trainer.stages.onpolicy import Policy, run_on_policy
 
@@ -48,8 +47,7 @@ class OnlineDPOUpdate:
     def __init__(self, cfg: OnlineDPOStage, policy: Policy) -> None:
         self.cfg, self.policy = cfg, policy
         # the reference is the stage's starting model: the policy before its first step
-        needs_reference = PREFERENCE_LOSSES[cfg.dpo.loss].needs_reference
-        self.reference = frozen_copy(policy.model) if needs_reference else None
+        self.reference = frozen_copy(policy.model) if needs_reference(cfg.dpo.loss) else None
 
     def __call__(self, trajectories: list[Trajectory]) -> dict[str, float]:
         pairs, without = preference_pairs(trajectories, self.cfg.dpo.pairs_per_group)
