@@ -7,6 +7,17 @@ gold answer with ``MathVerifier`` and ends the episode. The reward is 1 for a co
 answer plus ``format_reward`` when the answer was boxed; ``info["reward_components"]``
 holds the two parts.
 
+Hedging: a reply that boxes several answers ("\\boxed{12} or maybe \\boxed{13}") would earn
+the reward whenever its last box is right. With ``hedge="zero"`` (the default) a reply whose
+boxes disagree scores 0, format reward included, and is named as a reward hack:
+``info["reward_hack"] == ["hedge"]``. ``info["reward_components"]["reward_hack"]`` is then
+1.0, and 0.0 for a reply that does not hedge (it is never added to the reward), so the
+trainer's per-step metrics count hedges. Boxes are compared the way answers are graded:
+``\\boxed{1/2}`` and ``\\boxed{0.5}``, or one box repeated, give one answer; an empty box
+gives none; two boxes that cannot be compared within ``verify_timeout`` disagree, and so do a
+boxed intermediate result and a different final answer. ``hedge="last"`` grades the last box
+alone, as before hedges were caught, and reports nothing about the others.
+
 What this env does not do: multi-turn dialogue, tools, partial credit, or judging the
 reasoning; only the final answer is scored. Prompts are kept short on purpose (the
 default model has 135M parameters).
@@ -16,6 +27,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
+from enum import Enum
 from typing import Any
 
 from palaestra.envs.core import Messages
@@ -23,13 +35,28 @@ from palaestra.envs.errors import EnvConfigError
 from palaestra.envs.single_turn import SingleTurnEnv, question_messages
 from palaestra.envs.step_info import StepInfo
 from palaestra.envs.tasks import Split, Task, TaskSource, check_split, parse_source
-from palaestra.envs.verify import MathVerifier, extract_answer, last_boxed, parse_fallback
+from palaestra.envs.verify import (
+    MathVerifier,
+    boxed_answers,
+    extract_answer,
+    last_boxed,
+    parse_fallback,
+)
 
 DEFAULT_SYSTEM_PROMPT = "Reason briefly, then give the final answer in \\boxed{}."
 """The default system message."""
 
 DEFAULT_PROMPT_TEMPLATE = "{question}\nPut the final answer in \\boxed{{}}."
 """The default user message; ``{question}`` is replaced by the task's question."""
+
+
+class Hedge(str, Enum):
+    """What ``MathEnv`` does with a reply whose boxed answers disagree."""
+
+    ZERO = "zero"
+    """Score it 0 and name it in ``info["reward_hack"]`` as ``"hedge"``."""
+    LAST = "last"
+    """Grade its last box alone, as if the others were not there."""
 
 
 class MathEnv(SingleTurnEnv[Task]):
@@ -44,6 +71,7 @@ class MathEnv(SingleTurnEnv[Task]):
         prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
         answer_fallback: str = "last_number",
         format_reward: float = 0.0,
+        hedge: str = "zero",
         verify_timeout: float = 2.0,
         verifier: MathVerifier | None = None,
         **source_options: Any,
@@ -59,6 +87,8 @@ class MathEnv(SingleTurnEnv[Task]):
         answer_fallback: what counts as the answer when the reply has no ``\\boxed{}``:
             ``"last_number"`` or ``"none"``.
         format_reward: added to the reward when the answer is inside ``\\boxed{}``.
+        hedge: what a reply whose boxed answers disagree earns: ``"zero"`` (nothing, and
+            it is reported as a reward hack) or ``"last"`` (what its last box earns).
         verify_timeout: wall-time limit in seconds for checking one answer.
         verifier: the ``MathVerifier`` to use; the env will not close it. By default all
             MathEnvs with the same ``verify_timeout`` share one (its worker processes are
@@ -74,6 +104,11 @@ class MathEnv(SingleTurnEnv[Task]):
         self.prompt_template = prompt_template
         self.answer_fallback = parse_fallback(answer_fallback)
         self.format_reward = float(format_reward)
+        try:
+            self.hedge = Hedge(hedge)
+        except ValueError:
+            allowed = ", ".join(repr(option.value) for option in Hedge)
+            raise EnvConfigError(f"hedge must be one of {allowed}, got {hedge!r}.") from None
         self._leases_verifier = verifier is None
         self.verifier = verifier if verifier is not None else _SHARED.acquire(verify_timeout)
 
@@ -96,21 +131,26 @@ class MathEnv(SingleTurnEnv[Task]):
         task = self.take_task()
         boxed = last_boxed(action)
         answer = boxed if boxed is not None else extract_answer(action, self.answer_fallback)
-        verdict = None if answer is None else self.verifier.check(answer, task.answer)
+        hedged = self.hedge is Hedge.ZERO and not self.verifier.agree(boxed_answers(action))
+        verdict = None if answer is None or hedged else self.verifier.check(answer, task.answer)
         components = {
             "correct": 1.0 if verdict is not None and verdict.correct else 0.0,
-            "format": self.format_reward if boxed else 0.0,  # an empty box earns nothing
+            "format": self.format_reward if boxed and not hedged else 0.0,  # not for an empty box
         }
+        reward = sum(components.values())
+        if self.hedge is Hedge.ZERO:
+            components["reward_hack"] = float(hedged)  # counted in metrics, not rewarded
         info = StepInfo(
             task_id=task.task_id,
             reward_components=components,
+            reward_hack=("hedge",) if hedged else None,
             extra={
                 "answer": task.answer,
                 "extracted_answer": answer,
                 "verify_timed_out": verdict is not None and verdict.timed_out,
             },
         )
-        return [], sum(components.values()), True, False, info.to_info()
+        return [], reward, True, False, info.to_info()
 
     def close(self) -> None:
         """Give back the shared verifier (an injected one stays open). Idempotent."""

@@ -81,7 +81,8 @@ class StepInfo:
     error: str | None = None
     """What failed, beside an infrastructure ``stop_reason``."""
     reward_hack: tuple[str, ...] | None = None
-    """The reward hacks the env caught in the reply, by name (code envs; each scores 0)."""
+    """The reward hacks the env caught in the reply, by name (code envs, and the math env's
+    ``"hedge"``; each scores 0)."""
     tool_calls: int | None = None
     """Tool envs: well-formed calls so far this episode, run or refused."""
     tool_errors: int | None = None

@@ -2,9 +2,11 @@
 
 - ``extract_answer(text, fallback)`` returns the content of the last ``\\boxed{...}``
   (nested braces handled) or, when there is none, what the fallback finds (the last
-  number in the text, or nothing).
+  number in the text, or nothing). ``boxed_answers(text)`` returns every boxed answer.
 - ``MathVerifier.verify(prediction, gold)`` decides equivalence with ``math-verify``
-  (fractions, decimals, LaTeX, signs, ``$...$``), under a per-answer wall-time limit.
+  (fractions, decimals, LaTeX, signs, ``$...$``), under a per-answer wall-time limit;
+  ``MathVerifier.agree(answers)`` says whether several answers are one (a reply that boxes
+  ``12`` and ``13`` hedges; one that boxes ``1/2`` and ``0.5`` does not).
 
 Why a worker process: math-verify hands answers to sympy, and some answers (``9^{9^{9}}``,
 a page of nested powers) take minutes or forever. math-verify's own timeouts use
@@ -33,6 +35,7 @@ import threading
 import time
 import weakref
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 from fractions import Fraction
@@ -70,6 +73,26 @@ def last_boxed(text: str) -> str | None:
         if brace in closing:
             return text[brace + 1 : closing[brace]].strip()
     return None
+
+
+def boxed_answers(text: str) -> list[str]:
+    """The contents of every complete ``\\boxed{...}`` (or ``\\fbox{...}``), in order; a box
+    inside another is part of that one's answer. Linear in the length of the text.
+
+    >>> boxed_answers(r"\\boxed{12} or maybe \\boxed{13}, or \\boxed{")
+    ['12', '13']
+    """
+    box_braces = [match.end() - 1 for match in _BOX_COMMANDS.finditer(text)]
+    if not box_braces:
+        return []
+    closing = _matching_braces(text)
+    answers: list[str] = []
+    end_of_last = -1
+    for brace in box_braces:
+        if brace > end_of_last and brace in closing:
+            end_of_last = closing[brace]
+            answers.append(text[brace + 1 : end_of_last].strip())
+    return answers
 
 
 def _matching_braces(text: str) -> dict[int, int]:
@@ -362,6 +385,23 @@ class MathVerifier:
             return Verdict(correct=False)
         finally:
             self._idle.put(worker)
+
+    def agree(self, answers: Sequence[str]) -> bool:
+        """Whether ``answers`` all give one answer: each is checked against the last as
+        ``check`` checks a prediction against gold, so ``1/2`` and ``0.5`` agree.
+
+        Empty answers are skipped and repeats (equal after ``normalize_answer``) checked
+        once; the checks stop at the first answer that differs. An answer that runs past the
+        limit counts as different.
+        """
+        distinct: dict[str, str] = {}
+        for answer in reversed(answers):
+            distinct.setdefault(normalize_answer(answer), answer)
+        distinct.pop("", None)
+        if len(distinct) < 2:
+            return True
+        reference, *others = distinct.values()
+        return all(self.check(answer, reference).correct for answer in others)
 
     def close(self) -> None:
         """Stop the worker processes. Idempotent."""

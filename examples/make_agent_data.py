@@ -4,8 +4,9 @@
     python examples/make_agent_data.py --episodes 100 --out /tmp/agent_sft.jsonl
 
 Each env's scripted expert (``expert_action``, see ``palaestra/envs/solver.py``) plays
-``--episodes`` training-split episodes, exactly as ``palaestra collect --policy oracle``
-does, with the same env kwargs and turn limit as the pipeline's GRPO stage; the successful
+``--episodes`` training-split episodes per unit of the env's ``weight`` in the pipeline
+(the function-calling env, weight 2, gets twice as many), exactly as ``palaestra collect
+--policy oracle`` does, with the same env kwargs and turn limit as the pipeline's GRPO stage; the successful
 ones are written, shuffled together, as one SFT file rendered for the embedded model's chat
 template. Held-out evaluation uses the envs' test splits, which none of these come from.
 """
@@ -29,7 +30,9 @@ PIPELINE = Path(__file__).parent / "agent_pipeline.yaml"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--episodes", type=int, default=400, help="expert episodes per env")
+    parser.add_argument(
+        "--episodes", type=int, default=200, help="expert episodes per unit of an env's weight"
+    )
     parser.add_argument("--out", type=Path, default=Path("data/agent_sft.jsonl"))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -44,7 +47,7 @@ def main() -> None:
                 ORACLE,
                 renderer,
                 env_id=env.id,
-                episodes=args.episodes,
+                episodes=round(args.episodes * env.weight),
                 seed=args.seed,
                 limits=limits,
             )

@@ -26,12 +26,12 @@ from typing import TYPE_CHECKING
 from palaestra import collect_command, eval_command
 from palaestra.agent.errors import AgentError
 from palaestra.envs.errors import EnvError
-from palaestra.errors import PalaestraError
+from palaestra.errors import ConfigError, PalaestraError
 from palaestra.sandboxes.errors import SandboxError
 from palaestra.trainer.errors import TrainerError
 
 if TYPE_CHECKING:
-    pass
+    from palaestra.config import TrainConfig
 
 USER_ERRORS = (PalaestraError, EnvError, AgentError, TrainerError, SandboxError)
 """Errors whose message says what to fix: printed as one line, no traceback."""
@@ -99,6 +99,18 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--index", type=Path, required=True, help="index directory")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind")
     serve.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
+    serve.add_argument(
+        "--timeout-s",
+        type=float,
+        default=5.0,
+        help="drop a client that takes longer to send a request, or idles longer (default 5)",
+    )
+    serve.add_argument(
+        "--max-connections",
+        type=int,
+        default=200,
+        help="connections served at once; more are closed on arrival (default 200)",
+    )
     serve.set_defaults(run=_search, action="serve")
 
     collect_command.add_parser(sub)
@@ -110,7 +122,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def _train(args: argparse.Namespace) -> int:
     from palaestra.config import load_pipeline, read_config
-    from palaestra.errors import ConfigError
     from palaestra.rundir import RunDir
 
     raw = read_config(args.config, args.overrides)
@@ -120,6 +131,7 @@ def _train(args: argparse.Namespace) -> int:
     from palaestra.pipeline import run_pipeline, run_stage
 
     quiet_libraries()
+    _check_devices(stages)
     if "stages" in raw:
         if args.resume is not None:
             root = args.resume
@@ -153,6 +165,25 @@ def _train(args: argparse.Namespace) -> int:
         print(f"{key}: {value:.4f}")
     print(f"checkpoint: {result.checkpoint}")
     return 0
+
+
+def _check_devices(stages: list[TrainConfig]) -> None:
+    """Refuse a CUDA device this machine lacks before a run directory is made (the config
+    checks the spelling only: it loads without torch)."""
+    import torch
+
+    for device in sorted({config.device for config in stages} - {"cpu"}):
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"device: {device!r}, but torch finds no CUDA device on this machine; "
+                "set device=cpu"
+            )
+        index = torch.device(device).index
+        if index is not None and index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"device: {device!r}, but this machine has {torch.cuda.device_count()} CUDA "
+                f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+            )
 
 
 def _run_name(config: Path) -> str:
@@ -212,16 +243,22 @@ def _search(args: argparse.Namespace) -> int:
         BM25Retriever.build(documents).save(args.out)
         print(f"indexed {len(documents)} documents into {args.out}")
     else:
-        asyncio.run(_serve_index(args.index, args.host, args.port))
+        asyncio.run(_serve_index(args))
     return 0
 
 
-async def _serve_index(index: Path, host: str, port: int) -> None:
+async def _serve_index(args: argparse.Namespace) -> None:
     from palaestra.envs.search import BM25Retriever
     from palaestra.envs.search.server import serving
 
-    retriever = BM25Retriever.load(index)
-    async with serving(retriever, host, port) as url:
+    retriever = BM25Retriever.load(args.index)
+    async with serving(
+        retriever,
+        args.host,
+        args.port,
+        timeout_s=args.timeout_s,
+        max_connections=args.max_connections,
+    ) as url:
         print(f"serving {len(retriever.documents)} documents on {url}", flush=True)
         await asyncio.Event().wait()
 

@@ -11,7 +11,8 @@ sets they choose from in ``palaestra.options``.
 Everything is validated when the config loads, before any work starts: a bad key or value
 fails with the field's dotted path and what is allowed, and a key of another stage (``ppo:``
 in a ``grpo`` config) names the stages that take it. Models forbid unknown keys, so a typo
-never silently falls back to a default.
+never silently falls back to a default, and a key given twice in one YAML mapping is an
+error naming its lines, where plain YAML would keep the last and drop the first.
 
 What this module does not do: build models, envs or engines from the config. The stage
 loops and the CLI do that.
@@ -20,12 +21,21 @@ loops and the CLI do that.
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
-from pydantic import Discriminator, Field, Tag, TypeAdapter, ValidationError, model_validator
+from pydantic import (
+    Discriminator,
+    Field,
+    Tag,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import ErrorDetails
 
 from palaestra.config_sections import (
@@ -92,8 +102,9 @@ class StageConfig(Section):
     model: str = "smollm2-135m"
     """``smollm2-135m`` (embedded), ``tiny-random`` (tests) or a local HF model directory."""
     device: str = "cpu"
-    """Torch device for learner and engine: ``cpu``, ``cuda``, ``cuda:1``."""
-    seed: int = 0
+    """Torch device for learner and engine: ``cpu``, ``cuda`` or ``cuda:N`` (GPU N); the
+    CLI checks that this machine has it before it makes the run directory."""
+    seed: int = Field(0, ge=0)
     """Seed for task order, sampling and initialisation."""
     engine_dtype: DType = "auto"
     """Dtype of the engine's copy of the weights (rollouts and evaluation); ``auto`` as
@@ -111,11 +122,12 @@ class StageConfig(Section):
     run: RunConfig = RunConfig()
     """The run directory and what is written into it."""
 
-    @model_validator(mode="after")
-    def _check_device(self) -> StageConfig:
-        if self.device != "cpu" and not self.device.startswith("cuda"):
-            raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
-        return self
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, device: str) -> str:
+        if re.fullmatch(r"cpu|cuda(:[0-9]+)?", device) is None:
+            raise ValueError("must be 'cpu', 'cuda' or 'cuda:N' with N a GPU index (0, 1, ...)")
+        return device
 
     @model_validator(mode="after")
     def _check_envs(self) -> StageConfig:
@@ -318,7 +330,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = child
         if not isinstance(node, dict):
             raise ConfigError(f"override {item!r}: name a key inside a stage (stages.<i>.key)")
-        node[leaf] = yaml.safe_load(raw)
+        try:
+            node[leaf] = yaml.load(raw, Loader=_UniqueKeyLoader)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML: {exc}") from None
     return data
 
 
@@ -422,11 +437,35 @@ def _takers_note(key: str) -> str:
     return f"stages that take it: {', '.join(takers)}"
 
 
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+"""The tag of YAML's ``<<`` merge key, whose keys a mapping may override."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping: plain YAML keeps the
+    last value, so a second ``trainer:`` section would silently replace the first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == _MERGE_TAG:
+                continue  # unhashable keys are the base loader's error; ``<<`` merges
+            key = self.construct_object(key_node)
+            line = key_node.start_mark.line + 1
+            if key in lines:
+                raise yaml.constructor.ConstructorError(
+                    problem=f"key {key!r} appears twice in one mapping (lines {lines[key]} "
+                    f"and {line}); YAML would keep only the last: merge them into one"
+                )
+            lines[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: str | Path | None) -> dict[str, Any]:
     if path is None:
         return {}
     try:
-        loaded = yaml.safe_load(Path(path).read_text())
+        loaded = yaml.load(Path(path).read_text(), Loader=_UniqueKeyLoader)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
     except yaml.YAMLError as exc:

@@ -11,10 +11,19 @@ What this module does not do: decide which stage takes which section, or load YA
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from palaestra.options import (
     Advantage,
@@ -31,10 +40,13 @@ from palaestra.options import (
 
 
 class Section(BaseModel):
-    """Base of every config model: frozen, unknown keys refused, attribute docstrings kept
-    as the fields' descriptions."""
+    """Base of every config model: frozen, unknown keys refused, ``inf`` and ``nan``
+    refused in every float field (a learning rate of ``.inf`` would turn every weight into
+    nan), attribute docstrings kept as the fields' descriptions."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, allow_inf_nan=False, use_attribute_docstrings=True
+    )
 
 
 class LearnedRewardConfig(Section):
@@ -62,6 +74,29 @@ class EnvConfig(Section):
     """Where ``env`` lists several envs: this env's share of the training tasks is its
     weight over the sum of the weights."""
 
+    @field_validator("kwargs")
+    @classmethod
+    def _finite_kwargs(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The typed fields refuse ``inf`` and ``nan`` (``Section``); the free-form
+        arguments are checked here."""
+        for where, value in _leaves(kwargs):
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{where} is {value}: give the env a finite number")
+        return kwargs
+
+
+def _leaves(data: Any, where: str = "") -> Iterator[tuple[str, Any]]:
+    """Every value inside nested mappings and lists, with its dotted path."""
+    if isinstance(data, dict):
+        items: Any = data.items()
+    elif isinstance(data, list):
+        items = enumerate(data)
+    else:
+        yield where, data
+        return
+    for key, value in items:
+        yield from _leaves(value, f"{where}.{key}" if where else str(key))
+
 
 class RolloutConfig(Section):
     """How training episodes are sampled: tasks per step, group size, limits."""
@@ -80,7 +115,10 @@ class RolloutConfig(Section):
     """Most assistant turns per episode; the episode is truncated after that."""
     max_total_tokens: int | None = Field(None, ge=1)
     """Most tokens per training sample (prompt, sampled and env tokens together); each turn
-    samples at most what is left, and the episode stops (``max_tokens``) when none is."""
+    samples at most what is left, and the episode stops (``max_tokens``) when none is. It
+    must exceed ``max_tokens``: the prompt takes its share first, so a budget of
+    ``max_tokens`` or less never lets a turn sample ``max_tokens``. A prompt that fills it
+    alone ends the episode before anything is sampled: leave room for the env's prompts."""
     max_episode_s: float | None = Field(None, gt=0)
     """Wall-clock limit per episode, in seconds; an episode over it stops with ``timeout``,
     an infrastructure failure kept out of the gradient."""
@@ -88,6 +126,19 @@ class RolloutConfig(Section):
     """How many policy versions a trajectory may lag the learner. 0 is synchronous: each
     step samples on the weights of the step before. N > 0 lets rollouts for the next steps
     run while the learner trains; groups older than N versions are dropped and counted."""
+
+    @field_validator("max_total_tokens")
+    @classmethod
+    def _room_to_sample(cls, max_total_tokens: int | None, info: ValidationInfo) -> int | None:
+        max_tokens = info.data.get("max_tokens")  # absent if it failed its own check
+        if max_total_tokens is None or max_tokens is None:
+            return max_total_tokens
+        if max_total_tokens <= max_tokens:
+            raise ValueError(
+                f"must exceed rollout.max_tokens ({max_tokens}), as it holds the prompt too: "
+                "raise it above the longest prompt plus max_tokens, or lower rollout.max_tokens"
+            )
+        return max_total_tokens
 
 
 class GRPOConfig(Section):
@@ -244,6 +295,10 @@ class ServerConfig(Section):
     """Retries (with exponential backoff) after a failed request."""
 
 
+AdamBeta = Annotated[float, Field(ge=0, lt=1)]
+"""A decay rate of AdamW's running averages, in [0, 1)."""
+
+
 class TrainerConfig(Section):
     """Optimisation: steps, AdamW, warm-up, micro-batching, clipping, precision."""
 
@@ -253,8 +308,8 @@ class TrainerConfig(Section):
     """AdamW learning rate."""
     weight_decay: float = Field(0.0, ge=0)
     """AdamW weight decay."""
-    betas: tuple[float, float] = (0.9, 0.99)
-    """AdamW betas."""
+    betas: tuple[AdamBeta, AdamBeta] = (0.9, 0.99)
+    """AdamW betas: the decay rates of the gradient's running mean and of its square."""
     warmup_steps: int = Field(0, ge=0)
     """Linear learning-rate warm-up steps."""
     micro_batch_size: int = Field(16, ge=1)
@@ -309,10 +364,21 @@ class RunConfig(Section):
     output_dir: Path = Path("runs")
     """Parent folder of run directories."""
     name: str | None = None
-    """Run directory name; defaults to the config name and a timestamp."""
+    """Run directory name, one folder inside ``output_dir`` (no ``/``, not ``..``);
+    defaults to the config name and a timestamp."""
     save_every: int = Field(0, ge=0)
     """Save a checkpoint every N steps (0: only the final one)."""
     log_trajectories: int = Field(4, ge=0)
     """Trajectories per step written to ``trajectories.jsonl``."""
     progress: bool = True
     """Show a progress bar."""
+
+    @field_validator("name")
+    @classmethod
+    def _one_folder(cls, name: str | None) -> str | None:
+        if name is not None and ("/" in name or name in ("", ".", "..")):
+            raise ValueError(
+                "must be one folder name (no '/', not '.' or '..') so the run stays inside "
+                "run.output_dir; to write elsewhere, set run.output_dir"
+            )
+        return name

@@ -214,6 +214,17 @@ def batch_indices(n: int, batch_size: int, seed: int) -> Iterator[list[int]]:
         order = order[batch_size:]
 
 
+_IDS_AFTER_KEPT = 1024
+"""How many ids of a cut text follow the ones kept. Which id a tokenizer picks depends on
+the text right after it (the rest of its word, number or run of spaces), not on text a
+thousand ids on, so the kept ids are those of the whole text. (SmolLM2's tokenizer, cut
+inside runs of one letter, of spaces or of random characters, changes at most 3 ids.)"""
+
+_CHARS_PER_ID = 8
+"""Characters a text is first cut to per id needed; most text needs about 4, and the cut
+doubles until it holds enough ids."""
+
+
 class ChatEncoder:
     """Tokenises conversations with a chat template and assistant-only loss masks."""
 
@@ -225,12 +236,17 @@ class ChatEncoder:
     def encode(self, messages: Messages, train_from: int = 0) -> Encoded:
         """Ids and mask of ``messages``: assistant messages at index ``>= train_from`` are
         trained on, through their end-of-turn token. The conversation ends after its last
-        trained message; it is cut from the end to ``max_length`` tokens."""
+        trained message; it is cut from the end to ``max_length`` tokens. The work stops
+        once ``max_length`` is passed: later messages are not rendered, and a long text is
+        tokenised from a cut beginning (``_token_ids``), so a 50 MB conversation costs
+        little more than a short one."""
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
         ids: list[int] = []
         mask: list[int] = []
         rendered = ""
         for i, message in enumerate(messages[: last + 1]):
+            if len(ids) > self.max_length:
+                break  # the rest would be cut off
             if message["role"] != "assistant":
                 continue
             prompt = self._render(messages[:i], generation_prompt=True)
@@ -249,12 +265,25 @@ class ChatEncoder:
             )
             trained = 1 if i >= train_from else 0
             for text, flag in ((prompt[len(rendered) :], 0), (answer[:cut], trained)):
-                part = self.tokenizer.encode(text, add_special_tokens=False)
-                ids += part
-                mask += [flag] * len(part)
+                if len(ids) <= self.max_length:
+                    part = self._token_ids(text, wanted=self.max_length + 1 - len(ids))
+                    ids += part
+                    mask += [flag] * len(part)
             rendered = prompt + answer[:cut]
         truncated = len(ids) > self.max_length
         return Encoded(ids[: self.max_length], mask[: self.max_length], truncated)
+
+    def _token_ids(self, text: str, wanted: int) -> list[int]:
+        """The ids of ``text``, or, when it holds more than ``wanted`` (>= 1), its first
+        ``wanted``: taken from a beginning of it long enough to hold ``_IDS_AFTER_KEPT`` more,
+        so a 50 MB message is not tokenised whole."""
+        chars = (wanted + _IDS_AFTER_KEPT) * _CHARS_PER_ID
+        while chars < len(text):
+            ids = self.tokenizer.encode(text[:chars], add_special_tokens=False)
+            if len(ids) >= wanted + _IDS_AFTER_KEPT:
+                return ids[:wanted]
+            chars *= 2
+        return self.tokenizer.encode(text, add_special_tokens=False)
 
     def _render(self, messages: Messages, *, generation_prompt: bool) -> str:
         if not messages:

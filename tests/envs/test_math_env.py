@@ -15,6 +15,7 @@ from palaestra.envs import (
     MathVerifier,
     ReasoningGymSource,
     ResetNeededError,
+    StepInfo,
     Task,
     VerifierError,
 )
@@ -69,7 +70,11 @@ def test_correct_boxed_answer_earns_correct_and_format(env: MathEnv) -> None:
     reward, info = _play(env, r"2 + 3 = 5, so the answer is \boxed{5}.")
 
     assert reward == pytest.approx(1.1)
-    assert info["reward_components"] == {"correct": 1.0, "format": pytest.approx(0.1)}
+    assert info["reward_components"] == {
+        "correct": 1.0,
+        "format": pytest.approx(0.1),
+        "reward_hack": 0.0,
+    }
     assert info["extracted_answer"] == "5"
     assert info["verify_timed_out"] is False
 
@@ -85,21 +90,25 @@ def test_wrong_boxed_answer_earns_only_format(env: MathEnv) -> None:
     reward, info = _play(env, r"\boxed{6}")
 
     assert reward == pytest.approx(0.1)
-    assert info["reward_components"] == {"correct": 0.0, "format": pytest.approx(0.1)}
+    assert info["reward_components"] == {
+        "correct": 0.0,
+        "format": pytest.approx(0.1),
+        "reward_hack": 0.0,
+    }
 
 
 def test_empty_box_earns_no_format_reward(env: MathEnv) -> None:
     reward, info = _play(env, r"The answer is \boxed{}.")
 
     assert reward == 0.0
-    assert info["reward_components"] == {"correct": 0.0, "format": 0.0}
+    assert info["reward_components"] == {"correct": 0.0, "format": 0.0, "reward_hack": 0.0}
 
 
 def test_unboxed_answer_uses_the_fallback_without_format_reward(env: MathEnv) -> None:
     reward, info = _play(env, "2 + 3 is 5")
 
     assert reward == 1.0
-    assert info["reward_components"] == {"correct": 1.0, "format": 0.0}
+    assert info["reward_components"] == {"correct": 1.0, "format": 0.0, "reward_hack": 0.0}
 
 
 def test_missing_answer_scores_zero(env: MathEnv) -> None:
@@ -115,6 +124,49 @@ def test_no_fallback_means_unboxed_answers_score_zero(verifier: MathVerifier) ->
     reward, info = _play(env, "2 + 3 is 5")
 
     assert reward == 0.0 and info["extracted_answer"] is None
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        r"It is \boxed{5}, or maybe \boxed{6}.",
+        r"\boxed{6}? No: \boxed{5}.",  # a right last box does not help
+        r"\boxed{4}, then \boxed{5} and \boxed{5}",
+    ],
+)
+def test_a_reply_whose_boxes_disagree_scores_zero_and_is_named(env: MathEnv, reply: str) -> None:
+    reward, info = _play(env, reply)
+
+    assert reward == 0.0
+    assert info["reward_components"] == {"correct": 0.0, "format": 0.0, "reward_hack": 1.0}
+    assert info["reward_hack"] == ["hedge"]
+    assert StepInfo.from_info(info).reward_hack == ("hedge",)
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        r"\boxed{1/2}, that is \boxed{0.5}",
+        r"\boxed{0.5}. Again: \boxed{0.5}",
+        r"Format: \boxed{}. Answer: \boxed{\frac{1}{2}}",  # an empty box is no answer
+    ],
+)
+def test_one_answer_boxed_several_times_is_not_a_hedge(env: MathEnv, reply: str) -> None:
+    reward, info = _play(env, reply, task_index=0)
+
+    assert reward == pytest.approx(1.1)
+    assert info["reward_components"]["reward_hack"] == 0.0
+    assert "reward_hack" not in info
+
+
+def test_hedge_last_grades_the_last_box_alone(verifier: MathVerifier) -> None:
+    env = MathEnv(FixedTasks(), format_reward=0.1, hedge="last", verifier=verifier)
+
+    reward, info = _play(env, r"It is \boxed{6}, or maybe \boxed{5}.")
+
+    assert reward == pytest.approx(1.1)
+    assert info["reward_components"] == {"correct": 1.0, "format": pytest.approx(0.1)}
+    assert "reward_hack" not in info
 
 
 def test_step_before_reset_and_after_the_end_raises(env: MathEnv) -> None:
@@ -186,6 +238,7 @@ def test_test_split_from_jsonl(tmp_path: Path) -> None:
         ({"prompt_template": "no placeholder"}, "must contain '{question}'"),
         ({"prompt_template": "{question} in \\boxed{}"}, "write literal braces doubled"),
         ({"answer_fallback": "first_number"}, "answer fallback must be one of"),
+        ({"hedge": "first"}, "hedge must be one of 'zero', 'last'"),
         ({"split": "valid"}, "split must be 'train' or 'test'"),
     ],
 )

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from palaestra.envs import EnvConfigError, MathVerifier, VerifierError, extract_answer
-from palaestra.envs.verify import fast_verdict
+from palaestra.envs.verify import boxed_answers, fast_verdict
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +35,40 @@ def verifier() -> Iterator[MathVerifier]:
 )
 def test_extract_answer(text: str, fallback: str, expected: str | None) -> None:
     assert extract_answer(text, fallback) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (r"\boxed{12} or maybe \boxed{ 13 }", ["12", "13"]),
+        (r"\boxed{\frac{1}{2}} \fbox{7} \boxed{}", [r"\frac{1}{2}", "7", ""]),
+        (r"\boxed{\boxed{5}} then \boxed{6", [r"\boxed{5}"]),  # an inner box is part of it
+        (r"\boxed{ 4 \boxed{5}", ["5"]),  # the outer box never closes
+        ("\\boxed{" * 1000 + r"\boxed{5}", ["5"]),
+        ("no box", []),
+    ],
+)
+def test_boxed_answers_are_every_complete_outer_box(text: str, expected: list[str]) -> None:
+    assert boxed_answers(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("answers", "agree"),
+    [
+        (["12", "13"], False),
+        (["5", r"\sqrt{4}"], False),
+        (["1/2", "0.5", r"\frac{1}{2}"], True),
+        ([r"\sqrt{4}", "2"], True),  # settled by math-verify, not the fast path
+        (["5", " 5 ", "$5$", "5."], True),
+        (["", "5"], True),  # an empty box gives no answer
+        (["7"], True),
+        ([], True),
+    ],
+)
+def test_answers_agree_when_they_are_one_answer(
+    verifier: MathVerifier, answers: list[str], agree: bool
+) -> None:
+    assert verifier.agree(answers) is agree
 
 
 def test_extract_answer_rejects_unknown_fallback() -> None:

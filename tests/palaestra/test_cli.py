@@ -330,3 +330,66 @@ def test_the_sft_dpo_grpo_pipeline_example_runs_end_to_end(tmp_path):
 
     again = palaestra("train", "examples/pipeline_sft_dpo_grpo.yaml", "--resume", str(root))
     assert again.returncode == 2 and "finished with a different config" in again.stderr
+
+
+@pytest.mark.slow
+def test_the_agent_pipeline_example_runs_end_to_end(tmp_path):
+    """examples/agent_pipeline.yaml in a short form on the tiny model: the envs' expert
+    episodes from make_agent_data.py, SFT on them, then GRPO over the three-env mixture with
+    per-env metrics and a held-out evaluation of every env after each GRPO step."""
+    data = tmp_path / "agent_sft.jsonl"
+    made = subprocess.run(
+        [sys.executable, "examples/make_agent_data.py", "--episodes", "3", "--out", str(data)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
+    assert made.returncode == 0, made.stderr[-3000:]
+    envs = ["palaestra/ToolLookup-v0", "palaestra/Search-v0", "palaestra/FunctionCall-v0"]
+    records = [json.loads(x) for x in data.read_text().splitlines()]
+    # episodes per env follow the pipeline's weights (1, 1, 2); every one is a success
+    assert [sum(r["env_id"] == env for r in records) for env in envs] == [3, 3, 6]
+    assert all(r["reward"] == 1.0 for r in records)
+
+    out = palaestra(
+        "train",
+        "examples/agent_pipeline.yaml",
+        "model=tiny-random",
+        "engine=transformers",
+        f"stages.sft.data.path={data}",
+        "stages.sft.data.eval_size=2",
+        "stages.sft.trainer.steps=2",
+        "stages.grpo.trainer.steps=2",
+        "stages.grpo.eval.every_steps=1",
+        "rollout.tasks_per_step=2",
+        "rollout.group_size=2",
+        "rollout.max_tokens=8",
+        "rollout.max_turns=2",
+        "trainer.micro_batch_size=4",
+        "eval.num_tasks=2",
+        "run.progress=false",
+        f"run.output_dir={tmp_path}",
+        "run.name=agent",
+        cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    root = tmp_path / "agent"
+    sft = yaml.safe_load((root / "1-sft" / "config.yaml").read_text())
+    assert sft["data"]["path"] == str(data)
+    grpo = yaml.safe_load((root / "2-grpo" / "config.yaml").read_text())
+    assert grpo["model"] == str(root / "1-sft" / "checkpoints" / "final")
+    assert [(e["id"], e["weight"]) for e in grpo["env"]] == list(
+        zip(envs, [1.0, 1.0, 2.0], strict=True)
+    )
+    records = [json.loads(x) for x in (root / "2-grpo" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [1, 2]
+    for record in train:  # the envs sampled this step, each with its own reward
+        sampled = [env for env in envs if f"{env}/episodes" in record]
+        assert sampled and all(f"{env}/reward" in record for env in sampled)
+        assert sum(record[f"{env}/episodes"] for env in sampled) == 4
+    evals = [r for r in records if r["kind"] == "eval" and "accuracy" in r]
+    assert [r["step"] for r in evals] == [1, 2]  # every step here; no "before": SFT's "after"
+    for record in evals:
+        assert all(0.0 <= record[f"{env}/success"] <= 1.0 for env in envs)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from palaestra.config import load_config
+from palaestra.config import load_config, read_config
 from palaestra.errors import ConfigError
 
 
@@ -45,11 +45,6 @@ def test_malformed_override_and_missing_file(tmp_path):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(write(tmp_path, "- a\n- b\n"))
-
-
-def test_bad_device_is_rejected():
-    with pytest.raises(ConfigError, match="device"):
-        load_config(None, ["device=tpu"])
 
 
 def test_engine_choice_and_the_vllm_engine_refuses_top_p():
@@ -270,3 +265,129 @@ def test_a_bare_off_on_the_command_line_turns_importance_sampling_off():
     assert load_config(None, ["grpo.importance_sampling=off"]).grpo.importance_sampling == "off"
     with pytest.raises(ConfigError, match="importance_sampling"):
         load_config(None, ["grpo.importance_sampling=true"])
+
+
+# --- values found bad at load, before a run directory or a model ---------------------
+
+
+def _section_classes():
+    """Every config model: the sections and the stage classes (``palaestra.config``)."""
+    from palaestra.config_sections import Section
+
+    found, todo = [], [Section]
+    while todo:
+        cls = todo.pop()
+        found += cls.__subclasses__()
+        todo += cls.__subclasses__()
+    return sorted(set(found), key=lambda cls: cls.__name__)
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_no_field_of_any_section_takes_inf_or_nan(value):
+    from pydantic import ValidationError
+
+    for cls in _section_classes():
+        for name in cls.model_fields:
+            with pytest.raises(ValidationError) as caught:
+                cls.model_validate({name: value})
+            assert any(err["loc"][0] == name for err in caught.value.errors()), (cls, name)
+
+
+FINITE = "Input should be a finite number"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["trainer.lr=.inf"], f"trainer.lr: {FINITE} (got inf)"),
+        (["trainer.lr=inf"], f"trainer.lr: {FINITE} (got 'inf')"),  # a string read as a float
+        (["trainer.max_grad_norm=.inf"], f"trainer.max_grad_norm: {FINITE}"),
+        (["trainer.betas=[0.9, .nan]"], f"trainer.betas.1: {FINITE}"),
+        (["rollout.temperature=.nan"], f"rollout.temperature: {FINITE}"),
+        (["eval.temperature=.inf"], f"eval.temperature: {FINITE}"),
+        (["grpo.is_cap=.inf"], f"grpo.is_cap: {FINITE}"),
+        (["grpo.kl_coef=.nan"], f"grpo.kl_coef: {FINITE}"),
+        ([*STAGE_OVERRIDES["dpo"], "dpo.beta=.inf"], f"dpo.beta: {FINITE}"),
+        (["env.kwargs.size=.inf"], "kwargs: Value error, size is inf: give the env a finite"),
+    ],
+)
+def test_inf_and_nan_fail_naming_the_field(overrides, message):
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, overrides)
+    assert message in str(caught.value)
+
+
+def test_a_key_given_twice_in_a_yaml_file_names_the_key_and_its_lines(tmp_path):
+    text = "model: tiny-random\ntrainer:\n  lr: 1.0e-5\nrollout: {group_size: 4}\ntrainer:\n  steps: 3\n"
+    with pytest.raises(ConfigError, match=r"key 'trainer' appears twice .*\(lines 2 and 5\)"):
+        load_config(write(tmp_path, text))
+    nested = PIPELINE.replace("trainer: {steps: 2}", "trainer: {steps: 2, steps: 3}")
+    with pytest.raises(ConfigError, match=r"key 'steps' appears twice .*\(lines 7 and 7\)"):
+        load_config(write(tmp_path, nested))
+    with pytest.raises(ConfigError, match=r"override 'trainer=\{lr: 1, lr: 2\}': .*'lr' appears"):
+        load_config(None, ["trainer={lr: 1, lr: 2}"])
+    # a YAML merge key is not a duplicate: the mapping overrides what it merges
+    merged = "base: &base {lr: 1.0e-5, steps: 3}\ntrainer:\n  <<: *base\n  steps: 5\n"
+    assert read_config(write(tmp_path, merged))["trainer"] == {"lr": 1.0e-5, "steps": 5}
+
+
+@pytest.mark.parametrize("name", ["../x", "/tmp/x", "a/b", "..", ".", ""])
+def test_the_run_name_is_one_folder_inside_the_output_dir(name):
+    with pytest.raises(ConfigError, match=r"run\.name: .*must be one folder name"):
+        load_config(None, [f"run.name='{name}'"])
+    assert load_config(None, ["run.name=math-1"]).run.name == "math-1"
+
+
+def test_seed_and_adam_betas_are_checked_at_load():
+    with pytest.raises(ConfigError, match=r"seed: Input should be greater than or equal to 0"):
+        load_config(None, ["seed=-1"])
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, ["trainer.betas=[2, -1]"])
+    assert "trainer.betas.0: Input should be less than 1 (got 2)" in str(caught.value)
+    assert "trainer.betas.1: Input should be greater than or equal to 0" in str(caught.value)
+    assert load_config(None, ["trainer.betas=[0, 0.999]"]).trainer.betas == (0, 0.999)
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:abc", "cuda:-1", "cuda:", "cuda0", "CPU"])
+def test_a_device_that_is_not_cpu_cuda_or_cuda_n_is_refused(device):
+    with pytest.raises(ConfigError, match=r"device: .*'cpu', 'cuda' or 'cuda:N'"):
+        load_config(None, [f"device='{device}'"])
+
+
+def test_cuda_devices_are_spelled_cuda_or_cuda_n():
+    for device in ("cpu", "cuda", "cuda:1"):
+        assert load_config(None, [f"device={device}"]).device == device
+
+
+@pytest.mark.parametrize(
+    ("gpus", "device", "message"),
+    [
+        (0, "cuda", "device: 'cuda', but torch finds no CUDA device on this machine"),
+        (1, "cuda:3", "device: 'cuda:3', but this machine has 1 CUDA device(s)"),
+    ],
+)
+def test_train_refuses_a_cuda_device_the_machine_lacks_before_the_run_dir(
+    tmp_path, monkeypatch, capsys, gpus, device, message
+):
+    import torch
+
+    from palaestra.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    runs = tmp_path / "runs"
+    config = write(tmp_path, "model: tiny-random\n")
+    assert main(["train", str(config), f"device={device}", f"run.output_dir={runs}"]) == 2
+    assert message in capsys.readouterr().err
+    assert not runs.exists()
+
+
+def test_the_sample_budget_leaves_room_for_a_prompt_beside_max_tokens():
+    with pytest.raises(
+        ConfigError, match=r"rollout\.max_total_tokens: .*must exceed rollout\.max_tokens \(128\)"
+    ):
+        load_config(None, ["rollout.max_total_tokens=5"])
+    with pytest.raises(ConfigError, match=r"rollout\.max_total_tokens: .*\(got 8\)"):
+        load_config(None, ["rollout.max_tokens=8", "rollout.max_total_tokens=8"])
+    config = load_config(None, ["rollout.max_tokens=8", "rollout.max_total_tokens=9"])
+    assert config.rollout.max_total_tokens == 9

@@ -67,6 +67,38 @@ def test_long_conversations_are_cut_from_the_end(tokenizer):
     assert encoded.truncated and len(encoded.ids) == len(encoded.mask) == 20
 
 
+def test_a_cut_conversation_keeps_the_ids_and_mask_of_the_whole_one(tokenizer):
+    words = " ".join(f"word{n}" for n in range(3000))  # long enough for a text to be cut
+    chat = [*CHAT[:3], {"role": "user", "content": words}, {"role": "assistant", "content": words}]
+    whole = ChatEncoder(tokenizer, 10**9).encode(chat, train_from=3)
+    assert not whole.truncated
+    length, answer = len(whole.ids), whole.mask.index(1)  # where the long answer starts
+    for max_length in (1, 20, 300, answer, answer + 50, length - 1, length, length + 1):
+        encoded = ChatEncoder(tokenizer, max_length).encode(chat, train_from=3)
+        assert encoded.ids == whole.ids[:max_length]
+        assert encoded.mask == whole.mask[:max_length]
+        assert encoded.truncated == (max_length < length)
+
+
+def test_a_huge_message_is_not_tokenised_whole(tokenizer, monkeypatch):
+    megabytes = " ".join(f"word{n}" for n in range(400_000))  # 4.4 MB
+    chat = [{"role": "user", "content": megabytes}, {"role": "assistant", "content": "ok"}]
+    lengths = []
+    encode = tokenizer.encode
+
+    def noting_lengths(text, **kwargs):
+        lengths.append(len(text))
+        return encode(text, **kwargs)
+
+    monkeypatch.setattr(tokenizer, "encode", noting_lengths)
+    encoded = ChatEncoder(tokenizer, 64).encode(chat)
+
+    assert encoded.truncated and len(encoded.ids) == len(encoded.mask) == 64
+    assert max(lengths) < 100_000
+    shorter = [{"role": "user", "content": megabytes[:100_000]}, chat[1]]
+    assert encoded.ids == ChatEncoder(tokenizer, 10**9).encode(shorter).ids[:64]
+
+
 def test_sft_formats_and_their_errors(tmp_path):
     path = write(
         tmp_path,
