@@ -28,6 +28,16 @@ TINY_OVERRIDES = [
     "run.progress=false",
 ]
 
+SHORT_TOOL_RUN = [
+    "rollout.tasks_per_step=2",
+    "rollout.group_size=2",
+    "rollout.max_tokens=8",
+    "trainer.micro_batch_size=4",
+    "eval.num_tasks=2",
+    "run.progress=false",
+]
+"""A tool run on the tiny model cut to seconds: 2 tasks x 2 samples of 8 tokens a turn."""
+
 
 def palaestra(*args: str, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run(
@@ -234,13 +244,8 @@ def test_train_and_eval_on_a_user_module_env_without_a_wrapper(tmp_path):
         "model=tiny-random",
         f"env.id={env_id}",
         "env.kwargs={}",
-        "rollout.tasks_per_step=2",
-        "rollout.group_size=2",
-        "rollout.max_tokens=8",
         "trainer.steps=1",
-        "trainer.micro_batch_size=4",
-        "eval.num_tasks=2",
-        "run.progress=false",
+        *SHORT_TOOL_RUN,
         f"run.output_dir={tmp_path}",
         "run.name=custom",
         cwd=ROOT,
@@ -362,13 +367,8 @@ def test_the_agent_pipeline_example_runs_end_to_end(tmp_path):
         "stages.sft.trainer.steps=2",
         "stages.grpo.trainer.steps=2",
         "stages.grpo.eval.every_steps=1",
-        "rollout.tasks_per_step=2",
-        "rollout.group_size=2",
-        "rollout.max_tokens=8",
         "rollout.max_turns=2",
-        "trainer.micro_batch_size=4",
-        "eval.num_tasks=2",
-        "run.progress=false",
+        *SHORT_TOOL_RUN,
         f"run.output_dir={tmp_path}",
         "run.name=agent",
         cwd=ROOT,
