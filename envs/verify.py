@@ -65,14 +65,11 @@ def last_boxed(text: str) -> str | None:
 
     Linear in the length of the text, however many unclosed boxes a degenerate reply holds.
     """
-    box_braces = [match.end() - 1 for match in _BOX_COMMANDS.finditer(text)]
-    if not box_braces:
+    boxes = _complete_boxes(text)
+    if not boxes:
         return None
-    closing = _matching_braces(text)
-    for brace in reversed(box_braces):
-        if brace in closing:
-            return text[brace + 1 : closing[brace]].strip()
-    return None
+    brace, close = boxes[-1]
+    return text[brace + 1 : close].strip()
 
 
 def boxed_answers(text: str) -> list[str]:
@@ -82,17 +79,23 @@ def boxed_answers(text: str) -> list[str]:
     >>> boxed_answers(r"\\boxed{12} or maybe \\boxed{13}, or \\boxed{")
     ['12', '13']
     """
+    answers: list[str] = []
+    end_of_last = -1
+    for brace, close in _complete_boxes(text):
+        if brace > end_of_last:
+            end_of_last = close
+            answers.append(text[brace + 1 : close].strip())
+    return answers
+
+
+def _complete_boxes(text: str) -> list[tuple[int, int]]:
+    """``(opening brace, closing brace)`` of every box command whose brace gets closed, in
+    the order the boxes open (a box inside another comes after it)."""
     box_braces = [match.end() - 1 for match in _BOX_COMMANDS.finditer(text)]
     if not box_braces:
         return []
     closing = _matching_braces(text)
-    answers: list[str] = []
-    end_of_last = -1
-    for brace in box_braces:
-        if brace > end_of_last and brace in closing:
-            end_of_last = closing[brace]
-            answers.append(text[brace + 1 : end_of_last].strip())
-    return answers
+    return [(brace, closing[brace]) for brace in box_braces if brace in closing]
 
 
 def _matching_braces(text: str) -> dict[int, int]:
