@@ -17,6 +17,14 @@ carry no gradient) are dropped and replaced by groups of new tasks sampled at th
 gate, for at most ``max_rounds`` rounds. If the rounds run out, rejected groups fill the
 step's remaining places, so every step still gets its groups; all of it is counted.
 
+A resumed run starts the producer at its next step (``start(first_step)``) on the restored
+weights: the groups a stopped run had sampled ahead but not trained are sampled again, so
+every step's groups are trained exactly once.
+
+A group whose every episode failed in the engine (the engine died; it restarts on the
+next call) is sampled again with the same requests, at most ``ENGINE_RETRIES`` times and
+counted, so the step still gets its groups after an engine restart.
+
 What this module does not do: train, or choose which tasks make up a step (the caller's
 ``requests_for_step`` and ``DynamicSampling.more_requests`` do).
 """
@@ -24,15 +32,17 @@ What this module does not do: train, or choose which tasks make up a step (the c
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from palaestra.agent.engines.base import Engine, SamplingParams
 from palaestra.agent.errors import RolloutConfigError
 from palaestra.agent.render import ChatRenderer
 from palaestra.agent.rollout import EnvPool, EpisodeRequest, RolloutLimits, generate_groups
-from palaestra.agent.trajectory import Trajectory
+from palaestra.agent.trajectory import StopReason, Trajectory
 
 RequestsForStep = Callable[[int], Sequence[Sequence[EpisodeRequest]]]
 
@@ -75,6 +85,18 @@ class ProducerStats:
     """Rounds of replacement groups sampled by dynamic sampling."""
     rejected_groups_used: int = 0
     """Rejected groups that filled a step after its replacement rounds ran out."""
+    groups_resampled_after_engine_error: int = 0
+    """Groups sampled again because every episode of theirs failed in the engine."""
+
+    def record(self) -> dict[str, Any]:
+        """The counts as JSON-ready data (a training state keeps them)."""
+        return dataclasses.asdict(self) | {"staleness": dict(self.staleness)}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> ProducerStats:
+        """The counts ``record`` wrote (JSON turns the staleness keys into strings)."""
+        staleness = Counter({int(k): v for k, v in record["staleness"].items()})
+        return cls(**(record | {"staleness": staleness}))
 
 
 class RolloutProducer:
@@ -108,9 +130,16 @@ class RolloutProducer:
         self._step_done = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
-        """Start producing in the background on the running event loop."""
-        self._task = asyncio.get_running_loop().create_task(self._produce())
+    def start(self, first_step: int = 1) -> None:
+        """Start producing, from training step ``first_step`` on (a resumed run's next step),
+        in the background on the running event loop."""
+        self._task = asyncio.get_running_loop().create_task(self._produce(first_step))
+
+    def cancel(self) -> None:
+        """Ask the producer to stop now (a callback may call this, e.g. on Ctrl-C): groups in
+        flight are abandoned, and ``next_batch`` raises ``CancelledError``."""
+        if self._task is not None:
+            self._task.cancel()
 
     async def stop(self) -> None:
         """Stop producing; groups in flight are abandoned."""
@@ -155,8 +184,8 @@ class RolloutProducer:
         self._task.result()  # re-raise what stopped the producer
         raise RuntimeError("the rollout producer stopped")
 
-    async def _produce(self) -> None:
-        step = 1
+    async def _produce(self, first_step: int) -> None:
+        step = first_step
         while True:
             oldest_allowed = step - 1 - self.max_staleness
             async with self._version_changed:
@@ -175,7 +204,7 @@ class RolloutProducer:
         wanted, kept, rejected = len(requests), 0, list[list[Trajectory]]()
         rounds = 0
         while True:
-            async for group in self._generate(requests):
+            async for group in self._generate_surviving_engine_deaths(requests):
                 if self.dynamic_sampling is None or self.dynamic_sampling.keep(group):
                     await self._put(group)
                     kept += 1
@@ -191,6 +220,27 @@ class RolloutProducer:
         for group in rejected[: max(wanted - kept, 0)]:  # out of rounds: fill the step
             await self._put(group)
             self.stats.rejected_groups_used += 1
+
+    async def _generate_surviving_engine_deaths(
+        self, requests: Sequence[Sequence[EpisodeRequest]]
+    ) -> AsyncIterator[list[Trajectory]]:
+        """The groups of ``requests`` as they finish; a group whose every episode failed in
+        the engine (it died, and restarts on the next call) is sampled again with the same
+        requests, up to ``ENGINE_RETRIES`` times, so an engine restart costs the step no
+        groups. After that the group is passed on (its episodes are infrastructure
+        failures, kept out of the gradient)."""
+        for attempt in range(ENGINE_RETRIES + 1):
+            by_id = {group[0].group_id: group for group in requests}
+            failed: list[Sequence[EpisodeRequest]] = []
+            async for group in self._generate(requests):
+                if attempt < ENGINE_RETRIES and _all_engine_errors(group):
+                    failed.append(by_id[group[0].group_id])
+                    continue
+                yield group
+            if not failed:
+                return
+            self.stats.groups_resampled_after_engine_error += len(failed)
+            requests = failed
 
     def _generate(
         self, requests: Sequence[Sequence[EpisodeRequest]]
@@ -208,3 +258,11 @@ class RolloutProducer:
     async def _put(self, group: list[Trajectory]) -> None:
         await self._queue.put(group)
         self.stats.groups_produced += 1
+
+
+ENGINE_RETRIES = 2
+"""Times a group whose every episode failed in the engine is sampled again."""
+
+
+def _all_engine_errors(group: Sequence[Trajectory]) -> bool:
+    return all(tr.stop_reason is StopReason.ENGINE_ERROR for tr in group)

@@ -23,7 +23,9 @@ brackets (see ``StopReason``):
   env stopped mid-step could not be reused), so the episode stops after it.
 
 Env reports: every ``info`` is read as an ``envs.StepInfo``; one that breaks that contract
-ends the episode as ``env_error``, the message naming the env and the key. A step's
+ends the episode as ``env_error``, the message naming the env and the key, and so does a
+NaN or infinite reward or reward component (a broken reward says nothing about the policy,
+and would turn the step's loss into NaN). A step's
 ``stop_reason`` (an ``EnvStopReason``) is the reason the episode ends with if it ends after
 that step; an infrastructure reason (``tool_error``, ``env_error``) ends it at once, with
 ``error`` explaining it. A completion cut at its token limit makes the episode's last reason
@@ -40,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -251,6 +254,7 @@ async def run_episode(
         try:
             observation, reward, terminated, truncated, info = await _step(env, text)
             step = StepInfo.from_info(info, env=name)
+            _check_finite_reward(reward, step, env=name)
         except Exception as exc:  # an env crash (or a broken info) is an infrastructure failure
             episode.add_turn(completion, text, 0.0)
             return episode.finish(StopReason.ENV_ERROR, engine, _describe(exc))
@@ -273,6 +277,17 @@ async def run_episode(
             return episode.finish(StopReason.MAX_TOKENS, engine)
         episode.add_prompt(extension, new_sample=new_sample)
     raise AssertionError("unreachable: the last turn always finishes the episode")
+
+
+def _check_finite_reward(reward: float, step: StepInfo, *, env: str) -> None:
+    """Raise ``ValueError`` if the step's reward or a reward component is NaN or inf."""
+    parts = {"reward": float(reward)} | dict(step.reward_components or {})
+    bad = {name: value for name, value in parts.items() if not math.isfinite(value)}
+    if bad:
+        raise ValueError(
+            f"{env} returned a non-finite reward ({', '.join(f'{k} = {v}' for k, v in bad.items())}"
+            "): a reward must be a finite number, so the episode is an env failure, not data"
+        )
 
 
 def _turn_sampling(

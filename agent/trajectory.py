@@ -18,7 +18,7 @@ about the policy and are kept out of the gradient (counted, never trained as rew
     policy outcomes (trained on)        infrastructure failures (dropped)
     answered     env ended the episode  timeout       the episode's wall-clock limit
     max_turns    turn budget used up    tool_error    a tool hung or its backend failed
-    max_tokens   token limit reached    env_error     the env raised
+    max_tokens   token limit reached    env_error     the env raised (or gave a NaN/inf reward)
     parse_error  unreadable/invalid     engine_error  the engine failed to generate
                  tool call at the end
 
@@ -61,9 +61,11 @@ class StopReason(str, enum.Enum):
     ``ToolInfraError``): not the policy's doing. A tool that rejects the model's input is an
     observation the model reads, not a stop reason."""
     ENV_ERROR = "env_error"
-    """The env raised while resetting or stepping: an infrastructure failure."""
+    """The env raised while resetting or stepping, or returned a NaN or infinite reward: an
+    infrastructure failure."""
     ENGINE_ERROR = "engine_error"
-    """The engine failed to generate: an infrastructure failure."""
+    """The engine failed to generate (its process died, a request failed): an
+    infrastructure failure."""
 
     @property
     def is_infra_failure(self) -> bool:

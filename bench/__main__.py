@@ -1,13 +1,14 @@
 """Run palaestra's benchmarks and write one report: ``python -m bench`` or ``make bench``.
 
-    python -m bench                 # the full set on the embedded model (about 80 minutes on 2 cores)
+    python -m bench                 # the full set on the embedded model (about 90 minutes on 2 cores)
     python -m bench --quick         # every benchmark cut down, on the tiny model (minutes)
     python -m bench --only grpo components --out bench/results/mine
 
 Each figure is reported with its peer's and their ratio: palaestra against TRL's
 GRPOTrainer (same model, prompts, group size, lengths, batch and optimizer; the two run
 alternately so machine noise hits both), async rollouts against one at a time, sandboxes
-against a bare subprocess, the retrieval server against in-process search. The report
+against a bare subprocess, the retrieval server against in-process search; the soak reports
+whether memory, open files and processes stay flat under hundreds of concurrent episodes. The report
 (``report.md`` and ``report.json``) starts with the machine the numbers come from.
 Numbers, not assertions: the machine decides them.
 """
@@ -16,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Iterator
@@ -29,7 +32,7 @@ import torch
 from bench import components, grpo_vs_trl, report
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCHMARKS = ("grpo", "learning", "components", "collected", "gpu")
+BENCHMARKS = ("grpo", "learning", "components", "collected", "soak", "gpu")
 
 
 def progress(message: str) -> None:
@@ -145,6 +148,20 @@ def collected_sections(quick: bool) -> list[dict[str, Any]]:
     return sections
 
 
+def soak_section(quick: bool) -> dict[str, Any]:
+    """``bench/soak.py`` in its own process: 256 sandboxed tool episodes in flight for 10
+    minutes (``--quick``: 64 for 15 s); memory, open files and processes must stay flat."""
+    progress("soak (bench/soak.py) ...")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "soak.json"
+        command = [sys.executable, "-m", "bench.soak", "--out", str(out), *(["--quick"] * quick)]
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+        if not out.exists():
+            raise RuntimeError(f"bench.soak failed ({done.returncode}): {done.stderr[-2000:]}")
+        data = json.loads(out.read_text())
+    return {"title": "Soak: concurrent sandboxed tool episodes", "text": done.stdout, "data": data}
+
+
 def gpu_section(quick: bool) -> dict[str, Any]:
     if not torch.cuda.is_available():
         return {
@@ -173,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         "learning": lambda quick: [learning_section(quick)],
         "components": component_sections,
         "collected": collected_sections,
+        "soak": lambda quick: [soak_section(quick)],
         "gpu": lambda quick: [gpu_section(quick)],
     }
     sections: list[dict[str, Any]] = []

@@ -10,7 +10,11 @@
     palaestra search generate|index|serve ...
 
 User errors (a bad config, an unknown model or env) print one ``error:`` message and exit
-with status 2; nothing is started before the config has been validated.
+with status 2. Nothing is started before the config has been validated and everything
+checkable without a model has been checked (``palaestra.preflight``: models, envs and
+their kwargs, every dataset of every stage, devices); a run that fails before it writes a
+metric or a checkpoint removes the run directory (and the output folders) it made, and a
+pipeline stage that fails to start is marked ``failed`` in ``pipeline.json``.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -26,12 +31,12 @@ from typing import TYPE_CHECKING
 from palaestra import collect_command, eval_command
 from palaestra.agent.errors import AgentError
 from palaestra.envs.errors import EnvError
-from palaestra.errors import ConfigError, PalaestraError
+from palaestra.errors import PalaestraError
 from palaestra.sandboxes.errors import SandboxError
 from palaestra.trainer.errors import TrainerError
 
 if TYPE_CHECKING:
-    from palaestra.config import TrainConfig
+    from palaestra.trainer.train_state import TrainingInterrupted
 
 USER_ERRORS = (PalaestraError, EnvError, AgentError, TrainerError, SandboxError)
 """Errors whose message says what to fix: printed as one line, no traceback."""
@@ -61,7 +66,8 @@ def _parser() -> argparse.ArgumentParser:
         "--resume",
         type=Path,
         metavar="RUN_DIR",
-        help="continue a stopped pipeline run: finished stages are skipped",
+        help="continue a stopped run from its last training state (a pipeline skips its "
+        "finished stages)",
     )
     train.set_defaults(run=_train)
 
@@ -121,17 +127,23 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from palaestra import preflight
     from palaestra.config import load_pipeline, read_config
     from palaestra.rundir import RunDir
 
     raw = read_config(args.config, args.overrides)
     stages = load_pipeline(args.config, args.overrides)
-    # the stages import torch: a bad config fails before that
+    # models, envs, datasets and devices, before a run directory is made or a model loaded
+    shared = stages[0].run
+    preflight.check_stages(
+        stages, run_root=args.resume or (shared.output_dir / shared.name if shared.name else None)
+    )
     from palaestra.models import quiet_libraries
-    from palaestra.pipeline import run_pipeline, run_stage
+    from palaestra.pipeline import reopen_run, run_pipeline, run_stage
+    from palaestra.trainer.train_state import TrainingInterrupted
 
     quiet_libraries()
-    _check_devices(stages)
+    made = _missing_dirs(shared.output_dir)  # removed again if the run fails to start
     if "stages" in raw:
         if args.resume is not None:
             root = args.resume
@@ -139,22 +151,38 @@ def _train(args: argparse.Namespace) -> int:
             shared = stages[0].run
             root = _free_dir(shared.output_dir, shared.name or _run_name(args.config))
         print(f"run directory: {root}", file=sys.stderr)
-        results = run_pipeline(stages, root, raw, resume=args.resume is not None)
+        try:
+            results = run_pipeline(stages, root, raw, resume=args.resume is not None)
+        except TrainingInterrupted as stop:
+            return _interrupted(stop, args.config, root)
+        except BaseException as exc:
+            _clean_failed_pipeline(root, exc, made_here=args.resume is None)
+            _remove_empty(made)
+            raise
         for i, record in enumerate(results, 1):
             print(f"stage {i} ({record['stage']}): {_summary(record)}")
         print(f"report: {root / 'report.md'}")
         print(f"checkpoint: {results[-1]['checkpoint']}")
         return 0
-    if args.resume is not None:
-        raise ConfigError("--resume continues a pipeline (a config with stages: [...])")
     (config,) = stages
-    name = config.run.name or _run_name(args.config)
-    run = RunDir.create(config.run.output_dir, name, config.model_dump(mode="json"))
+    if args.resume is not None:
+        run = reopen_run(args.resume, config)
+    else:
+        name = config.run.name or _run_name(args.config)
+        run = RunDir.create(config.run.output_dir, name, config.model_dump(mode="json"))
     print(f"run directory: {run.root}", file=sys.stderr)
     try:
         result = run_stage(config, run)
-    finally:
+    except TrainingInterrupted as stop:
         run.close()
+        return _interrupted(stop, args.config, run.root)
+    except BaseException:
+        run.close()
+        if args.resume is None:  # a run this call made, failed before it wrote anything
+            _remove_if_unused(run.root)
+            _remove_empty(made)
+        raise
+    run.close()
     if result.before is not None and result.after is not None:
         delta = 100 * (result.after.accuracy - result.before.accuracy)
         print(
@@ -167,23 +195,71 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_devices(stages: list[TrainConfig]) -> None:
-    """Refuse a CUDA device this machine lacks before a run directory is made (the config
-    checks the spelling only: it loads without torch)."""
-    import torch
+def _interrupted(stop: TrainingInterrupted, config: Path, run_dir: Path) -> int:
+    """Say how to resume a run Ctrl-C stopped (its training state is saved); exit status."""
+    print(f"training state saved to {stop.path}", file=sys.stderr)
+    print(
+        f"interrupted at step {stop.step}; resume with: palaestra train {config} "
+        f"--resume {run_dir}",
+        file=sys.stderr,
+    )
+    return 130
 
-    for device in sorted({config.device for config in stages} - {"cpu"}):
-        if not torch.cuda.is_available():
-            raise ConfigError(
-                f"device: {device!r}, but torch finds no CUDA device on this machine; "
-                "set device=cpu"
-            )
-        index = torch.device(device).index
-        if index is not None and index >= torch.cuda.device_count():
-            raise ConfigError(
-                f"device: {device!r}, but this machine has {torch.cuda.device_count()} CUDA "
-                f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}"
-            )
+
+def _unused(run_dir: Path) -> bool:
+    """Whether a run directory holds nothing a run produced: no metric, no checkpoint (a
+    failed start leaves only the config and empty logs)."""
+    metrics = run_dir / "metrics.jsonl"
+    logged = metrics.is_file() and metrics.stat().st_size > 0
+    return not logged and not (run_dir / "checkpoints").exists()
+
+
+def _remove_if_unused(run_dir: Path) -> None:
+    """Remove the run directory of a run that failed before it produced anything."""
+    if run_dir.is_dir() and _unused(run_dir):
+        shutil.rmtree(run_dir)
+        print(f"removed {run_dir}: the run failed before it wrote anything", file=sys.stderr)
+
+
+def _missing_dirs(path: Path) -> list[Path]:
+    """``path`` and its parents that do not exist yet, deepest first."""
+    return [p for p in [path, *path.absolute().parents] if not p.exists()]
+
+
+def _remove_empty(dirs: list[Path]) -> None:
+    """Remove the folders of ``dirs`` (deepest first) that are empty, up to the first that
+    is not: the output folders a failed start made."""
+    for folder in dirs:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (another run wrote there), or already gone
+            return
+
+
+def _clean_failed_pipeline(root: Path, exc: BaseException, *, made_here: bool) -> None:
+    """After a pipeline failed: remove ``root`` if this call made it and no stage produced
+    anything; else remove the unused directory of the stage that failed to start and mark
+    it ``failed`` in ``pipeline.json`` (not ``running``), with the error."""
+    from palaestra.pipeline import STATE_FILE
+
+    state_file = root / STATE_FILE
+    if not state_file.is_file():  # no stage started; only the config may have been written
+        if made_here and root.is_dir() and {p.name for p in root.iterdir()} <= {"config.yaml"}:
+            shutil.rmtree(root)
+        return
+    state = json.loads(state_file.read_text())
+    unused = [e for e in state["stages"] if e["status"] == "running" and _unused(root / e["name"])]
+    if made_here and len(unused) == len(state["stages"]):  # nothing finished or trained
+        shutil.rmtree(root)
+        print(f"removed {root}: the pipeline failed before it wrote anything", file=sys.stderr)
+        return
+    for entry in unused:
+        shutil.rmtree(root / entry["name"], ignore_errors=True)
+        entry |= {"status": "failed", "error": f"{type(exc).__name__}: {exc}".rstrip(": ")}
+    if unused:
+        tmp = state_file.with_suffix(".partial")
+        tmp.write_text(json.dumps(state, indent=1))
+        tmp.replace(state_file)
 
 
 def _run_name(config: Path) -> str:

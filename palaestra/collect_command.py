@@ -1,5 +1,7 @@
 """``palaestra collect``: play episodes with an env's scripted expert or a model and write
-them as SFT data, rendered exactly as rollouts render them (``agent.collect``).
+them as SFT data, rendered exactly as rollouts render them (``agent.collect``). Every flag,
+the model and the env with its kwargs are checked before a model loads or an episode is
+played: a bad one is one ``error:`` line naming the flag.
 
 What this module does not do: train on the data (a ``stage: sft`` config does).
 """
@@ -10,7 +12,10 @@ import argparse
 import asyncio
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
+
+if TYPE_CHECKING:
+    from palaestra.config import GRPOStage
 
 
 def add_parser(sub: Any) -> None:
@@ -48,6 +53,17 @@ def add_parser(sub: Any) -> None:
     co.set_defaults(run=run)
 
 
+FLAGS = {
+    "model": "--policy",
+    "device": "--device",
+    "seed": "--seed",
+    "rollout.max_tokens": "--max-tokens",
+    "rollout.max_turns": "--max-turns",
+    "eval.temperature": "--temperature",
+}
+"""The config field each flag sets, so a bad value is named by its flag."""
+
+
 def run(args: argparse.Namespace) -> int:
     from palaestra import envs
     from palaestra.agent.collect import ORACLE, Collection, Keep, collect, write_records
@@ -55,27 +71,20 @@ def run(args: argparse.Namespace) -> int:
     from palaestra.agent.engines.build import close_engine
     from palaestra.agent.render import ChatRenderer
     from palaestra.agent.rollout import RolloutLimits
-    from palaestra.errors import ConfigError
-    from palaestra.models import load_model, load_tokenizer, resolve_model
 
-    try:
-        env_kwargs = json.loads(args.env_kwargs)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"--env-kwargs is not valid JSON: {exc}") from None
-    if args.episodes < 1 or args.temperature < 0:
-        raise ConfigError("--episodes must be >= 1 and --temperature >= 0")
     oracle = args.policy == ORACLE
+    env_kwargs, cfg = _check_flags(args, oracle)
     engine = None
     if oracle:
+        from palaestra.models import load_tokenizer
+
         tokenizer = load_tokenizer(args.tokenizer)
     else:  # a model's engine, built as training and evaluation build theirs
-        from palaestra.config import GRPOStage
-        from palaestra.models import quiet_libraries
+        from palaestra.models import load_model, quiet_libraries, resolve_model
         from palaestra.trainer.stages.common import open_engine
 
         quiet_libraries()
         model, tokenizer = load_model(resolve_model(args.policy), device=args.device)
-        cfg = GRPOStage(model=args.policy, device=args.device, seed=args.seed)
         engine = open_engine(cfg, model, tokenizer, share_weights=True)
 
     limits = None if args.max_turns is None else RolloutLimits(max_turns=args.max_turns)
@@ -102,3 +111,45 @@ def run(args: argparse.Namespace) -> int:
     print(f"{args.policy} on {args.env} [{args.split}]: {collection.summary()}")
     print(f"wrote {written} SFT records to {args.out}")
     return 0
+
+
+def _check_flags(args: argparse.Namespace, oracle: bool) -> tuple[dict[str, Any], GRPOStage]:
+    """The env's kwargs and the engine's config from the flags, every flag, the env, the
+    model and ``--out`` checked before any model loads or episode is played."""
+    from palaestra import preflight
+    from palaestra.config import stage_from_flags
+    from palaestra.errors import ConfigError
+
+    try:
+        env_kwargs = json.loads(args.env_kwargs)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--env-kwargs: not valid JSON ({exc}): {args.env_kwargs}") from None
+    if not isinstance(env_kwargs, dict):
+        raise ConfigError(f"--env-kwargs: must be a JSON object ({{...}}), got {args.env_kwargs}")
+    if args.episodes < 1:
+        raise ConfigError(f"--episodes: must be >= 1 (got {args.episodes})")
+    if args.out.is_dir():
+        raise ConfigError(f"--out: {args.out} is a directory; give the JSON-lines file to write")
+    rollout = {"max_tokens": args.max_tokens}
+    if args.max_turns is not None:
+        rollout["max_turns"] = args.max_turns
+    flags = {**FLAGS, "model": "--tokenizer" if oracle else "--policy"}
+    model = args.tokenizer if oracle else args.policy
+    cfg = stage_from_flags(
+        {
+            "model": model,
+            "device": args.device,
+            "seed": args.seed,
+            "rollout": rollout,
+            "eval": {"temperature": args.temperature},
+        },
+        "palaestra collect",
+        flags,
+    )
+    if not oracle:
+        preflight.check_devices([args.device])
+    preflight.check_model(model, field=flags["model"])
+    preflight.check_env(
+        args.env, env_kwargs, args.split, id_field="--env", kwargs_field="--env-kwargs"
+    )
+    return env_kwargs, cast("GRPOStage", cfg)  # no stage given: a grpo config

@@ -12,7 +12,16 @@ Everything is validated when the config loads, before any work starts: a bad key
 fails with the field's dotted path and what is allowed, and a key of another stage (``ppo:``
 in a ``grpo`` config) names the stages that take it. Models forbid unknown keys, so a typo
 never silently falls back to a default, and a key given twice in one YAML mapping is an
-error naming its lines, where plain YAML would keep the last and drop the first.
+error naming its lines, where plain YAML would keep the last and drop the first. An error
+is one line (``invalid config in FILE: field: what is wrong``) when there is one problem.
+
+Paths: a relative path in a config file is read from the file's folder, so a config works
+from any working directory: ``model`` (when it is not a known model name), ``data.path``,
+``data.eval_path``, ``ppo.critic_model`` and each env's ``reward_model.path``.
+``run.output_dir`` is the exception: it is read from the working directory, as trainers
+usually do, so runs land where the command is typed. An override's value
+(``data.path=x.jsonl`` on the command line) is read from the working directory too, where
+the user typed it. Env ``kwargs`` go to the env as written.
 
 What this module does not do: build models, envs or engines from the config. The stage
 loops and the CLI do that.
@@ -21,8 +30,9 @@ loops and the CLI do that.
 from __future__ import annotations
 
 import copy
+import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -43,6 +53,7 @@ from palaestra.config_sections import (
     DPOConfig,
     EnvConfig,
     EvalConfig,
+    FieldError,
     GRPOConfig,
     LearnedRewardConfig,
     PPOConfig,
@@ -53,7 +64,7 @@ from palaestra.config_sections import (
     TrainerConfig,
 )
 from palaestra.errors import ConfigError
-from palaestra.options import STAGES, DType, EngineKind, Stage
+from palaestra.options import KNOWN_MODELS, STAGES, DType, EngineKind, Stage
 
 if TYPE_CHECKING:
     from palaestra.models import Precision
@@ -87,7 +98,24 @@ __all__ = [
     "load_config",
     "load_pipeline",
     "read_config",
+    "stage_from_flags",
 ]
+
+
+_ENV_TAGS = ("one env", "env list")
+"""Tags of the two shapes of ``env``; validating only the shape given keeps its errors to
+that shape, and ``_explain`` drops the tag from an error's path."""
+
+
+def _env_shape(value: Any) -> str:
+    return _ENV_TAGS[1] if isinstance(value, list) else _ENV_TAGS[0]
+
+
+OneEnvOrList = Annotated[
+    Annotated[EnvConfig, Tag(_ENV_TAGS[0])] | Annotated[list[EnvConfig], Tag(_ENV_TAGS[1])],
+    Discriminator(_env_shape),
+]
+"""One env, or a list of envs (a mixture)."""
 
 
 class StageConfig(Section):
@@ -109,7 +137,7 @@ class StageConfig(Section):
     engine_dtype: DType = "auto"
     """Dtype of the engine's copy of the weights (rollouts and evaluation); ``auto`` as
     ``trainer.dtype``."""
-    env: EnvConfig | list[EnvConfig] = EnvConfig()
+    env: OneEnvOrList = EnvConfig()
     """The env the stage trains on (on-policy stages) and evaluates on (every stage); a list
     of envs trains on a mixture (each task drawn from one env by ``weight``) and evaluates
     on each."""
@@ -134,9 +162,20 @@ class StageConfig(Section):
         for where, listed in (("env", self.train_envs()), ("eval.envs", self.eval_envs())):
             ids = [e.id for e in listed]
             if not ids:
-                raise ValueError(f"{where} lists no env: name at least one")
+                raise FieldError(where, "lists no env: name at least one")
             if len(set(ids)) != len(ids):
-                raise ValueError(f"{where} names an env twice ({', '.join(ids)}); merge them")
+                raise FieldError(where, f"names an env twice ({', '.join(ids)}); merge them")
+        return self
+
+    @model_validator(mode="after")
+    def _check_eval_budget(self) -> StageConfig:
+        budget, wanted = self.rollout.max_total_tokens, self.eval.max_tokens
+        if budget is not None and wanted is not None and wanted >= budget:
+            raise FieldError(
+                "eval.max_tokens",
+                f"{wanted} does not fit in rollout.max_total_tokens ({budget}), which holds "
+                "the prompt too: lower eval.max_tokens or raise rollout.max_total_tokens",
+            )
         return self
 
     def train_envs(self) -> list[EnvConfig]:
@@ -164,8 +203,9 @@ class DatasetStageConfig(StageConfig):
     @model_validator(mode="after")
     def _check_data(self) -> DatasetStageConfig:
         if self.data.path is None:
-            raise ValueError(
-                f"stage {self.stage!r} trains on a dataset: set data.path to a JSON-lines file"
+            raise FieldError(
+                "data.path",
+                f"stage {self.stage!r} trains on a dataset: set data.path to a JSON-lines file",
             )
         return self
 
@@ -190,14 +230,16 @@ class OnPolicyStageConfig(StageConfig):
     @model_validator(mode="after")
     def _check_engine(self) -> OnPolicyStageConfig:
         if self.engine in ("vllm", "openai") and self.rollout.top_p < 1:
-            raise ValueError(
+            raise FieldError(
+                "rollout.top_p",
                 f"engine {self.engine!r} samples with rollout.top_p = 1 only: below 1 vLLM's "
-                "logprobs are of the renormalised nucleus, which the learner does not reproduce"
+                "logprobs are of the renormalised nucleus, which the learner does not reproduce",
             )
         if self.engine == "openai" and not self.server.url:
-            raise ValueError(
+            raise FieldError(
+                "server.url",
                 "engine 'openai' needs server.url, the root of a running server "
-                "(e.g. server.url=http://127.0.0.1:8000)"
+                "(e.g. server.url=http://127.0.0.1:8000)",
             )
         return self
 
@@ -266,12 +308,15 @@ class OnlineDPOStage(OnPolicyStageConfig):
     def _check_online(self) -> OnlineDPOStage:
         unread = sorted(self.grpo.model_fields_set - set(ONLINE_DPO_GRPO_KEYS))
         if unread:
-            raise ValueError(
+            raise FieldError(
+                "grpo",
                 f"online_dpo reads only grpo.{' and grpo.'.join(ONLINE_DPO_GRPO_KEYS)}; "
-                f"remove grpo.{', grpo.'.join(unread)} (its KL strength is dpo.beta)"
+                f"remove grpo.{', grpo.'.join(unread)} (its KL strength is dpo.beta)",
             )
         if self.dpo.loss == "kto":
-            raise ValueError("online_dpo trains on pairs; dpo.loss kto takes labelled answers")
+            raise FieldError(
+                "dpo.loss", "online_dpo trains on pairs; dpo.loss kto takes labelled answers"
+            )
         return self
 
 
@@ -399,9 +444,50 @@ def load_pipeline(path: str | Path | None, overrides: Sequence[str] = ()) -> lis
 
 
 def read_config(path: str | Path | None, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """The config as plain data: the YAML file (or nothing) with the overrides applied,
-    not yet validated."""
-    return apply_overrides(_read_yaml(path), list(overrides))
+    """The config as plain data: the YAML file (or nothing), its relative paths read from
+    its folder (made absolute), with the overrides applied; not yet validated."""
+    data = _read_yaml(path)
+    if path is not None:
+        folder = Path(path).absolute().parent
+        for section in [data, *_stage_entries(data)]:
+            _anchor_paths(section, folder)
+    return apply_overrides(data, list(overrides))
+
+
+def _stage_entries(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The mappings a pipeline's ``stages`` lists (none for a one-stage config)."""
+    entries = data.get("stages")
+    return [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
+
+
+def _anchor_paths(section: dict[str, Any], folder: Path) -> None:
+    """Join the relative paths of one config mapping (the top level or a stage entry) to
+    ``folder``, in place; values of the wrong type are left for validation to refuse."""
+    _anchor(section, "model", folder, names=KNOWN_MODELS)
+    for key in ("path", "eval_path"):
+        _anchor(section.get("data"), key, folder)
+    _anchor(section.get("ppo"), "critic_model", folder, names=KNOWN_MODELS)
+    for env in _env_mappings(section):
+        _anchor(env.get("reward_model"), "path", folder)
+
+
+def _env_mappings(section: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The env mappings of ``env`` (one or a list) and ``eval.envs``."""
+    env, evaluation = section.get("env"), section.get("eval")
+    listed = [env] if isinstance(env, dict) else env if isinstance(env, list) else []
+    if isinstance(evaluation, dict) and isinstance(evaluation.get("envs"), list):
+        listed = [*listed, *evaluation["envs"]]
+    yield from (e for e in listed if isinstance(e, dict))
+
+
+def _anchor(mapping: Any, key: str, folder: Path, names: Sequence[str] = ()) -> None:
+    """``mapping[key]`` read from ``folder`` if it is a relative path (not one of ``names``)."""
+    if not isinstance(mapping, dict) or not isinstance(mapping.get(key), str):
+        return
+    value = mapping[key]
+    path = Path(value).expanduser()
+    if value and value not in names and not path.is_absolute():
+        mapping[key] = os.path.normpath(folder / path)
 
 
 def _stage_config(stage: Any) -> type[StageConfig] | None:
@@ -486,31 +572,56 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def stage_from_flags(data: dict[str, Any], command: str, flags: Mapping[str, str]) -> TrainConfig:
+    """Validate the stage config a command (``palaestra eval``) builds from its flags; a bad
+    value fails as ``ConfigError`` naming the flag that ``flags`` maps its field to
+    (``{"rollout.max_tokens": "--max-tokens"}``)."""
+    try:
+        return _ADAPTER.validate_python(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, command, flags)) from None
+
+
 def _validate(data: dict[str, Any], path: str | Path | None, where: str = "") -> TrainConfig:
     try:
         return _ADAPTER.validate_python(data)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, path, where)) from None
+        source = f"invalid config in {path}" if path else "invalid config in the overrides"
+        raise ConfigError(_describe(exc, f"{source}{', ' + where if where else ''}")) from None
 
 
-def _describe(exc: ValidationError, path: str | Path | None, stage: str = "") -> str:
-    where = f"in {path}" if path else "in the overrides"
-    lines = [f"invalid config {where}{', ' + stage if stage else ''}:"]
-    lines += [f"  {_explain(err)}" for err in exc.errors()]
-    return "\n".join(lines)
+def _describe(exc: ValidationError, source: str, names: Mapping[str, str] | None = None) -> str:
+    """``source: field: problem`` on one line, or a line per problem under ``source``."""
+    problems = [_explain(err, names or {}) for err in exc.errors()]
+    if len(problems) == 1:
+        return f"{source}: {problems[0]}"
+    return "\n  ".join([f"{source} ({len(problems)} problems):", *problems])
 
 
-def _explain(err: ErrorDetails) -> str:
-    """One error as ``dotted.field: what is wrong``; pydantic's leading stage tag is dropped."""
+def _dotted(loc: Sequence[int | str]) -> str:
+    """A field's path as written in a config: ``env[1].kwargs``, ``trainer.betas[0]``."""
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+
+
+def _explain(err: ErrorDetails, names: Mapping[str, str]) -> str:
+    """One error as ``dotted.field: what is wrong``; pydantic's leading stage tag is dropped,
+    a check across fields names the field it blames (``FieldError``), and a field in
+    ``names`` is shown by that name."""
     if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
         given = err["input"].get("stage") if isinstance(err["input"], dict) else err["input"]
         return f"stage: must be one of {', '.join(STAGES)} (got {given!r})"
-    stage, *loc = err["loc"]
-    field = ".".join(str(p) for p in loc) or "(top level)"
+    stage, *loc = (p for p in err["loc"] if p not in _ENV_TAGS)
+    cause = err.get("ctx", {}).get("error")
+    if isinstance(cause, FieldError):  # the input is the whole section: not shown
+        field = _dotted([*loc, cause.field])
+        return f"{names.get(field, field)}: {cause}"
+    field = _dotted(loc) or "config"
+    shown = names.get(field, field)
     if err["type"] == "extra_forbidden":
         if len(loc) == 1 and _stages_taking(field):
-            return f"{field}: stage {stage!r} does not take this key ({_takers_note(field)})"
-        return f"{field}: unknown key (check the spelling; see the documented fields)"
+            return f"{shown}: stage {stage!r} does not take this key ({_takers_note(field)})"
+        return f"{shown}: unknown key (check the spelling; see the documented fields)"
+    message = err["msg"].removeprefix("Value error, ")
     if not loc:  # a check across fields: the input is the whole config
-        return f"{field}: {err['msg']}"
-    return f"{field}: {err['msg']} (got {err.get('input')!r})"
+        return f"{shown}: {message}"
+    return f"{shown}: {message} (got {err.get('input')!r})"

@@ -39,6 +39,15 @@ from palaestra.options import (
 )
 
 
+class FieldError(ValueError):
+    """A check across fields failed; ``field`` is the one to change, dotted and relative to
+    the model that raised it, so the message names it instead of the whole section."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 class Section(BaseModel):
     """Base of every config model: frozen, unknown keys refused, ``inf`` and ``nan``
     refused in every float field (a learning rate of ``.inf`` would turn every weight into
@@ -53,7 +62,8 @@ class LearnedRewardConfig(Section):
     """A reward model (trained by a ``reward_model`` stage) scoring an env's episodes."""
 
     path: str
-    """The reward model's checkpoint directory (``checkpoints/final`` of its stage)."""
+    """The reward model's checkpoint directory (``checkpoints/final`` of its stage); in a
+    config file, a relative path is read from the file's folder."""
     mode: LearnedRewardMode = "replace"
     """``replace`` the env's reward with the learned one, or ``add`` it to the env's."""
     weight: float = 1.0
@@ -202,18 +212,20 @@ class GRPOConfig(Section):
     @model_validator(mode="after")
     def _check_turn_credit(self) -> GRPOConfig:
         if self.turn_credit == "return_to_go" and self.advantage != "grpo":
-            raise ValueError(
+            raise FieldError(
+                "turn_credit",
                 "turn_credit 'return_to_go' computes GRPO's group advantages per turn; it "
-                f"does not combine with advantage {self.advantage!r}"
+                f"does not combine with advantage {self.advantage!r}",
             )
         if (
             self.turn_credit == "return_to_go"
             and self.kl_coef > 0
             and self.kl_placement == "reward"
         ):
-            raise ValueError(
+            raise FieldError(
+                "turn_credit",
                 "turn_credit 'return_to_go' does not combine with a KL penalty in the reward "
-                "(it is one number per episode, not per turn): set kl_placement: loss"
+                "(it is one number per episode, not per turn): set kl_placement: loss",
             )
         return self
 
@@ -233,7 +245,8 @@ class PPOConfig(Section):
     """AdamW learning rate of the critic (the policy's is ``trainer.lr``)."""
     critic_model: str | None = None
     """Where the critic's body starts: a model name or directory (e.g. a reward model's
-    checkpoint); default the policy's starting weights. It gets a fresh scalar value head."""
+    checkpoint; in a config file, a relative directory is read from the file's folder);
+    default the policy's starting weights. It gets a fresh scalar value head."""
     critic_warmup_steps: int = Field(0, ge=0)
     """First steps that train only the critic, so the policy starts on useful values."""
     whiten_advantages: bool = True
@@ -267,7 +280,9 @@ class DataConfig(Section):
     path: Path | None = None
     """Training data. SFT: ``{"messages": [...]}`` or ``{"prompt", "completion"}`` per line.
     Preferences: ``{"prompt", "chosen", "rejected"}`` (strings or chat messages); KTO also
-    takes unpaired ``{"prompt", "completion", "label": true|false}``."""
+    takes unpaired ``{"prompt", "completion", "label": true|false}``. In a config file, a
+    relative path is read from the file's folder; on the command line (an override), from
+    the working directory. Every line is read and checked before the run starts."""
     eval_path: Path | None = None
     """Held-out data in the same format; without it, ``eval_size`` rows of ``path`` are
     held out."""
@@ -333,6 +348,11 @@ class TrainerConfig(Section):
     the likely causes and remedies; 0 turns the check off."""
     stop_without_signal: bool = False
     """Stop the run (keeping its weights) when that warning fires, instead of training on."""
+    max_nonfinite_steps: int = Field(3, ge=1)
+    """Stop the run after this many steps in a row whose loss or gradient norm was NaN or
+    inf. Each such step is skipped (the weights, optimizer and schedule stay as they were),
+    counted (``train/nonfinite_steps``) and printed; the stop names the likely causes and
+    keeps the weights of the last step that trained."""
 
 
 class EvalConfig(Section):
@@ -362,12 +382,17 @@ class RunConfig(Section):
     """Where and how a run writes its directory."""
 
     output_dir: Path = Path("runs")
-    """Parent folder of run directories."""
+    """Parent folder of run directories; a relative one is inside the working directory
+    (not the config file's folder), as with other trainers' output directories."""
     name: str | None = None
     """Run directory name, one folder inside ``output_dir`` (no ``/``, not ``..``);
     defaults to the config name and a timestamp."""
     save_every: int = Field(0, ge=0)
-    """Save a checkpoint every N steps (0: only the final one)."""
+    """Save a training-state checkpoint (``checkpoints/state-<step>``: weights, optimizer,
+    schedule, random states, loop position) every N steps, for ``--resume`` (0: only the
+    final checkpoint, and a state when the run is interrupted)."""
+    keep_last: int = Field(2, ge=0)
+    """How many of the newest training-state checkpoints to keep (0: all)."""
     log_trajectories: int = Field(4, ge=0)
     """Trajectories per step written to ``trajectories.jsonl``."""
     progress: bool = True

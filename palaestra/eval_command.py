@@ -6,7 +6,9 @@ stop-reason breakdown and success by number of turns; a table on the terminal, a
 ``--out`` the same as ``eval.json`` beside ``episodes.jsonl``. The turn limit is each env's
 own unless ``--max-turns`` is given; a checkpoint inside a run directory is evaluated on
 the env(s) it was trained on unless ``--env`` is given; a task count above the split's size
-is capped with a note.
+is capped with a note. Before the model loads, every flag (by the config field it sets),
+the model and each env with its kwargs are checked (``palaestra.preflight``): a bad one is
+one ``error:`` line naming the flag.
 
 What this module does not do: train, or build engines in its own way (it goes through
 ``trainer.stages.common.open_engine``, as training does).
@@ -20,7 +22,7 @@ import json
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
     import gymnasium as gym
@@ -105,22 +107,25 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from palaestra.agent.engines.build import close_engine
-    from palaestra.agent.evaluate import results_table
-    from palaestra.agent.render import ChatRenderer
+    from palaestra import preflight
     from palaestra.errors import ConfigError
-    from palaestra.models import load_model, resolve_model
-    from palaestra.trainer.stages.common import open_engine
 
     if args.engine == "openai" and not args.server_url:
         raise ConfigError("--engine openai needs --server-url, the root of a running server")
-    if args.num_tasks < 1 or args.samples < 1:
-        raise ConfigError(
-            f"--num-tasks and --samples must be >= 1, got {args.num_tasks}, {args.samples}"
-        )
-    targets, origin = _eval_targets(args)
     cfg = _eval_stage_config(args)
-    from palaestra.models import quiet_libraries
+    targets, origin = _eval_targets(args)
+    # every flag, the model and each env's kwargs, before the model loads
+    preflight.check_devices([args.device])
+    preflight.check_model(args.model, field="--model")
+    for _, env_id, kwargs in targets:
+        preflight.check_env(
+            env_id, kwargs, args.split, id_field="--env", kwargs_field="--env-kwargs"
+        )
+    from palaestra.agent.engines.build import close_engine
+    from palaestra.agent.evaluate import results_table
+    from palaestra.agent.render import ChatRenderer
+    from palaestra.models import load_model, quiet_libraries, resolve_model
+    from palaestra.trainer.stages.common import open_engine
 
     quiet_libraries()
     model, tokenizer = load_model(resolve_model(args.model), device=args.device)
@@ -218,31 +223,48 @@ def _env_kwargs(given: list[str] | None, n_envs: int) -> list[dict]:
     return parsed * n_envs if len(parsed) == 1 else parsed
 
 
-def _eval_stage_config(args: argparse.Namespace) -> GRPOStage:
-    """The engine and limits a training run with these flags would have (``open_engine``
-    builds the engine from it)."""
-    from pydantic import ValidationError
+FLAGS = {
+    "model": "--model",
+    "device": "--device",
+    "seed": "--seed",
+    "engine": "--engine",
+    "engine_dtype": "--dtype",
+    "server.url": "--server-url",
+    "server.model_name": "--server-model",
+    "rollout.max_tokens": "--max-tokens",
+    "rollout.max_turns": "--max-turns",
+    "eval.num_tasks": "--num-tasks",
+    "eval.samples": "--samples",
+    "eval.temperature": "--temperature",
+}
+"""The config field each flag sets: a bad value is refused by the field's own check and
+named by its flag."""
 
-    from palaestra.config import GRPOStage
-    from palaestra.errors import ConfigError
+
+def _eval_stage_config(args: argparse.Namespace) -> GRPOStage:
+    """The engine, limits and evaluation a training run with these flags would have
+    (``open_engine`` builds the engine from it); a bad flag fails naming the flag."""
+    from palaestra.config import stage_from_flags
 
     rollout = {"max_tokens": args.max_tokens}
     if args.max_turns is not None:
         rollout["max_turns"] = args.max_turns
-    try:
-        return GRPOStage.model_validate(
-            {
-                "model": args.model,
-                "device": args.device,
-                "seed": args.seed,
-                "engine": args.engine,
-                "engine_dtype": args.dtype,
-                "server": {"url": args.server_url, "model_name": args.server_model},
-                "rollout": rollout,
-            }
-        )
-    except ValidationError as exc:
-        raise ConfigError(f"palaestra eval: {exc}") from None
+    evaluation = {"num_tasks": args.num_tasks, "samples": args.samples}
+    config = stage_from_flags(
+        {
+            "model": args.model,
+            "device": args.device,
+            "seed": args.seed,
+            "engine": args.engine,
+            "engine_dtype": args.dtype,
+            "server": {"url": args.server_url, "model_name": args.server_model},
+            "rollout": rollout,
+            "eval": evaluation | {"temperature": args.temperature},
+        },
+        "palaestra eval",
+        FLAGS,
+    )
+    return cast("GRPOStage", config)  # no stage given: a grpo config
 
 
 async def _eval_env(

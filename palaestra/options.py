@@ -12,6 +12,11 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
+ModelName = Literal["smollm2-135m", "tiny-random"]
+"""Models ``palaestra.models.resolve_model`` builds from the embedded GGUF; any other
+``model`` is a local Hugging Face model directory."""
+KNOWN_MODELS: tuple[str, ...] = get_args(ModelName)
+
 Stage = Literal["sft", "dpo", "reward_model", "grpo", "ppo", "online_dpo"]
 """Training stages (``palaestra.trainer.stages``)."""
 STAGES: tuple[str, ...] = get_args(Stage)

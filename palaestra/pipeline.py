@@ -12,10 +12,13 @@ own inside the pipeline's::
       2-dpo/
       3-grpo/
 
-A stopped pipeline resumes between stages (``palaestra train CONFIG --resume RUN_DIR``):
-stages marked done in ``pipeline.json`` are skipped when their config is unchanged, and the
-next stage starts from the last done stage's checkpoint. A stage that did not finish is
-moved aside (``2-dpo.incomplete-1``), never deleted, and runs again from its start.
+A stopped pipeline resumes (``palaestra train CONFIG --resume RUN_DIR``): stages marked
+done in ``pipeline.json`` are skipped when their config is unchanged, and the next stage
+starts from the last done stage's checkpoint. A stage that did not finish continues from
+its newest training state (``checkpoints/state-<step>``, ``trainer.train_state``) in its
+own directory; one without a training state is moved aside (``2-dpo.incomplete-1``),
+never deleted, and runs again from its start. ``reopen_run`` does the same for a
+single-stage run.
 
 What this module does not do: train. The stage loops in ``palaestra.trainer.stages`` do.
 """
@@ -38,6 +41,7 @@ from palaestra.errors import ConfigError
 from palaestra.rundir import RunDir
 from palaestra.trainer.stages import dpo, grpo, online_dpo, ppo, reward_model, sft
 from palaestra.trainer.stages.common import StageResult
+from palaestra.trainer.train_state import latest_state, load_state, state_step
 
 StageRunner = Callable[[Any, RunDir], StageResult]
 """``run_<stage>(config, run_dir) -> StageResult``; its config is the class of its stage."""
@@ -83,13 +87,15 @@ def run_pipeline(
             results.append(entry["result"])
             model = entry["result"]["checkpoint"]
             continue
-        _move_aside(root / name)
-        print(f"[pipeline] {name}: starting from {config.model}", file=sys.stderr)
+        run = _continue_stage(root / name, config)
+        if run is None:
+            _move_aside(root / name)
+            print(f"[pipeline] {name}: starting from {config.model}", file=sys.stderr)
         entry = {"name": name, "stage": config.stage, "config": _dump(config), "status": "running"}
         state["stages"][i:] = [entry]
         _save_state(root, state)
         started = time.time()
-        run = RunDir(root / name, _dump(config))
+        run = run or RunDir(root / name, _dump(config))
         try:
             result = run_stage(config, run)
         finally:
@@ -100,6 +106,30 @@ def run_pipeline(
         model = result.checkpoint
         write_report(root, state)
     return results
+
+
+def reopen_run(root: Path, config: TrainConfig) -> RunDir:
+    """The run directory ``root`` of a stopped single-stage run, reopened at its newest
+    training state; ``ConfigError`` if it has none or the training config changed."""
+    run = _continue_stage(root, config)
+    if run is None:
+        raise ConfigError(
+            f"--resume {root}: no training state in {root / 'checkpoints'} to continue from "
+            "(states are saved every run.save_every steps and on Ctrl-C)"
+        )
+    return run
+
+
+def _continue_stage(root: Path, config: TrainConfig) -> RunDir | None:
+    """``root`` reopened at its newest training state, checked against ``config``; None
+    where no state was saved."""
+    path = latest_state(root / "checkpoints") if root.is_dir() else None
+    if path is None:
+        return None
+    load_state(path, _dump(config))  # refuses a changed training config before any loading
+    step = state_step(path)
+    print(f"[resume] {root}: continuing after step {step} ({path.name})", file=sys.stderr)
+    return RunDir.reopen(root, _dump(config), step)
 
 
 def write_report(root: Path, state: dict[str, Any]) -> Path:

@@ -8,9 +8,16 @@
       events.*            TensorBoard events of the same scalars
       trajectories.jsonl  sampled episodes (text, reward, stop reason) for reading
       curves.png          reward and accuracy over training
-      checkpoints/        Hugging Face checkpoints (``final`` at the end)
+      checkpoints/        Hugging Face checkpoints (``final`` at the end) and training
+                          states (``state-<step>``, ``trainer.train_state``)
 
-What this module does not do: decide what to log. The stage loops call ``log``.
+A resumed run reopens its directory (``RunDir.reopen``) at the step its training state was
+saved after: records of later steps, which the resumed run writes again, are dropped from
+``metrics.jsonl`` and ``trajectories.jsonl`` (with any line a kill cut short), and
+TensorBoard purges its later events, so every step is logged exactly once.
+
+What this module does not do: decide what to log (the stage loops call ``log``), or save
+and read training states.
 """
 
 from __future__ import annotations
@@ -27,16 +34,34 @@ import yaml
 class RunDir:
     """Creates a run directory and writes metrics, trajectories and plots into it."""
 
-    def __init__(self, root: Path, config: dict[str, Any]) -> None:
+    def __init__(
+        self, root: Path, config: dict[str, Any], *, resume_step: int | None = None
+    ) -> None:
+        """A new directory ``root``; with ``resume_step``, the existing one, continued after
+        that step (``reopen``)."""
         self.root = root
-        self.root.mkdir(parents=True, exist_ok=False)
+        self.resumed_step = resume_step
+        """The step a resumed run continues after (None: a new run)."""
+        self.root.mkdir(parents=True, exist_ok=resume_step is not None)
         (self.root / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        self.history: list[dict[str, Any]] = []
+        if resume_step is not None:
+            self.history = _keep_until(self.root / "metrics.jsonl", resume_step)
+            _keep_until(self.root / "trajectories.jsonl", resume_step)
         self._metrics = (self.root / "metrics.jsonl").open("a")
         self._trajectories = (self.root / "trajectories.jsonl").open("a")
         from torch.utils.tensorboard import SummaryWriter
 
-        self._tb = SummaryWriter(log_dir=str(self.root))
-        self.history: list[dict[str, Any]] = []
+        purge = None if resume_step is None else resume_step + 1
+        self._tb = SummaryWriter(log_dir=str(self.root), purge_step=purge)
+
+    @classmethod
+    def reopen(cls, root: Path, config: dict[str, Any], step: int) -> RunDir:
+        """The existing run directory ``root``, continued after ``step``: later records are
+        dropped and ``config.yaml`` is rewritten with ``config``."""
+        if not (root / "metrics.jsonl").is_file():
+            raise FileNotFoundError(f"{root} is not a run directory (it has no metrics.jsonl)")
+        return cls(root, config, resume_step=step)
 
     @classmethod
     def create(cls, output_dir: Path, name: str, config: dict[str, Any]) -> RunDir:
@@ -113,3 +138,22 @@ class RunDir:
         self._metrics.close()
         self._trajectories.close()
         self._tb.close()
+
+
+def _keep_until(path: Path, step: int) -> list[dict[str, Any]]:
+    """Rewrite the JSON-lines log ``path`` with only its records up to ``step`` (a line a
+    kill cut short is dropped too); returns them."""
+    if not path.exists():
+        return []
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(record)
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    tmp.replace(path)
+    return kept

@@ -9,6 +9,8 @@
 - ``pool``: ``SandboxPool`` (a fixed number of sandboxes shared by many callers) and
   ``make_sandbox(backend)``.
 - ``process``: spawning and supervising the sandbox process (limits, output caps, reaping).
+- ``cgroup``: one memory cgroup per run, so bubblewrap's memory limit holds for the whole
+  sandbox where the machine allows it.
 - ``errors``: the ``SandboxError`` hierarchy; ``SandboxInfraError`` marks failures of the
   sandbox itself, which code envs report as infrastructure failures.
 

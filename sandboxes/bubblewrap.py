@@ -15,8 +15,9 @@ What it stops:
   its loopback services or the internet; no abstract Unix sockets of the host.
 - the host's files: a new mount namespace whose root is read-only and holds only ``/usr``
   and the ``/bin``, ``/lib*`` links (read-only), the loader's cache from ``/etc``, the
-  interpreter's prefix where it is outside ``/usr`` (read-only), a minimal ``/dev``, a new
-  ``/proc``, and two private size-capped tmpfs: the work directory ``/work`` and ``/tmp``.
+  interpreter's prefix where it is outside ``/usr`` (read-only), a minimal read-only ``/dev``
+  (device nodes only), a new ``/proc``, and three private tmpfs of ``disk_bytes`` each: the
+  work directory ``/work``, ``/tmp`` and ``/dev/shm``. Nothing else is writable.
   Home directories, ``/etc``, ``/root``, ``/tmp`` of the host, other runs' work dirs and the
   repository are not there at all.
 - other processes: a new PID namespace (the command is PID 1; the host's processes cannot
@@ -28,6 +29,12 @@ What it stops:
   has its own user namespace), ``RLIMIT_FSIZE`` and no core dumps, set inside the sandbox;
   the tmpfs size caps disk; the supervisor caps output and wall time and kills the whole
   sandbox at either limit.
+- total memory, where this machine lets palaestra create memory cgroups (root, or a
+  delegated cgroup; ``sandbox.cgroups`` is set, see ``sandboxes/cgroup.py``): each run gets
+  its own cgroup with ``memory_bytes`` as its limit and no swap, joined before bwrap starts.
+  Every page the run makes the host hold counts: all its processes, its tmpfs files, SysV and
+  POSIX shared memory, memfds, pipe and socket buffers. Past the limit the kernel kills a
+  process of that run (``killed_by == "SIGKILL (memory limit)"``), never one outside it.
 - leftovers: background processes, double forks and daemons die with the PID namespace when
   the command exits or is killed; ``run`` returns only once they are gone. Files vanish with
   the tmpfs.
@@ -38,9 +45,14 @@ What it does not stop:
   kernel is reachable. Use a VM (or gVisor) when that matters.
 - reading the host's ``/usr`` and the interpreter's prefix: installed software is visible
   (read-only), so do not keep secrets there.
-- total memory: ``RLIMIT_AS`` bounds each process, so a sandbox may use up to
-  ``max_processes`` times ``memory_bytes``, plus its tmpfs. The docker backend caps the
-  total with a cgroup.
+- total memory, where no memory cgroup can be created (``sandbox.cgroups is None``;
+  ``sandbox.no_cgroup_reason`` says why): then only rlimits hold. Process memory is at most
+  ``max_processes`` x ``memory_bytes`` (``RLIMIT_AS`` per process, ``RLIMIT_NPROC``
+  processes) plus 3 x ``disk_bytes`` of tmpfs; memfds add at most ``max_file_bytes`` per
+  open descriptor. SysV shared-memory segments are not bounded at all: a process can create,
+  fill and detach segments beyond its address space, and they live until the run ends (its
+  IPC namespace dies with it, freeing them). Use root, a delegated cgroup, or the docker
+  backend when one program's memory must not reach the host's.
 - CPU contention and timing side channels: CPU time is limited per process, not shared
   fairly; use a ``SandboxPool`` no larger than the machine's cores.
 """
@@ -56,7 +68,8 @@ import sys
 from collections.abc import Sequence
 from dataclasses import replace
 
-from palaestra.sandboxes.core import ExecResult, Files, Limits, check_files
+from palaestra.sandboxes.cgroup import CgroupUnavailable, MemoryCgroups, RunCgroup
+from palaestra.sandboxes.core import ExecResult, Files, Limits, check_files, with_killed_by
 from palaestra.sandboxes.errors import SandboxStartError, SandboxUnavailableError
 from palaestra.sandboxes.process import Child
 
@@ -105,6 +118,14 @@ class BubblewrapSandbox:
             if os.geteuid() == 0
             else []
         )
+        self.cgroups: MemoryCgroups | None = None
+        """Where runs get a whole-sandbox memory cgroup; None on the per-process fallback."""
+        self.no_cgroup_reason = ""
+        """Why there is no memory cgroup ("" when there is one)."""
+        try:
+            self.cgroups = MemoryCgroups.find()
+        except CgroupUnavailable as error:
+            self.no_cgroup_reason = str(error)
 
     async def run(
         self,
@@ -117,10 +138,56 @@ class BubblewrapSandbox:
         """Run ``command`` in a new sandbox; see ``Sandbox.run``."""
         limits = limits or self.limits
         contents = check_files(files)
+        cgroup = self._cgroup(limits)
+        try:
+            result, status = await self._supervise(command, contents, stdin, limits, cgroup)
+        except BaseException:  # cancelled: its processes die in the background
+            if cgroup and self.cgroups and not cgroup.try_remove():
+                self.cgroups.forget(cgroup)
+            raise
+        oom_kills = cgroup.oom_kills() if cgroup else 0
+        if cgroup and self.cgroups and not await cgroup.remove():
+            self.cgroups.forget(cgroup)
+        if not (result.timed_out or result.truncated):  # else bwrap itself was killed
+            if status.exit_code is None:
+                raise SandboxStartError(
+                    f"bubblewrap could not start the sandbox (exit status {result.exit_code}): "
+                    f"{result.stderr.strip()[-500:]}"
+                )
+            code = status.exit_code
+            result = replace(result, exit_code=128 - code if code > 128 else code)
+        return with_killed_by(result, limits, memory_limit_hit=oom_kills > 0)
+
+    def close(self) -> None:
+        """Remove the cgroups of runs whose last processes outlived ``run`` (none usually):
+        every run's sandbox is otherwise gone when ``run`` returns."""
+        if self.cgroups:
+            self.cgroups.sweep()
+
+    def _cgroup(self, limits: Limits) -> RunCgroup | None:
+        """A fresh memory cgroup capping this run's total memory, where cgroups are usable."""
+        if self.cgroups is None:
+            return None
+        try:
+            return self.cgroups.create(limits.memory_bytes)
+        except OSError as error:
+            raise SandboxStartError(f"could not create the run's memory cgroup: {error}") from None
+
+    async def _supervise(
+        self,
+        command: Sequence[str],
+        contents: dict[str, bytes],
+        stdin: str | bytes,
+        limits: Limits,
+        cgroup: RunCgroup | None,
+    ) -> tuple[ExecResult, _StatusPipe]:
+        """Start bwrap (inside ``cgroup``) and supervise it to the end; its result and status."""
         memfds = [_memfd(data) for data in contents.values()]
         status_r, status_w = os.pipe()
         try:
             argv = self._argv(command, dict(zip(contents, memfds, strict=True)), status_w, limits)
+            if cgroup is not None:
+                argv = [*cgroup.join_argv(), *argv]
             child = Child.spawn(argv, env={"PATH": PATH}, pass_fds=[status_w, *memfds])
         finally:
             for fd in (status_w, *memfds):
@@ -134,18 +201,7 @@ class BubblewrapSandbox:
             )
         finally:
             status.close()
-        if result.timed_out or result.truncated:
-            return result
-        if status.exit_code is None:
-            raise SandboxStartError(
-                f"bubblewrap could not start the sandbox (exit status {result.exit_code}): "
-                f"{result.stderr.strip()[-500:]}"
-            )
-        code = status.exit_code
-        return replace(result, exit_code=128 - code if code > 128 else code)
-
-    def close(self) -> None:
-        """Nothing to release: every run's sandbox is gone when ``run`` returns."""
+        return result, status
 
     def _argv(
         self, command: Sequence[str], files_fds: dict[str, int], status_fd: int, limits: Limits
@@ -171,10 +227,11 @@ class BubblewrapSandbox:
             *("--die-with-parent", "--new-session", "--as-pid-1"),
             *self._mounts,
             *("--proc", "/proc", "--dev", "/dev"),
+            *("--size", str(limits.disk_bytes), "--tmpfs", "/dev/shm"),
             *("--size", str(limits.disk_bytes), "--tmpfs", "/tmp"),
             *("--size", str(limits.disk_bytes), "--tmpfs", WORK_DIR),
             *files,
-            *("--remount-ro", "/"),
+            *("--remount-ro", "/dev", "--remount-ro", "/"),
             *("--chdir", WORK_DIR, "--clearenv", "--setenv", "PATH", PATH),
             *("--setenv", "HOME", WORK_DIR, "--setenv", "TMPDIR", "/tmp"),
             *("--setenv", "LANG", "C.UTF-8", "--setenv", "PYTHONDONTWRITEBYTECODE", "1"),

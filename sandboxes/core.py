@@ -9,7 +9,8 @@ A ``Sandbox`` runs one command at a time in a fresh, private work directory::
   the command starts; nothing written there outlives the run.
 - ``stdin`` is fed to the command.
 - ``limits`` bound the run (``Limits`` documents each one); a program that hits a limit is
-  stopped and its ``ExecResult`` says which (``timed_out``, ``truncated``, a signal exit).
+  stopped and its ``ExecResult`` says which (``timed_out``, ``truncated``, and ``killed_by``:
+  the signal and the limit that sent it, so a grader tells a limit from a crash).
 
 A program's failure is a result, never an exception. ``run`` raises only
 ``SandboxInfraError`` (the sandbox itself failed) and ``SandboxConfigError``.
@@ -23,13 +24,18 @@ What this module does not do: pick a backend (see ``make_sandbox``) or judge pro
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol, runtime_checkable
 
 from palaestra.sandboxes.errors import SandboxConfigError
 
 MiB = 1 << 20
+CPU_LIMIT_SEEN = 0.9
+"""A SIGKILL no other limit explains is put down to ``cpu_time_s`` when the run used at
+least this fraction of it: the kernel enforces ``RLIMIT_CPU`` on its own clock ticks, and
+the CPU time the run reports may fall a little short of the limit."""
 
 
 @dataclass(frozen=True)
@@ -42,15 +48,18 @@ class Limits:
     cpu_time_s: int = 10
     """CPU seconds per process (``RLIMIT_CPU``); a process past it is killed by SIGKILL."""
     memory_bytes: int = 1024 * MiB
-    """Address space per process (``RLIMIT_AS``) on bubblewrap and local; the container's
-    total memory on docker. Allocations past it fail (``MemoryError`` in Python)."""
+    """Address space per process (``RLIMIT_AS``; allocations past it fail, ``MemoryError`` in
+    Python), and the whole sandbox's memory where a cgroup holds it: always on docker, on
+    bubblewrap where this machine lets palaestra create memory cgroups (see its module
+    docstring for the fallback). Past the whole-sandbox limit the kernel kills a process of
+    the run with SIGKILL (``killed_by`` says "memory limit"); tmpfs and shared memory count."""
     max_processes: int = 64
     """Processes and threads that may exist at once in the sandbox (fork bombs stop here)."""
     max_file_bytes: int = 16 * MiB
     """Largest file a process may write (``RLIMIT_FSIZE``); past it writes fail (``EFBIG``,
     or the SIGXFSZ signal where it is not ignored; Python ignores it)."""
     disk_bytes: int = 64 * MiB
-    """Capacity of each writable directory (the work directory and ``/tmp``)."""
+    """Capacity of each writable directory (the work directory, ``/tmp`` and ``/dev/shm``)."""
     max_output_bytes: int = 1 * MiB
     """Bytes kept of stdout and of stderr each. A program that writes more is stopped and
     its result is marked ``truncated``."""
@@ -94,11 +103,51 @@ class ExecResult:
     cpu_time_s: float
     """User + system CPU seconds of the sandbox's processes that exited before it ended
     (processes killed with the sandbox are not counted)."""
+    killed_by: str | None = None
+    """The signal that ended the command and, where a limit sent it, which one:
+    ``"SIGKILL (wall time limit)"``, ``"SIGKILL (output limit)"``, ``"SIGKILL (memory
+    limit)"``, ``"SIGXCPU (CPU time limit)"``, ``"SIGXFSZ (file size limit)"``, or the bare
+    name (``"SIGSEGV"``) when the program died on its own. None when it exited, unless the
+    memory limit killed one of its processes: then ``"SIGKILL (memory limit)"`` whatever the
+    command did next, so a grader sees that the run hit the limit."""
 
     @property
     def ok(self) -> bool:
         """The command exited with status 0 within its limits."""
         return self.exit_code == 0 and not self.timed_out and not self.truncated
+
+
+def with_killed_by(result: ExecResult, limits: Limits, *, memory_limit_hit: bool) -> ExecResult:
+    """``result`` with ``killed_by`` filled in from its exit status and the limits it hit;
+    ``memory_limit_hit``: the sandbox's cgroup OOM-killed a process of the run."""
+    if result.exit_code >= 0:
+        return replace(result, killed_by="SIGKILL (memory limit)") if memory_limit_hit else result
+    number = -result.exit_code
+    try:
+        name = signal.Signals(number).name
+    except ValueError:
+        name = f"signal {number}"
+    reason = _kill_reason(number, result, limits, memory_limit_hit)
+    return replace(result, killed_by=f"{name} ({reason})" if reason else name)
+
+
+def _kill_reason(
+    number: int, result: ExecResult, limits: Limits, memory_limit_hit: bool
+) -> str | None:
+    """Which limit sent signal ``number``, if one did."""
+    if result.timed_out:
+        return "wall time limit"
+    if result.truncated:
+        return "output limit"
+    if number == signal.SIGXCPU:
+        return "CPU time limit"
+    if number == signal.SIGXFSZ:
+        return "file size limit"
+    if number == signal.SIGKILL and memory_limit_hit:
+        return "memory limit"
+    if number == signal.SIGKILL and result.cpu_time_s >= CPU_LIMIT_SEEN * limits.cpu_time_s:
+        return "CPU time limit"  # the hard RLIMIT_CPU sends SIGKILL
+    return None
 
 
 Files = Mapping[str, "str | bytes"]

@@ -6,14 +6,15 @@ imported into Docker; no image registry is involved) and reused run after run. P
 in a ``SandboxPool`` for a warm pool. Talks to the engine through the ``docker`` SDK.
 
 Each container runs a reaper as PID 1 (a Python loop that collects orphans), as uid/gid
-65534, with: no network
-(``network_mode=none``), a read-only root filesystem, ``/work`` and ``/tmp`` as size-capped
-tmpfs, every capability dropped and ``no-new-privileges``, cgroup limits on memory (no swap),
-processes and CPUs. A run is a ``docker exec`` of a small runner (as uid 65534, made
-non-dumpable) that writes the files into ``/work``, sets ``RLIMIT_CPU``, ``RLIMIT_AS``,
-``RLIMIT_FSIZE`` and no core dumps, executes the command with the rest of stdin, and reports
-its exit status and CPU time. After every run every process of the sandbox user is killed
-and ``/work`` and ``/tmp`` are emptied; if that cannot be done and checked (e.g. a fork bomb
+65534, with: no network (``network_mode=none``), a read-only root filesystem, ``/work``,
+``/tmp`` and ``/dev/shm`` as size-capped tmpfs (``disk_bytes`` each; their pages count toward
+the memory limit too), every capability dropped and ``no-new-privileges``, cgroup limits on
+memory (no swap), processes and CPUs. A run is a ``docker exec`` of a small runner (as uid
+65534, made non-dumpable) that writes the files into ``/work``, sets ``RLIMIT_CPU``,
+``RLIMIT_AS``, ``RLIMIT_FSIZE`` and no core dumps, executes the command with the rest of
+stdin, and reports its exit status, CPU time and the processes the memory limit killed.
+After every run every process of the sandbox user is killed and ``/work``, ``/tmp`` and
+``/dev/shm`` are emptied; if that cannot be done and checked (e.g. a fork bomb
 holds every process slot), or the run was stopped at a limit or cancelled, the container is
 removed (which kills everything in it) and a fresh one starts next time. So no
 run sees another's files or processes. Containers are removed on ``close()``, on a cancelled
@@ -53,7 +54,7 @@ from typing import Any
 import docker
 import requests
 
-from palaestra.sandboxes.core import ExecResult, Files, Limits, check_files
+from palaestra.sandboxes.core import ExecResult, Files, Limits, check_files, with_killed_by
 from palaestra.sandboxes.errors import (
     SandboxError,
     SandboxStartError,
@@ -93,7 +94,7 @@ def clean():
     else:
         return False
     try:
-        for top in ("/work", "/tmp"):
+        for top in ("/work", "/tmp", "/dev/shm"):
             for name in os.listdir(top):
                 path = os.path.join(top, name)
                 if os.path.isdir(path) and not os.path.islink(path):
@@ -102,7 +103,7 @@ def clean():
                     os.unlink(path)
     except OSError:
         return False
-    return not os.listdir("/work") and not os.listdir("/tmp")
+    return not any(os.listdir(top) for top in ("/work", "/tmp", "/dev/shm"))
 """
 """``clean()``: kill what a run left and empty the writable directories; False if it could
 not be done and checked."""
@@ -112,6 +113,15 @@ RUNNER = (
     + r"""
 import base64, ctypes, json, resource
 ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE = 0: /proc/<runner> is closed
+
+def oom_kills():  # processes the container's memory cgroup killed so far (v2, then v1)
+    for path in ("/sys/fs/cgroup/memory.events", "/sys/fs/cgroup/memory/memory.oom_control"):
+        try:
+            with open(path) as f:
+                return int(dict(line.split() for line in f if line.strip()).get("oom_kill", 0))
+        except (OSError, ValueError):
+            pass
+    return 0
 
 def read(n):
     data = b""
@@ -127,6 +137,7 @@ for path, data in spec["files"].items():
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "wb") as f:
         f.write(base64.b64decode(data))
+oom_before = oom_kills()
 pid = os.fork()
 if pid == 0:
     try:
@@ -139,14 +150,15 @@ if pid == 0:
 _, status, usage = os.wait4(pid, 0)
 cleaned = clean()
 cpu = usage.ru_utime + usage.ru_stime
-os.write(2, ("\n%s %f %d\n" % (spec["nonce"], cpu, cleaned)).encode())
+oom = oom_kills() - oom_before
+os.write(2, ("\n%s %f %d %d\n" % (spec["nonce"], cpu, cleaned, oom)).encode())
 code = os.waitstatus_to_exitcode(status)
 os._exit(code if code >= 0 else 128 - code)
 """
 )
 """Runs each command inside the container, then cleans up after it (see the module
-docstring). Its last line on stderr, after the run's nonce, is the CPU time and whether the
-clean-up succeeded."""
+docstring). Its last line on stderr, after the run's nonce, is the CPU time, whether the
+clean-up succeeded, and how many processes the memory limit killed during the run."""
 
 REAPER = r"""
 import os, signal
@@ -290,6 +302,7 @@ class DockerSandbox:
                 network_mode="none",
                 read_only=True,
                 tmpfs={"/work": tmpfs, "/tmp": tmpfs},
+                shm_size=limits.disk_bytes,
                 working_dir="/work",
                 mem_limit=limits.memory_bytes,
                 memswap_limit=limits.memory_bytes,
@@ -378,9 +391,9 @@ class _Exec:
                 break
             time.sleep(0.02)
             info = self.client.api.exec_inspect(exec_id)
-        stderr, cpu, self.cleaned = self._split_trailer(bytes(self.output[2]))
+        stderr, cpu, self.cleaned, oom_kills = self._split_trailer(bytes(self.output[2]))
         code = info["ExitCode"] if not stopped and info["ExitCode"] is not None else 137
-        return ExecResult(
+        result = ExecResult(
             exit_code=128 - code if code > 128 else code,
             stdout=bytes(self.output[1][: self.limits.max_output_bytes]).decode("utf-8", "replace"),
             stderr=stderr[: self.limits.max_output_bytes].decode("utf-8", "replace"),
@@ -389,6 +402,7 @@ class _Exec:
             wall_time_s=time.monotonic() - started,
             cpu_time_s=cpu,
         )
+        return with_killed_by(result, self.limits, memory_limit_hit=oom_kills > 0)
 
     def _pump(self, sock: socket.socket, deadline: float, cancelled: threading.Event) -> str:
         """Send stdin and read frames until EOF; the reason it stopped early, or ""."""
@@ -438,14 +452,15 @@ class _Exec:
         with contextlib.suppress(*ENGINE_ERRORS):
             self.container.kill()
 
-    def _split_trailer(self, stderr: bytes) -> tuple[bytes, float, bool]:
-        """stderr without the runner's last line; the CPU time and clean-up it reports."""
+    def _split_trailer(self, stderr: bytes) -> tuple[bytes, float, bool, int]:
+        """stderr without the runner's last line; the CPU time, clean-up and OOM kills it
+        reports."""
         marker = f"\n{self.nonce} ".encode()
         cut = stderr.rfind(marker)
         if not self.nonce or cut < 0:
-            return stderr, 0.0, False
-        cpu, cleaned = stderr[cut + len(marker) :].split()[:2]
-        return stderr[:cut], float(cpu), cleaned == b"1"
+            return stderr, 0.0, False, 0
+        cpu, cleaned, oom_kills = stderr[cut + len(marker) :].split()[:3]
+        return stderr[:cut], float(cpu), cleaned == b"1", int(oom_kills)
 
 
 def _drain(sock: socket.socket, deadline: float) -> None:

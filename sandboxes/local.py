@@ -21,7 +21,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 
-from palaestra.sandboxes.core import ExecResult, Files, Limits, check_files
+from palaestra.sandboxes.core import ExecResult, Files, Limits, check_files, with_killed_by
 from palaestra.sandboxes.errors import SandboxConfigError, SandboxUnavailableError
 from palaestra.sandboxes.process import Child
 
@@ -81,9 +81,10 @@ class LocalSandbox:
             env = {"PATH": PATH, "HOME": work_dir, "TMPDIR": work_dir, "LANG": "C.UTF-8"}
             child = Child.spawn(argv, env=env, cwd=work_dir)
             data = stdin.encode() if isinstance(stdin, str) else stdin
-            return await child.finish(
+            result = await child.finish(
                 data, wall_time_s=limits.wall_time_s, max_output_bytes=limits.max_output_bytes
             )
+            return with_killed_by(result, limits, memory_limit_hit=False)
         finally:
             shutil.rmtree(work_dir, ignore_errors=True)
 

@@ -1,27 +1,96 @@
-"""Checkpoints in Hugging Face format, loadable with ``from_pretrained``.
+"""Checkpoints in Hugging Face format, loadable with ``from_pretrained``, written atomically.
 
 A checkpoint is a directory with the model's config, safetensors weights, generation
-config and tokenizer files, written to a temporary sibling and renamed into place so an
-interrupted save never leaves a half-written checkpoint under the final name.
+config and tokenizer files. ``write_atomically`` is how every checkpoint directory is
+written (these, and the training states of ``trainer.train_state``): into a temporary
+sibling ``<name>.partial``, every file and the directory fsynced, every file given the
+permissions a new file gets under the process's umask (safetensors alone would write its
+file ``0600`` beside ``0644`` siblings), then renamed into place and the parent fsynced. A
+crash or ``kill -9`` never leaves half a directory under the final name: a leftover
+``.partial`` is garbage, and a directory being replaced is renamed to ``<name>.old``
+just before the new one takes its name (only a crash between those two renames leaves it
+there).
+
+Weights are saved in the dtype the model holds them in (float32 master weights stay
+float32), never cast. Weights holding NaN or inf are refused (``NonFiniteWeightsError``)
+and nothing is written, so a checkpoint never holds them and the one before stays.
+
+What this module does not do: save optimizer, RNG or loop state (``trainer.train_state``).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from palaestra.trainer.errors import NonFiniteWeightsError
+
+PARTIAL_SUFFIX = ".partial"
+"""Suffix of a directory still being written; never read back."""
+
 
 def save_checkpoint(model: torch.nn.Module, tokenizer: Any, path: str | Path) -> Path:
-    """Save ``model`` and ``tokenizer`` to ``path`` atomically; returns the path."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
+    """Save ``model`` and ``tokenizer`` to ``path`` atomically; returns the path. Raises
+    ``NonFiniteWeightsError``, writing nothing, when a weight is NaN or inf."""
+    check_finite_weights(model)
+    return write_atomically(Path(path), lambda tmp: save_weights(model, tokenizer, tmp))
+
+
+def check_finite_weights(model: torch.nn.Module) -> None:
+    """Raise ``NonFiniteWeightsError`` naming the first tensor of ``model``'s state dict
+    that holds NaN or inf (one pass over the weights, cheap beside writing them)."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise NonFiniteWeightsError(
+                f"{name} holds NaN or inf values: refusing to save non-finite weights; the "
+                "last checkpoint saved before is the last good one"
+            )
+
+
+def save_weights(model: torch.nn.Module, tokenizer: Any, directory: Path) -> None:
+    """Write ``model`` (Hugging Face format, its own dtype) and ``tokenizer`` into ``directory``."""
+    model.save_pretrained(directory)  # type: ignore[operator]
+    tokenizer.save_pretrained(directory)
+
+
+def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
+    """Run ``write(tmp)`` on a fresh ``<path>.partial`` directory, make it durable and give
+    its files the umask's permissions, then rename it to ``path`` (replacing one there)."""
+    tmp = path.with_name(path.name + PARTIAL_SUFFIX)
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)  # type: ignore[operator]
-    tokenizer.save_pretrained(tmp)
-    if path.exists():
-        shutil.rmtree(path)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    mode = 0o666 & ~_umask()
+    for file in sorted(p for p in tmp.rglob("*") if p.is_file()):
+        os.chmod(file, mode)
+        _fsync(file)
+    _fsync(tmp)
+    replaced = path.with_name(path.name + ".old")
+    if path.exists():  # moved aside first: a rename is instant, a delete is not
+        shutil.rmtree(replaced, ignore_errors=True)
+        path.rename(replaced)
     tmp.rename(path)
+    _fsync(path.parent)
+    shutil.rmtree(replaced, ignore_errors=True)
     return path
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's or a directory's data and metadata to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it and setting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

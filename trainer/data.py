@@ -200,17 +200,22 @@ def held_out(rows: list[Any], eval_size: int, seed: int, path: Any) -> tuple[lis
     return [r for i, r in enumerate(rows) if i not in chosen], [rows[i] for i in sorted(chosen)]
 
 
-def batch_indices(n: int, batch_size: int, seed: int) -> Iterator[list[int]]:
+def batch_indices(n: int, batch_size: int, seed: int, *, skip: int = 0) -> Iterator[list[int]]:
     """Endless batches of indices into ``n`` examples: each pass is a fresh seeded shuffle,
-    and a batch that runs past the end of a pass continues into the next."""
+    and a batch that runs past the end of a pass continues into the next. The batches are a
+    function of ``(n, batch_size, seed)`` alone, so a resumed run continues its sequence by
+    skipping the ``skip`` batches it already trained on."""
     rng = random.Random(seed)
     order: list[int] = []
+    drawn = 0
     while True:
         while len(order) < batch_size:
             fresh = list(range(n))
             rng.shuffle(fresh)
             order += fresh
-        yield order[:batch_size]
+        if drawn >= skip:
+            yield order[:batch_size]
+        drawn += 1
         order = order[batch_size:]
 
 

@@ -11,6 +11,17 @@ steps AdamW. The loss function receives the forward's output for the micro-batch
 whole step's token and row counts, so a loss normalised by those counts gives the same
 gradient however the batch is split.
 
+Numerical guard. A step whose loss or global gradient norm is not finite (NaN or inf: a
+bad reward or advantage, an overflow) is skipped: its gradients are dropped, neither AdamW
+nor the warm-up schedule advances (a skipped step does not count as one of the warm-up's
+steps), ``steps`` stays, and the metrics say ``nonfinite_step: 1`` with the loss and norm
+as they came out. The weights are then exactly those before the step, so the stage loops
+count skipped steps and stop after too many in a row (``stages.nonfinite``). The weights
+are not checked after each step: with a finite, clipped gradient AdamW moves each weight
+by about ``lr`` at most, so they stay finite unless ``lr`` is absurd (near float32's
+1e38, or ``lr * weight_decay > 2``, where decay grows the weights each step);
+``checkpoint.save_checkpoint`` refuses non-finite weights instead.
+
 Policy log-probs (``token_logprobs``) are computed only where they are needed: the
 decoder's hidden states are taken at the positions that predict trained tokens, and only
 those rows go through the output projection; logits are divided by the sampling
@@ -24,8 +35,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import torch
 
@@ -157,28 +169,45 @@ class Learner:
         self.optimizer.zero_grad(set_to_none=True)
         num_tokens, num_seqs = float(max(batch.num_loss_tokens, 1)), float(len(batch))
         totals: dict[str, float] = {}
+        loss_sum = torch.zeros((), device=self.device)
         for micro in batch.micro_batches(micro_batch_size or self.settings.micro_batch_size):
             micro = micro.to(self.device)
             with self.autocast():
                 outputs = self.forward(self.model, micro)
             loss, metrics = loss_fn(micro, outputs, num_tokens=num_tokens, num_seqs=num_seqs)
             loss.backward()
+            loss_sum += loss.detach().float()
             if weigh_metrics_by == "rows":
                 share = len(micro) / num_seqs
             else:
                 share = float(micro.loss_mask_BT.sum()) / num_tokens
             for name, value in metrics.items():
                 totals[name] = totals.get(name, 0.0) + share * value
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            self.model.parameters(), self.settings.max_grad_norm
-        )
-        self.optimizer.step()
-        self.scheduler.step()
-        self.steps += 1
+        grad_norm = self._gradient_norm()
+        finite = math.isfinite(grad_norm) and bool(torch.isfinite(loss_sum))
+        if finite:
+            self._clip_gradients(grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.steps += 1
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
         return totals | {
-            "grad_norm": float(grad_norm),
+            "grad_norm": grad_norm,
             "lr": float(self.scheduler.get_last_lr()[0]),
+            "nonfinite_step": 0.0 if finite else 1.0,
         }
+
+    def _gradient_norm(self) -> float:
+        """The global L2 norm of the gradients (NaN or inf when any gradient is)."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+    def _clip_gradients(self, grad_norm: float) -> None:
+        """Scale the gradients down to ``max_grad_norm`` when their norm is above it."""
+        trained = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.tensor(grad_norm, device=self.device)
+        torch.nn.utils.clip_grads_with_norm_(trained, self.settings.max_grad_norm, norm)
 
     @torch.no_grad()
     def score(
@@ -206,3 +235,18 @@ class Learner:
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """The current weights by state-dict name, for the engine's ``update_weights``."""
         yield from self.model.state_dict().items()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer's and the schedule's state and the step count (not the weights),
+        for a training-state checkpoint (``trainer.train_state``)."""
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "steps": self.steps,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a ``state_dict`` of a learner built with the same settings."""
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.steps = int(state["steps"])

@@ -3,7 +3,7 @@
 ``build_engine`` is the one place that maps an engine name (``transformers``, ``vllm``,
 ``openai``) to a started engine, so the training stages and ``palaestra eval`` start
 engines the same way. ``close_engine`` releases what an engine holds (vLLM's processes,
-an HTTP connection pool).
+an HTTP connection pool); ``engine_metrics`` is what an engine reports for a run's log.
 """
 
 from __future__ import annotations
@@ -105,3 +105,10 @@ async def close_engine(engine: Engine) -> None:
     aclose = getattr(engine, "aclose", None)
     if callable(aclose):  # OpenAIEngine: its connection pool
         await aclose()
+
+
+def engine_metrics(engine: Engine) -> dict[str, float]:
+    """What an engine reports for a run's log: ``engine/restarts``, the times a vLLM engine
+    started its process again after it died (other engines report nothing)."""
+    restarts = getattr(engine, "restarts", None)  # VLLMEngine
+    return {} if restarts is None else {"engine/restarts": float(restarts)}

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -64,6 +64,8 @@ class _Row:
     logprobs: list[float] = field(default_factory=list)
     finish_reason: str = ""
     """``"stop"`` or ``"length"`` once the row is done; empty while it runs."""
+    abandoned: Callable[[], bool] = lambda: False
+    """Whether its caller stopped waiting (the request was cancelled): the row stops."""
 
 
 class TransformersEngine:
@@ -197,7 +199,10 @@ class TransformersEngine:
     def _decode_batch(self, requests: list[_Request]) -> list[Completion]:
         with self._model_lock, torch.inference_mode():
             version = self._policy_version
-            rows = [_Row(r.sampling, self._row_generator(r.sampling)) for r in requests]
+            rows = [
+                _Row(r.sampling, self._row_generator(r.sampling), abandoned=r.future.cancelled)
+                for r in requests
+            ]
             self._decode(rows, [r.prompt_ids for r in requests])
             self.num_batches += 1
         return [
@@ -228,7 +233,9 @@ class TransformersEngine:
         active = list(rows)
         while True:
             tokens_B = self._sample_and_record(logits_BV, active)
-            keep = [i for i, row in enumerate(active) if not row.finish_reason]
+            keep = [
+                i for i, row in enumerate(active) if not row.finish_reason and not row.abandoned()
+            ]
             if not keep:
                 return
             if len(keep) < len(active):

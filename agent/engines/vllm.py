@@ -27,6 +27,19 @@ every completion comes from exactly one policy version.
 ``score`` asks vLLM for the prompt logprobs of a sequence (``prompt_logprobs=0``), which
 vLLM computes from the raw logits: temperature 1.
 
+Restarts. vLLM runs the model in a child process (its engine core). When that process
+dies (killed, out of memory, a crash), vLLM fails the requests in flight, which reach the
+caller as ``EngineError`` (the rollout makes their episodes infrastructure failures), and
+marks itself dead. The next call then starts a new vLLM from the model directory, reloads
+the weights of the last ``update_weights`` into it and carries on with the same policy
+version, at most ``max_restarts`` times per engine (``restarts`` counts them); after that
+every call raises ``EngineError`` saying so. To reload them, the engine keeps the last
+weights file in ``/dev/shm`` (one copy of the weights in memory, in the engine's dtype);
+with ``max_restarts=0`` nothing is kept and a dead vLLM stays dead. Every call into vLLM is
+watched for its death (polled every ``_DEATH_POLL_S``): vLLM fails requests that are
+running, but leaves a control call in flight (a weight load, or the one a first request
+makes) waiting forever.
+
 Start-up spawns vLLM's engine-core process; a script that builds a ``VLLMEngine`` at
 import time needs the ``if __name__ == "__main__":`` guard. vLLM is imported on first use,
 so palaestra works without it; ``make setup-vllm`` installs it.
@@ -44,7 +57,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -68,6 +81,7 @@ INSTALL_HINT = (
     "with CUDA"
 )
 _WORKER_EXTENSION = f"{WeightReloadExtension.__module__}.{WeightReloadExtension.__qualname__}"
+_DEATH_POLL_S = 0.5
 
 
 def import_vllm() -> Any:
@@ -93,15 +107,20 @@ class VLLMEngine:
 
     def __init__(
         self,
-        llm: Any,
+        start: Callable[[], Any],
         *,
         eos_token_ids: Iterable[int],
         seed: int,
         vocab_size: int,
         weight_shapes: dict[str, tuple[int, ...]],
         dtype: str,
+        max_restarts: int = 3,
     ) -> None:
-        self._llm = llm
+        """``start`` starts a vLLM ``AsyncLLM`` (now, and again after one dies)."""
+        if max_restarts < 0:
+            raise ValueError(f"max_restarts must be >= 0, got {max_restarts}")
+        self._start = start
+        self._llm: Any = start()
         self._vllm = import_vllm()
         self.eos_token_ids = frozenset(eos_token_ids)
         if not self.eos_token_ids:
@@ -115,6 +134,11 @@ class VLLMEngine:
         self.dtype = dtype
         """Dtype of the engine's weights; updates are cast to it before they are written."""
         self._gate = WeightGate()
+        self.max_restarts = max_restarts
+        """How many times a dead vLLM is started again before calls fail for good."""
+        self.restarts = 0
+        """How many times vLLM was started again after its process died."""
+        self._latest: Path | None = None  # the last weights loaded, for a restart
 
     @classmethod
     def from_model_dir(
@@ -126,6 +150,7 @@ class VLLMEngine:
         seed: int = 0,
         max_model_len: int | None = None,
         kv_cache_gib: float = 1.0,
+        max_restarts: int = 3,
     ) -> VLLMEngine:
         """Start vLLM on a local Hugging Face model directory with safetensors weights.
 
@@ -134,8 +159,9 @@ class VLLMEngine:
         ``max_model_len`` caps prompt plus completion (default: the model's context length). ``kv_cache_gib`` is the memory
         given to the KV cache, on CPU and CUDA alike (vLLM's ``kv_cache_memory_bytes``;
         on CPU a ``VLLM_CPU_KVCACHE_SPACE`` in the environment overrides it, in whole
-        GiB). Start-up takes 15-20 s on 2 CPU cores. Raises ``EngineError`` when vLLM is
-        not installed or cannot start.
+        GiB). ``max_restarts``: how many times a vLLM whose process died is started again
+        (module docstring). Start-up takes 15-20 s on 2 CPU cores. Raises ``EngineError``
+        when vLLM is not installed or cannot start.
         """
         import torch
 
@@ -170,23 +196,26 @@ class VLLMEngine:
             disable_log_stats=True,
             worker_extension_cls=_WORKER_EXTENSION,
         )
-        try:
-            llm = vllm.AsyncLLMEngine.from_engine_args(args)
-        except Exception as exc:
-            raise EngineError(f"vLLM could not start on {model_dir}: {exc}") from exc
-        engine = cls(
-            llm,
+
+        def start() -> Any:
+            # no local names the AsyncLLM: vLLM keeps the traceback of an optional import
+            # that failed during start-up (torchcodec), and with it this frame, so a local
+            # would keep the AsyncLLM alive past ``close`` and run its finaliser again at
+            # interpreter exit
+            try:
+                return vllm.AsyncLLMEngine.from_engine_args(args)
+            except Exception as exc:
+                raise EngineError(f"vLLM could not start on {model_dir}: {exc}") from exc
+
+        return cls(
+            start,
             eos_token_ids=eos_token_ids,
             seed=seed,
             vocab_size=vocab_size,
             weight_shapes=weight_shapes,
             dtype=dtype,
+            max_restarts=max_restarts,
         )
-        # vLLM keeps the traceback of an optional import that failed during start-up
-        # (torchcodec), and with it this frame: without this ``del`` the AsyncLLM would
-        # outlive ``close`` and run its finaliser again at interpreter exit.
-        del llm
-        return engine
 
     @property
     def policy_version(self) -> int:
@@ -197,8 +226,9 @@ class VLLMEngine:
         """Sample one completion; concurrent calls share vLLM's running batch.
 
         Raises ``EngineError`` on ids outside the vocabulary, on ``top_p < 1`` (vLLM's
-        logprobs would then be of the renormalised nucleus, not of ``logits / T``) and
-        when vLLM fails or aborts the request.
+        logprobs would then be of the renormalised nucleus, not of ``logits / T``), when
+        vLLM fails or aborts the request, and when its process died (the next call starts
+        it again: module docstring).
         """
         check_token_ids(prompt_ids, self._vocab_size)
         if sampling.top_p < 1:
@@ -219,6 +249,7 @@ class VLLMEngine:
             flat_logprobs=True,
             output_kind=self._vllm.sampling_params.RequestOutputKind.FINAL_ONLY,
         )
+        await self._revive_if_dead()
         async with self._gate.serving() as version:
             output = (await self._final_output(prompt_ids, params)).outputs[0]
         token_ids = tuple(output.token_ids)
@@ -244,6 +275,7 @@ class VLLMEngine:
             flat_logprobs=True,
             output_kind=self._vllm.sampling_params.RequestOutputKind.FINAL_ONLY,
         )
+        await self._revive_if_dead()
         async with self._gate.serving():
             output = await self._final_output(token_ids, params)
         positions = output.prompt_logprobs
@@ -258,21 +290,20 @@ class VLLMEngine:
         a tied ``lm_head.weight`` included: on CPU the output layer keeps its own packed
         copy of the embedding, which vLLM rebuilds only when that name is loaded. New
         requests wait while the weights load, requests in flight finish first, and the
-        prefix cache is cleared afterwards. Raises ``EngineError`` on unknown, missing or
-        misshapen tensors, before changing anything, and when the worker fails to load.
+        prefix cache is cleared afterwards. A vLLM that died before or during the load is
+        started again and given these weights. Raises ``EngineError`` on unknown, missing
+        or misshapen tensors, before changing anything, and when the worker fails to load.
         """
         started = time.perf_counter()
         tensors = self._checked(named_tensors)
         async with self._gate.loading(version):
             path = await asyncio.to_thread(write_weights_file, tensors, dtype=self.dtype)
             try:
-                await self._llm.collective_rpc("palaestra_reload_weights", args=(str(path),))
-            except Exception as exc:
-                raise EngineError(f"the vLLM worker failed to load the weights: {exc}") from exc
-            finally:
+                await self._load_surviving(path)
+            except BaseException:
                 path.unlink(missing_ok=True)
-            if not await self._llm.reset_prefix_cache():
-                raise EngineError("vLLM could not clear its prefix cache after a weight update")
+                raise
+            self._keep(path)
         self.last_sync_s = time.perf_counter() - started
         logger.info("vLLM weights v%d loaded in %.2f s", version, self.last_sync_s)
 
@@ -285,23 +316,116 @@ class VLLMEngine:
         llm, self._llm = self._llm, None
         if llm is not None:
             llm.shutdown()
+        if self._latest is not None:
+            self._latest.unlink(missing_ok=True)
+            self._latest = None
 
     # --- requests -----------------------------------------------------------------------
 
     async def _final_output(self, token_ids: list[int], params: Any) -> Any:
-        prompt = self._vllm.TokensPrompt(prompt_token_ids=list(token_ids))
         request_id = f"palaestra-{next(self._request_ids)}"
-        final = None
-        try:
-            async for output in self._llm.generate(prompt, params, request_id):
-                final = output
-        except Exception as exc:
-            raise EngineError(f"vLLM failed on request {request_id}: {exc}") from exc
+        final = await self._unless_dead(
+            self._last_output(token_ids, params, request_id), f"request {request_id}"
+        )
         if final is None or not final.finished:
             raise EngineError(f"vLLM returned no final output for request {request_id}")
         return final
 
+    async def _last_output(self, token_ids: list[int], params: Any, request_id: str) -> Any:
+        prompt = self._vllm.TokensPrompt(prompt_token_ids=list(token_ids))
+        final = None
+        async for output in self._llm.generate(prompt, params, request_id):
+            final = output
+        return final
+
+    # --- restarts -------------------------------------------------------------------------
+
+    def _dead(self) -> bool:
+        return self._llm is not None and self._llm.errored
+
+    async def _revive_if_dead(self) -> None:
+        """Before a request: if vLLM died, start it again (requests held off meanwhile)."""
+        if self._dead():
+            async with self._gate.loading(self._gate.version):
+                await self._revive()
+
+    async def _revive(self) -> None:
+        """If vLLM died, start a new one with the latest weights (the caller holds the
+        gate); raises ``EngineError`` once ``max_restarts`` restarts are used up."""
+        if not self._dead():
+            return
+        if self.restarts >= self.max_restarts:
+            raise EngineError(
+                f"the vLLM engine process died and was already restarted {self.restarts} "
+                f"time(s) (max_restarts = {self.max_restarts}); see the log above for why it "
+                "died (out of memory is the usual cause: lower kv_cache_gib or the batch)"
+            )
+        self.restarts += 1
+        logger.warning(
+            "the vLLM engine process died; starting it again with weights v%d (restart %d of %d)",
+            self._gate.version,
+            self.restarts,
+            self.max_restarts,
+        )
+        self._llm.shutdown()
+        self._llm = self._start()  # if it fails, the dead one stays: the next call tries again
+        if self._latest is None:
+            return
+        try:
+            await self._load(self._latest)
+        except EngineError:
+            self._llm.shutdown()  # not on the weights its version says: never serve from it
+            raise
+
+    async def _load_surviving(self, path: Path) -> None:
+        """Load the weights at ``path``, into a new vLLM if it died before or meanwhile."""
+        while True:
+            await self._revive()
+            try:
+                return await self._load(path)
+            except EngineError:
+                if not self._dead():
+                    raise
+
+    def _keep(self, path: Path) -> None:
+        """Keep ``path`` as the weights a restart loads (and drop the ones kept before)."""
+        if self._latest is not None:
+            self._latest.unlink(missing_ok=True)
+        self._latest = path if self.max_restarts else None
+        if not self.max_restarts:
+            path.unlink(missing_ok=True)
+
+    async def _unless_dead(self, call: Awaitable[Any], what: str) -> Any:
+        """Await a call to vLLM; ``EngineError`` if it fails, or as soon as vLLM is seen dead
+        (a request or control call in flight then may never return)."""
+        task = asyncio.ensure_future(call)
+        try:
+            while not task.done() and not self._dead():
+                await asyncio.wait([task], timeout=_DEATH_POLL_S)
+            if task.done() and not task.cancelled() and task.exception() is None:
+                return task.result()
+            if self._dead():
+                raise EngineError(
+                    f"the vLLM engine process died during {what} (the next call starts it again)"
+                )
+            return task.result()  # raises the call's error
+        except EngineError:
+            raise
+        except Exception as exc:
+            raise EngineError(f"vLLM failed during {what}: {exc}") from exc
+        finally:
+            task.cancel()
+
     # --- weights --------------------------------------------------------------------------
+
+    async def _load(self, path: Path) -> None:
+        """Reload every weight from the file at ``path`` and clear the prefix cache."""
+        await self._unless_dead(
+            self._llm.collective_rpc("palaestra_reload_weights", args=(str(path),)),
+            "a weight load",
+        )
+        if not await self._unless_dead(self._llm.reset_prefix_cache(), "a prefix cache reset"):
+            raise EngineError("vLLM could not clear its prefix cache after a weight update")
 
     def _checked(
         self, named_tensors: Iterable[tuple[str, torch.Tensor]]

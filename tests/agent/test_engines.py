@@ -158,6 +158,28 @@ async def test_batches_hold_at_most_max_batch_size_requests(make_engine):
     assert engine.num_batches == 2
 
 
+async def test_a_cancelled_request_stops_decoding_at_once(make_engine):
+    # Ctrl-C cancels the rollouts in flight: the engine must not decode them to the end.
+    engine = make_engine()
+    forwards = 0
+
+    def count(*_):
+        nonlocal forwards
+        forwards += 1
+
+    engine.model.register_forward_hook(count)
+    long = asyncio.ensure_future(
+        engine.generate(PROMPTS[0], SamplingParams(max_tokens=4000, temperature=1.0, seed=0))
+    )
+    while forwards < 3:  # decoding has started
+        await asyncio.sleep(0.01)
+    long.cancel()
+    short = await engine.generate(PROMPTS[1], SamplingParams(max_tokens=2, seed=0))
+
+    assert len(short.token_ids) <= 2
+    assert forwards < 1000  # the long request stopped after a few tokens, not 4000
+
+
 async def test_update_weights_changes_outputs_and_stamps_the_version(make_engine, tiny_model):
     greedy = SamplingParams(max_tokens=12, temperature=0.0)
     engine = make_engine()

@@ -204,3 +204,29 @@ async def test_dynamic_sampling_out_of_rounds_fills_the_step_with_rejected_group
     assert len(batch) == GROUPS  # the step still gets its groups
     assert p.stats.groups_rejected == GROUPS * 3  # the first round and two replacement rounds
     assert (p.stats.replacement_rounds, p.stats.rejected_groups_used) == (2, GROUPS)
+
+
+async def test_a_group_lost_to_an_engine_death_is_sampled_again(parts, tokenizer):
+    from palaestra.agent.errors import EngineError
+
+    answer = [*tokenizer.encode("\\boxed{4}", add_special_tokens=False), tokenizer.eos_token_id]
+    failed: list[tuple[int, ...]] = []
+
+    def dies_under_the_first_task(prompt: list[int]) -> list[int]:
+        # the engine dies under both episodes of the first task it sees, then restarts
+        if len(failed) < SIZE and (not failed or failed[0] == tuple(prompt)):
+            failed.append(tuple(prompt))
+            raise EngineError("the engine process died")
+        return answer
+
+    pool, _, renderer = parts
+    engine = FakeEngine(dies_under_the_first_task)
+    p = producer((pool, engine, renderer))
+    p.start()
+    groups = await p.next_batch(step=1, num_groups=GROUPS)
+    await p.stop()
+
+    assert len(failed) == SIZE
+    assert sorted(g[0].group_id for g in groups) == [0, 1]  # the step got all its groups
+    assert all(t.stop_reason is StopReason.ANSWERED for g in groups for t in g)
+    assert p.stats.groups_resampled_after_engine_error == 1

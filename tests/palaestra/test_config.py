@@ -189,7 +189,7 @@ def test_a_wrong_stage_lists_the_stages():
 def test_a_key_of_another_stage_names_the_stages_that_take_it():
     with pytest.raises(
         ConfigError,
-        match=r"\n  ppo: stage 'grpo' does not take this key \(stages that take it: ppo\)",
+        match=r"overrides: ppo: stage 'grpo' does not take this key \(stages that take it: ppo\)",
     ):
         load_config(None, ["ppo.gamma=0.5"])
     with pytest.raises(
@@ -204,7 +204,9 @@ def test_a_key_of_another_stage_names_the_stages_that_take_it():
 def test_error_paths_start_at_the_section_not_at_the_stage_tag():
     with pytest.raises(ConfigError) as caught:
         load_config(None, ["trainer.lr=-1"])
-    assert "\n  trainer.lr: Input should be greater than 0 (got -1)" in str(caught.value)
+    assert str(caught.value) == (
+        "invalid config in the overrides: trainer.lr: Input should be greater than 0 (got -1)"
+    )
     assert "grpo.trainer" not in str(caught.value)
 
 
@@ -243,8 +245,8 @@ def test_a_shared_section_goes_only_to_the_stages_that_take_it(tmp_path):
     from palaestra.config import load_pipeline
 
     sft, dpo, grpo = load_pipeline(write(tmp_path, SHARED_DATA))
-    assert str(sft.data.path) == "sft.jsonl" and sft.data.batch_size == 4
-    assert str(dpo.data.path) == "prefs.jsonl" and dpo.data.batch_size == 4
+    assert sft.data.path == tmp_path / "sft.jsonl" and sft.data.batch_size == 4
+    assert dpo.data.path == tmp_path / "prefs.jsonl" and dpo.data.batch_size == 4
     assert grpo.stage == "grpo" and "data" not in type(grpo).model_fields
 
 
@@ -302,13 +304,13 @@ FINITE = "Input should be a finite number"
         (["trainer.lr=.inf"], f"trainer.lr: {FINITE} (got inf)"),
         (["trainer.lr=inf"], f"trainer.lr: {FINITE} (got 'inf')"),  # a string read as a float
         (["trainer.max_grad_norm=.inf"], f"trainer.max_grad_norm: {FINITE}"),
-        (["trainer.betas=[0.9, .nan]"], f"trainer.betas.1: {FINITE}"),
+        (["trainer.betas=[0.9, .nan]"], f"trainer.betas[1]: {FINITE}"),
         (["rollout.temperature=.nan"], f"rollout.temperature: {FINITE}"),
         (["eval.temperature=.inf"], f"eval.temperature: {FINITE}"),
         (["grpo.is_cap=.inf"], f"grpo.is_cap: {FINITE}"),
         (["grpo.kl_coef=.nan"], f"grpo.kl_coef: {FINITE}"),
         ([*STAGE_OVERRIDES["dpo"], "dpo.beta=.inf"], f"dpo.beta: {FINITE}"),
-        (["env.kwargs.size=.inf"], "kwargs: Value error, size is inf: give the env a finite"),
+        (["env.kwargs.size=.inf"], "env.kwargs: size is inf: give the env a finite number"),
     ],
 )
 def test_inf_and_nan_fail_naming_the_field(overrides, message):
@@ -343,8 +345,10 @@ def test_seed_and_adam_betas_are_checked_at_load():
         load_config(None, ["seed=-1"])
     with pytest.raises(ConfigError) as caught:
         load_config(None, ["trainer.betas=[2, -1]"])
-    assert "trainer.betas.0: Input should be less than 1 (got 2)" in str(caught.value)
-    assert "trainer.betas.1: Input should be greater than or equal to 0" in str(caught.value)
+    assert "(2 problems):\n  trainer.betas[0]: Input should be less than 1 (got 2)" in str(
+        caught.value
+    )
+    assert "\n  trainer.betas[1]: Input should be greater than or equal to 0" in str(caught.value)
     assert load_config(None, ["trainer.betas=[0, 0.999]"]).trainer.betas == (0, 0.999)
 
 
@@ -391,3 +395,39 @@ def test_the_sample_budget_leaves_room_for_a_prompt_beside_max_tokens():
         load_config(None, ["rollout.max_tokens=8", "rollout.max_total_tokens=8"])
     config = load_config(None, ["rollout.max_tokens=8", "rollout.max_total_tokens=9"])
     assert config.rollout.max_total_tokens == 9
+
+
+def test_a_check_across_fields_names_the_field_to_change():
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, ["stage=sft"])
+    assert str(caught.value) == (
+        "invalid config in the overrides: data.path: stage 'sft' trains on a dataset: set "
+        "data.path to a JSON-lines file"
+    )
+    with pytest.raises(ConfigError, match=r"overrides: grpo\.turn_credit: turn_credit"):
+        load_config(None, ["grpo.turn_credit=return_to_go", "grpo.advantage=rloo"])
+    with pytest.raises(ConfigError, match=r"overrides: env\[1\]\.idd: unknown key"):
+        load_config(None, ["env=[{id: a}, {idd: b}]"])
+
+
+def test_relative_paths_in_a_config_file_are_read_from_its_folder(tmp_path, monkeypatch):
+    folder = tmp_path / "conf"
+    folder.mkdir()
+    path = write(
+        folder,
+        "stage: ppo\nmodel: ckpt\nppo: {critic_model: ../critic}\n"
+        "env: [{id: a, reward_model: {path: rm}}, {id: b}]\n"
+        "eval: {envs: [{id: c, reward_model: {path: /abs/rm}}]}\nrun: {output_dir: out}\n",
+    )
+    monkeypatch.chdir(tmp_path)
+    config = load_config(path)
+    assert config.model == str(folder / "ckpt")
+    assert config.ppo.critic_model == str(tmp_path / "critic")
+    assert config.env[0].reward_model.path == str(folder / "rm")
+    assert config.eval.envs[0].reward_model.path == "/abs/rm"  # absolute: as given
+    assert str(config.run.output_dir) == "out"  # the working directory's
+    assert load_config(path, ["model=tiny-random"]).model == "tiny-random"  # a name
+    assert load_config(path, ["model=mine"]).model == "mine"  # typed here: the cwd's
+    path.write_text("model: smollm2-135m\ndata: {path: d.jsonl}\nstage: sft\n")
+    config = load_config(path)
+    assert config.model == "smollm2-135m" and config.data.path == folder / "d.jsonl"

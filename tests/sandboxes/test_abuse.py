@@ -285,3 +285,15 @@ async def test_cancelled_run_is_killed(isolated: Sandbox) -> None:
             break
         await asyncio.sleep(0.01)
     assert processes_with(marker) == []
+
+
+async def test_files_a_run_leaves_do_not_reach_the_next_run(isolated: Sandbox) -> None:
+    places = ["/work/left", "/tmp/left", "/dev/shm/left"]
+    leave = f"for path in {places!r}:\n    open(path, 'w').write('left')\n"
+    look = f"import os\nprint([path for path in {places!r} if os.path.exists(path)])\n"
+
+    left = await run_python(isolated, leave)
+    seen = await run_python(isolated, look)
+
+    assert left.exit_code == 0, left.stderr
+    assert seen.stdout == "[]\n"

@@ -1,6 +1,6 @@
 """What every training stage shares: its result, the policy learner and the engine built
 from the config, the held-out evaluation on the env, frozen model copies, step
-bookkeeping and memory.
+bookkeeping (logging, training-state checkpoints, resuming, Ctrl-C) and memory.
 
 A stage is a function ``run_<stage>(config, run) -> StageResult`` in its own module of
 this package; ``palaestra.pipeline`` runs a list of them in order, each on the checkpoint
@@ -16,11 +16,14 @@ import ctypes.util
 import dataclasses
 import os
 import resource
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
 
@@ -37,7 +40,15 @@ from palaestra.envs.mixture import EnvMixture
 from palaestra.models import resolve_model, turn_end_ids
 from palaestra.rundir import RunDir
 from palaestra.trainer.checkpoint import save_checkpoint
+from palaestra.trainer.errors import NonFiniteWeightsError
 from palaestra.trainer.learner import Learner, OptimSettings, policy_forward
+from palaestra.trainer.train_state import (
+    STATE_PREFIX,
+    SavedState,
+    Trained,
+    load_state,
+    save_state,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -222,30 +233,100 @@ async def evaluate_model(
         await close_engine(engine)
 
 
-def end_step(
-    cfg: StageConfig,
-    run: RunDir,
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    step: int,
-    metrics: dict[str, float],
-    started: float,
-) -> None:
-    """Log a step (with its time and peak memory) and save the ``run.save_every``
-    checkpoint."""
+def log_step(run: RunDir, step: int, metrics: dict[str, float], started: float) -> None:
+    """Log a step with its time and peak memory."""
     metrics |= {"time/step_s": time.perf_counter() - started, "memory/peak_rss_gb": peak_rss_gb()}
     run.log(step, metrics)
-    if cfg.run.save_every and step % cfg.run.save_every == 0 and step < cfg.trainer.steps:
-        save_checkpoint(model, tokenizer, run.checkpoints / f"step-{step}")
+
+
+def state_due(cfg: StageConfig, step: int) -> bool:
+    """Whether ``step`` ends with a ``run.save_every`` training-state checkpoint (never the
+    last step: the final checkpoint follows it)."""
+    every = cfg.run.save_every
+    return bool(every) and step % every == 0 and step < cfg.trainer.steps
+
+
+def save_training_state(
+    cfg: StageConfig, run: RunDir, trained: Trained, step: int, progress: dict[str, Any]
+) -> Path:
+    """Write the training state after ``step`` (``trainer.train_state``), keeping the
+    newest ``run.keep_last``."""
+    return save_state(
+        run.checkpoints,
+        step,
+        trained,
+        progress=progress,
+        config=cfg.model_dump(mode="json"),
+        keep_last=cfg.run.keep_last,
+    )
+
+
+def resumed_state(cfg: StageConfig, run: RunDir) -> SavedState | None:
+    """The training state a reopened ``run`` continues from (None for a new run);
+    ``ConfigError`` if the training-relevant config changed since it was saved."""
+    if run.resumed_step is None:
+        return None
+    return load_state(
+        run.checkpoints / f"{STATE_PREFIX}{run.resumed_step}", cfg.model_dump(mode="json")
+    )
+
+
+def eval_record(result: EvalResult | None) -> dict[str, Any] | None:
+    """An evaluation as JSON-ready data (a training state keeps the one before training)."""
+    return None if result is None else dataclasses.asdict(result)
+
+
+def eval_from_record(record: dict[str, Any] | None) -> EvalResult | None:
+    """The ``EvalResult`` ``eval_record`` wrote (JSON turns its int keys into strings)."""
+    if record is None:
+        return None
+    int_keyed = ("pass_at", "pass_hat", "success_by_turns", "episodes_by_turns")
+    fields = {k: {int(i): v for i, v in record[k].items()} for k in int_keyed}
+    return EvalResult(**(record | fields))
 
 
 def save_interrupted(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, run: RunDir, step: int
 ) -> None:
-    """After a failure at ``step``, keep what the steps before trained (``interrupted``)."""
+    """After a failure at ``step``, keep what the steps before trained (``interrupted``),
+    unless the weights are not finite: then say so and keep the checkpoints there are."""
     if step > 1:
-        path = save_checkpoint(model, tokenizer, run.checkpoints / "interrupted")
+        try:
+            path = save_checkpoint(model, tokenizer, run.checkpoints / "interrupted")
+        except NonFiniteWeightsError as exc:
+            print(f"training stopped at step {step}; weights not saved: {exc}", file=sys.stderr)
+            return
         print(f"training stopped at step {step}; weights saved to {path}", file=sys.stderr)
+
+
+class StopOnCtrlC:
+    """Ctrl-C as a request to stop: while active (``with``), the first SIGINT sets
+    ``requested`` and calls ``on_stop`` (a loop stops at its next safe point and saves its
+    training state); a second SIGINT raises ``KeyboardInterrupt`` at once. Outside the main
+    thread (where no signal handler can be set) it does nothing."""
+
+    def __init__(self, on_stop: Callable[[], object] = lambda: None) -> None:
+        self.requested = False
+        self.on_stop = on_stop
+        self._previous: Any = None
+
+    def __enter__(self) -> StopOnCtrlC:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(
+            "\nCtrl-C: stopping and saving the training state (again to quit now)", file=sys.stderr
+        )
+        self.on_stop()
 
 
 def frozen_copy(model: PreTrainedModel) -> PreTrainedModel:

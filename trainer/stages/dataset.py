@@ -10,10 +10,18 @@ once, top to bottom:
    generates) and the task's held-out measures.
 3. **steps**: ``trainer.steps`` times, ``data.batch_size`` example indices
    (``data.batch_indices``: seeded, reshuffled each pass), the task's batch and loss,
-   ``learner.step``, the step's metrics logged and the ``run.save_every`` checkpoint; on
-   any failure the weights trained so far are kept as ``checkpoints/interrupted``.
+   ``learner.step``, the step's metrics logged and, every ``run.save_every`` steps and on
+   Ctrl-C, a training-state checkpoint (``trainer.train_state``: weights, optimizer,
+   schedule, random states, the data position); on any other failure the weights trained
+   so far are kept as ``checkpoints/interrupted``.
 4. **after**: the held-out measures (logged as one ``eval`` record), the env's
    evaluation (``eval.after``), the final checkpoint.
+
+Resuming (a reopened run dir): the task is built as before (a DPO reference scores the
+starting weights), the held-out measures before training are taken again from the
+starting weights, the env's evaluation before training is read back, then the weights,
+optimizer and random states are restored and the steps continue after the saved one on
+the same batches an uninterrupted run would draw.
 
 What this module does not do: rollouts (the on-policy loop) or anything one stage alone
 needs; a stage that needs more than ``DatasetTask`` offers is not a dataset stage.
@@ -38,9 +46,23 @@ from palaestra.trainer.data import batch_indices
 from palaestra.trainer.learner import Learner, LossFn
 from palaestra.trainer.stages.common import (
     StageResult,
-    end_step,
+    StopOnCtrlC,
+    eval_from_record,
+    eval_record,
     evaluate_model,
+    log_step,
+    resumed_state,
     save_interrupted,
+    save_training_state,
+    state_due,
+)
+from palaestra.trainer.stages.nonfinite import NonFiniteWatch
+from palaestra.trainer.train_state import (
+    SavedState,
+    Trained,
+    TrainingInterrupted,
+    kill_point,
+    restore,
 )
 
 if TYPE_CHECKING:
@@ -96,12 +118,20 @@ class DatasetTask:
 def run_dataset_stage(
     cfg: Config, run: RunDir, build: Callable[[Config, RunDir], DatasetTask]
 ) -> StageResult:
-    """Seed, ``build`` the stage's task and run it as the module docstring says."""
+    """Seed, ``build`` the stage's task and run it as the module docstring says; a reopened
+    ``run`` continues from its training state (``common.resumed_state``)."""
     torch.manual_seed(cfg.seed)
     task = build(cfg, run)
-    before = _evaluate_on_env(cfg, task, run, step=0) if cfg.eval.before else None
-    measures = task.held_out_measures("before")
-    _train(cfg, run, task)
+    saved = resumed_state(cfg, run)
+    if saved is None:
+        before = _evaluate_on_env(cfg, task, run, step=0) if cfg.eval.before else None
+    else:
+        before = eval_from_record(saved.progress["before"])
+    measures = task.held_out_measures("before")  # of the starting weights, resumed or not
+    if saved is not None:
+        restore(saved, _trained(task))
+        print(f"[{task.name}] resumed after step {saved.step} from {saved.path}", file=sys.stderr)
+    _train(cfg, run, task, saved, before)
     measures |= task.held_out_measures("after")
     steps = cfg.trainer.steps
     if measures:
@@ -111,24 +141,59 @@ def run_dataset_stage(
     return StageResult(task.name, str(final), before=before, after=after, metrics=measures)
 
 
-def _train(cfg: DatasetStageConfig, run: RunDir, task: DatasetTask) -> None:
-    """``trainer.steps`` optimizer steps; keeps the weights if one fails."""
-    model, tokenizer = task.model, task.tokenizer
-    batches = batch_indices(task.num_examples, cfg.data.batch_size, cfg.seed)
-    steps, step = cfg.trainer.steps, 0
-    try:
-        for step in tqdm(
-            range(1, steps + 1), desc=task.name, disable=not cfg.run.progress, file=sys.stderr
-        ):
-            started = time.perf_counter()
-            planned = task.step(next(batches))
-            metrics = task.learner.step(
-                planned.batch, planned.loss_fn, micro_batch_size=task.micro_batch_size
-            )
-            end_step(cfg, run, model, tokenizer, step, metrics | planned.metrics, started)
-    except BaseException:
-        save_interrupted(model, tokenizer, run, step)
-        raise
+def _train(
+    cfg: DatasetStageConfig,
+    run: RunDir,
+    task: DatasetTask,
+    saved: SavedState | None,
+    before: EvalResult | None,
+) -> None:
+    """The optimizer steps after ``saved``'s (or all ``trainer.steps``); saves the training
+    state every ``run.save_every`` steps and on Ctrl-C, and keeps the weights if one fails."""
+    first = 1 if saved is None else saved.step + 1
+    batches = batch_indices(task.num_examples, cfg.data.batch_size, cfg.seed, skip=first - 1)
+    steps, step = cfg.trainer.steps, first - 1
+    nonfinite = NonFiniteWatch(cfg.trainer)
+    if saved is not None:
+        nonfinite.total, nonfinite.in_a_row = saved.progress["nonfinite"]
+    bar = tqdm(
+        range(first, steps + 1),
+        desc=task.name,
+        initial=first - 1,
+        total=steps,
+        disable=not cfg.run.progress,
+        file=sys.stderr,
+    )
+    with StopOnCtrlC() as stop:
+        try:
+            for step in bar:
+                started = time.perf_counter()
+                planned = task.step(next(batches))
+                metrics = task.learner.step(
+                    planned.batch, planned.loss_fn, micro_batch_size=task.micro_batch_size
+                )
+                kill_point("update", step)
+                metrics |= nonfinite.count(step, metrics)
+                log_step(run, step, metrics | planned.metrics, started)
+                nonfinite.check(step)
+                if state_due(cfg, step) or stop.requested:
+                    progress = {
+                        "before": eval_record(before),
+                        "nonfinite": [nonfinite.total, nonfinite.in_a_row],
+                    }
+                    path = save_training_state(cfg, run, _trained(task), step, progress)
+                    if stop.requested:
+                        raise TrainingInterrupted(step, path)
+        except KeyboardInterrupt:  # ours (state saved), or a second Ctrl-C: quit now
+            raise
+        except BaseException:
+            save_interrupted(task.model, task.tokenizer, run, step)
+            raise
+
+
+def _trained(task: DatasetTask) -> Trained:
+    """What a training state of ``task`` holds: the model and its learner."""
+    return Trained(task.model, task.tokenizer, {"policy": task.learner}, {})
 
 
 def _evaluate_on_env(

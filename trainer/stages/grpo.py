@@ -36,6 +36,7 @@ from palaestra.trainer.advantages import (
     rloo_advantages,
 )
 from palaestra.trainer.batch import TokenBatch, collate
+from palaestra.trainer.learner import Learner
 from palaestra.trainer.policy_gradient import (
     behaviour_correction,
     kl_in_reward_BT,
@@ -76,6 +77,10 @@ class GRPOUpdate:
 
     def finish(self, run: RunDir) -> None:
         """GRPO owns nothing besides the policy."""
+
+    def learners(self) -> dict[str, Learner]:
+        """None besides the policy's."""
+        return {}
 
     def _rewards(
         self, batch: TokenBatch, trajectories: list[Trajectory]

@@ -27,7 +27,7 @@ from palaestra.agent.trajectory import Trajectory
 from palaestra.config import OnlineDPOStage
 from palaestra.rundir import RunDir
 from palaestra.trainer.batch import TokenBatch, collate
-from palaestra.trainer.learner import LossFn
+from palaestra.trainer.learner import Learner, LossFn
 from palaestra.trainer.policy_gradient import with_reference
 from palaestra.trainer.preference import needs_reference, pair_loss
 from palaestra.trainer.stages.common import StageResult, frozen_copy
@@ -69,6 +69,10 @@ class OnlineDPOUpdate:
 
     def finish(self, run: RunDir) -> None:
         """Online DPO owns nothing besides the policy."""
+
+    def learners(self) -> dict[str, Learner]:
+        """None besides the policy's."""
+        return {}
 
     def _loss(self, num_pairs: int) -> LossFn:
         def loss(

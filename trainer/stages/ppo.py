@@ -18,7 +18,9 @@ loop's; this module is its update, top to bottom:
 5. **critic step**: the clipped value loss (``losses.value_loss``, ``ppo.value_clip``) on
    the GAE returns, through a second ``Learner`` at ``ppo.critic_lr``.
 
-The critic is saved next to the policy as ``checkpoints/critic-final``.
+The critic is saved next to the policy as ``checkpoints/critic-final``, and in every
+training-state checkpoint (``critic.pt`` and its optimizer state) so a resumed run
+continues it.
 """
 
 from __future__ import annotations
@@ -95,6 +97,10 @@ class PPOUpdate:
     def finish(self, run: RunDir) -> None:
         """Save the critic as ``checkpoints/critic-final``."""
         self.critic.model.save(run.checkpoints / "critic-final")  # type: ignore[operator]
+
+    def learners(self) -> dict[str, Learner]:
+        """The critic's: a training state keeps its weights and optimizer state."""
+        return {"critic": self.critic}
 
     def _advantages(
         self, batch: TokenBatch, trajectories: list[Trajectory]

@@ -66,7 +66,8 @@ def producer_metrics(
     groups: list[list[Trajectory]], step: int, producer: RolloutProducer, max_staleness: int
 ) -> dict[str, float]:
     """This step's staleness histogram (groups per lag, in policy versions), and the
-    producer's running counts of stale and dynamic-sampling drops."""
+    producer's running counts of stale and dynamic-sampling drops, and of groups sampled
+    again after the engine died under them."""
     staleness = [group_staleness(g, step) for g in groups]
     stats = producer.stats
     return {
@@ -77,6 +78,7 @@ def producer_metrics(
         "dynamic_sampling/groups_rejected_total": float(stats.groups_rejected),
         "dynamic_sampling/replacement_rounds_total": float(stats.replacement_rounds),
         "dynamic_sampling/rejected_groups_used_total": float(stats.rejected_groups_used),
+        "engine/groups_resampled_total": float(stats.groups_resampled_after_engine_error),
     }
 
 
