@@ -146,13 +146,14 @@ for held in range(1, 5):  # create, fill and detach: the segment outlives the ma
 
 
 async def test_shared_memory_counts_toward_the_memory_limit(sandbox: Sandbox) -> None:
-    if not caps_total_memory(sandbox):
-        pytest.skip("without a cgroup SysV shared memory is unbounded, as documented")
-
     result = await run_python(sandbox, SYSV_SEGMENTS, limits=Limits(memory_bytes=256 * MiB))
 
-    assert result.killed_by == "SIGKILL (memory limit)", result
-    assert int(result.stdout.split()[-1]) * 100 * MiB < 256 * MiB
+    held_bytes = int(result.stdout.split()[-1]) * 100 * MiB
+    if caps_total_memory(sandbox):
+        assert result.killed_by == "SIGKILL (memory limit)", result
+        assert held_bytes < 256 * MiB
+    else:  # the gap the threat model states: without a cgroup, segments escape the limit
+        assert result.exit_code == 0 and held_bytes == 400 * MiB, result
 
 
 @pytest.fixture(params=["bubblewrap", pytest.param("docker", marks=pytest.mark.docker), "local"])

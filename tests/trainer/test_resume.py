@@ -266,12 +266,18 @@ def test_ctrl_c_in_a_dataset_stage_saves_the_finished_step_and_resumes_exactly(
         return metrics
 
     monkeypatch.setattr(Learner, "step", step_then_ctrl_c)
-    with pytest.raises(TrainingInterrupted, match="interrupted at step 2"):
-        train(cfg, tmp_path / "run")
+    # as in a terminal (a background job, as CI may run this, starts with SIGINT ignored)
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(TrainingInterrupted, match="interrupted at step 2"):
+            train(cfg, tmp_path / "run")
+        handed_back = signal.getsignal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, outer)
     monkeypatch.setattr(Learner, "step", step)
 
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["state-2"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handed back
+    assert handed_back is signal.default_int_handler
     assert same(resume(cfg, tmp_path / "run"), uninterrupted)
 
 
