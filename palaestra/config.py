@@ -449,9 +449,17 @@ def read_config(path: str | Path | None, overrides: Sequence[str] = ()) -> dict[
     data = _read_yaml(path)
     if path is not None:
         folder = Path(path).absolute().parent
+        outputs = _output_dir(data)
         for section in [data, *_stage_entries(data)]:
-            _anchor_paths(section, folder)
+            _anchor_paths(section, folder, _output_dir(section, outputs))
     return apply_overrides(data, list(overrides))
+
+
+def _output_dir(section: dict[str, Any], default: str = "runs") -> str:
+    """The ``run.output_dir`` a config mapping gives, as written (else ``default``)."""
+    run = section.get("run")
+    value = run.get("output_dir") if isinstance(run, dict) else None
+    return value if isinstance(value, str) else default
 
 
 def _stage_entries(data: dict[str, Any]) -> list[dict[str, Any]]:
@@ -460,15 +468,18 @@ def _stage_entries(data: dict[str, Any]) -> list[dict[str, Any]]:
     return [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
 
 
-def _anchor_paths(section: dict[str, Any], folder: Path) -> None:
+def _anchor_paths(section: dict[str, Any], folder: Path, output_dir: str) -> None:
     """Join the relative paths of one config mapping (the top level or a stage entry) to
-    ``folder``, in place; values of the wrong type are left for validation to refuse."""
-    _anchor(section, "model", folder, names=KNOWN_MODELS)
+    ``folder``, in place, except those inside ``output_dir`` (what a run writes, e.g. an
+    earlier stage's checkpoint, is where ``run.output_dir`` is: under the working
+    directory); values of the wrong type are left for validation to refuse."""
+    keep = (*KNOWN_MODELS, output_dir)
+    _anchor(section, "model", folder, names=keep)
     for key in ("path", "eval_path"):
-        _anchor(section.get("data"), key, folder)
-    _anchor(section.get("ppo"), "critic_model", folder, names=KNOWN_MODELS)
+        _anchor(section.get("data"), key, folder, names=keep)
+    _anchor(section.get("ppo"), "critic_model", folder, names=keep)
     for env in _env_mappings(section):
-        _anchor(env.get("reward_model"), "path", folder)
+        _anchor(env.get("reward_model"), "path", folder, names=keep)
 
 
 def _env_mappings(section: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -481,12 +492,15 @@ def _env_mappings(section: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
 
 def _anchor(mapping: Any, key: str, folder: Path, names: Sequence[str] = ()) -> None:
-    """``mapping[key]`` read from ``folder`` if it is a relative path (not one of ``names``)."""
+    """``mapping[key]`` read from ``folder`` if it is a relative path, unless it is one of
+    ``names`` (a known model, the output folder) or lies inside one of them."""
     if not isinstance(mapping, dict) or not isinstance(mapping.get(key), str):
         return
     value = mapping[key]
     path = Path(value).expanduser()
-    if value and value not in names and not path.is_absolute():
+    inside = [Path(n) for n in names if Path(n) != Path(".")]  # "." would hold every path
+    kept = any(path == n or n in path.parents for n in inside)
+    if value and not kept and not path.is_absolute():
         mapping[key] = os.path.normpath(folder / path)
 
 

@@ -32,6 +32,8 @@ from palaestra.trainer.errors import NonFiniteWeightsError
 
 PARTIAL_SUFFIX = ".partial"
 """Suffix of a directory still being written; never read back."""
+OLD_SUFFIX = ".old"
+"""Suffix of a directory being replaced, until its replacement has taken its name."""
 
 
 def save_checkpoint(model: torch.nn.Module, tokenizer: Any, path: str | Path) -> Path:
@@ -70,7 +72,7 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
         os.chmod(file, mode)
         _fsync(file)
     _fsync(tmp)
-    replaced = path.with_name(path.name + ".old")
+    replaced = path.with_name(path.name + OLD_SUFFIX)
     if path.exists():  # moved aside first: a rename is instant, a delete is not
         shutil.rmtree(replaced, ignore_errors=True)
         path.rename(replaced)
@@ -90,7 +92,10 @@ def _fsync(path: Path) -> None:
 
 
 def _umask() -> int:
-    """The process's umask (read by setting it and setting it back)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+    """The process's umask, read from ``/proc`` (setting it and back would race other
+    threads creating files meanwhile); 0o022 where ``/proc`` does not say."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration):
+        return 0o022

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from palaestra.trainer.batch import TokenBatch
+from palaestra.trainer.checkpoint import check_finite_weights
 
 
 class Critic(torch.nn.Module):
@@ -55,7 +56,9 @@ class Critic(torch.nn.Module):
         return values_BT * batch.loss_mask_BT
 
     def save(self, path: str | Path) -> Path:
-        """Save the body (Hugging Face format) and the head (``value_head.pt``) to ``path``."""
+        """Save the body (Hugging Face format) and the head (``value_head.pt``) to ``path``;
+        non-finite weights are refused (``checkpoint.check_finite_weights``)."""
+        check_finite_weights(self)
         path = Path(path)
         self.body.save_pretrained(path)  # type: ignore[operator]
         torch.save(self.head.state_dict(), path / "value_head.pt")

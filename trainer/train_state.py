@@ -42,6 +42,7 @@ from safetensors.torch import load_file
 
 from palaestra.errors import ConfigError
 from palaestra.trainer.checkpoint import (
+    OLD_SUFFIX,
     PARTIAL_SUFFIX,
     check_finite_weights,
     save_weights,
@@ -102,7 +103,8 @@ def save_state(
     ``keep_last`` states (0 keeps all); returns its path. Non-finite weights are refused
     (``checkpoint.check_finite_weights``), writing nothing."""
 
-    check_finite_weights(trained.model)
+    for module in [trained.model, *trained.modules.values()]:
+        check_finite_weights(module)
 
     def write(tmp: Path) -> None:
         save_weights(trained.model, trained.tokenizer, tmp)
@@ -195,19 +197,28 @@ def _load_hf_weights(model: PreTrainedModel, path: Path) -> None:
 
 
 def _states(checkpoints: Path) -> list[tuple[int, Path]]:
-    """Complete ``state-<step>`` directories of ``checkpoints``, oldest first."""
-    found = []
-    for path in checkpoints.glob(f"{STATE_PREFIX}*"):
-        match = re.fullmatch(rf"{STATE_PREFIX}(\d+)", path.name)
+    """Complete ``state-<step>`` directories of ``checkpoints``, oldest first. A state
+    being replaced is renamed ``state-<step>.old`` first (``write_atomically``); if the
+    process died before the new one took its name, the ``.old`` one is the state."""
+    found: dict[int, Path] = {}
+    for path in sorted(checkpoints.glob(f"{STATE_PREFIX}*"), key=lambda p: p.name):
+        match = re.fullmatch(rf"{STATE_PREFIX}(\d+)({re.escape(OLD_SUFFIX)})?", path.name)
         if match and (path / "state.json").is_file():
-            found.append((int(match.group(1)), path))
-    return sorted(found)
+            step = int(match.group(1))
+            if step not in found or not match.group(2):
+                found[step] = path
+    return sorted(found.items())
 
 
 def _prune(checkpoints: Path, keep_last: int) -> None:
-    """Delete all but the newest ``keep_last`` states (0: keep all) and leftover partials."""
+    """Delete all but the newest ``keep_last`` states (0: keep all), leftover partials and
+    replaced states."""
     for partial in checkpoints.glob(f"{STATE_PREFIX}*{PARTIAL_SUFFIX}"):
         shutil.rmtree(partial, ignore_errors=True)
+    kept = {path for _, path in _states(checkpoints)}
+    for old in checkpoints.glob(f"{STATE_PREFIX}*{OLD_SUFFIX}"):
+        if old not in kept:
+            shutil.rmtree(old, ignore_errors=True)
     if keep_last:
         for _, path in _states(checkpoints)[:-keep_last]:
             shutil.rmtree(path)

@@ -32,6 +32,10 @@ from palaestra.envs.search.retrieval import (
     check_search_request,
 )
 
+KEEPALIVE_S = 1.0
+"""Seconds an idle pooled connection is kept: well under the server's idle timeout (5 s by
+default), so the client never reuses a connection the server is closing."""
+
 
 class HttpRetriever:
     """A ``Retriever`` that asks a retrieval server at ``url``."""
@@ -113,7 +117,9 @@ class HttpRetriever:
         if session is None or session.closed:
             for gone in [other for other in self._sessions if other.is_closed()]:
                 del self._sessions[gone], self._keepers[gone]
-            connector = aiohttp.TCPConnector(limit=self.max_connections)
+            connector = aiohttp.TCPConnector(
+                limit=self.max_connections, keepalive_timeout=KEEPALIVE_S
+            )
             timeout = aiohttp.ClientTimeout(sock_connect=self.timeout_s, sock_read=self.timeout_s)
             session = aiohttp.ClientSession(connector=connector, timeout=timeout)
             self._sessions[loop] = session

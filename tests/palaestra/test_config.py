@@ -431,3 +431,12 @@ def test_relative_paths_in_a_config_file_are_read_from_its_folder(tmp_path, monk
     path.write_text("model: smollm2-135m\ndata: {path: d.jsonl}\nstage: sft\n")
     config = load_config(path)
     assert config.model == "smollm2-135m" and config.data.path == folder / "d.jsonl"
+    # what a run writes lies in run.output_dir, under the working directory, as it does
+    path.write_text(
+        "stage: ppo\nmodel: tiny-random\nrun: {output_dir: out}\n"
+        "env: {id: a, reward_model: {path: out/rlhf/1-reward_model/checkpoints/final}}\n"
+    )
+    rm = load_config(path).env.reward_model.path
+    assert rm == "out/rlhf/1-reward_model/checkpoints/final"
+    path.write_text("stage: sft\nmodel: tiny-random\nrun: {output_dir: .}\ndata: {path: d}\n")
+    assert load_config(path).data.path == folder / "d"  # "." holds no exception

@@ -27,6 +27,7 @@ from palaestra.trainer.learner import Learner
 from palaestra.trainer.stages.common import StopOnCtrlC
 from palaestra.trainer.stages.dpo import run_dpo
 from palaestra.trainer.stages.grpo import run_grpo
+from palaestra.trainer.stages.health import SignalWatch
 from palaestra.trainer.stages.online_dpo import run_online_dpo
 from palaestra.trainer.stages.ppo import run_ppo
 from palaestra.trainer.stages.sampling import group_requests
@@ -175,6 +176,12 @@ def test_an_on_policy_stage_resumed_from_its_state_ends_bit_identical(tmp_path, 
         for _ in group
     ]
     assert sorted(steps) == sorted(expected)  # each step's groups, logged once
+    # the state of step 2 holds the health counters after step 2, as the run had them
+    watch = SignalWatch(cfg.trainer.no_signal_steps)
+    for record in records(tmp_path / "run")[:2]:
+        watch.update(record)
+    progress = json.loads((tmp_path / "run/checkpoints/state-2/state.json").read_text())
+    assert progress["progress"]["watch"] == [watch.without_tool_calls, watch.without_signal]
 
 
 def test_ppo_resumes_its_critic_too(tmp_path):
@@ -287,3 +294,17 @@ def test_a_second_ctrl_c_quits_at_once():
         assert stop.requested
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_a_state_caught_mid_replacement_is_found_under_its_old_name(tmp_path):
+    # replacing state-2 renames it state-2.old first; a kill right then leaves only that
+    checkpoints = tmp_path / "checkpoints"
+    for name, step in [("state-1", 1), ("state-2.old", 2), ("state-3.partial", 3)]:
+        (checkpoints / name).mkdir(parents=True)
+        (checkpoints / name / "state.json").write_text(json.dumps({"step": step}))
+
+    assert latest_state(checkpoints) == checkpoints / "state-2.old"
+
+    (checkpoints / "state-2").mkdir()  # the replacement took its name: the .old one goes
+    (checkpoints / "state-2" / "state.json").write_text(json.dumps({"step": 2}))
+    assert latest_state(checkpoints) == checkpoints / "state-2"

@@ -309,15 +309,17 @@ class StopOnCtrlC:
         self.requested = False
         self.on_stop = on_stop
         self._previous: Any = None
+        self._installed = False
 
     def __enter__(self) -> StopOnCtrlC:
-        if threading.current_thread() is threading.main_thread():
+        self._installed = threading.current_thread() is threading.main_thread()
+        if self._installed:
             self._previous = signal.signal(signal.SIGINT, self._handle)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        if self._installed:  # None: a handler set from C, which Python cannot set back
+            signal.signal(signal.SIGINT, self._previous or signal.default_int_handler)
 
     def _handle(self, signum: int, frame: object) -> None:
         if self.requested:

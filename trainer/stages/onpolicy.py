@@ -253,6 +253,7 @@ async def _train(
         first = saved.step + 1
         producer.stats = ProducerStats.from_record(saved.progress["producer"])
     steps, step, done = cfg.trainer.steps, first - 1, first - 1
+    state = (saved.step, saved.path) if saved is not None else None  # the newest saved
     bar = tqdm(
         range(first, steps + 1),
         desc=cfg.stage,
@@ -275,12 +276,14 @@ async def _train(
                 bar.set_postfix(_progress(metrics))
                 if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < steps:
                     await _evaluate(cfg, policy, run, step=step)
+                stop_now = _should_stop(cfg, step, progress, metrics)  # counts this step
                 if state_due(cfg, step) or stop.requested:
                     record = progress.record(producer, step)
                     path = save_training_state(cfg, run, _trained(policy, update), step, record)
+                    state = (step, path)
                     if stop.requested:
                         raise TrainingInterrupted(step, path)
-                if _should_stop(cfg, step, progress, metrics):
+                if stop_now:
                     break
         except (TrainingInterrupted, KeyboardInterrupt):
             raise
@@ -291,8 +294,8 @@ async def _train(
             # Ctrl-C cancelled the producer while this step collected: keep the last step's
             if done == 0:
                 raise KeyboardInterrupt from None
-            if saved is not None and done < first:  # no step since the resume
-                path = saved.path
+            if state is not None and state[0] == done:  # saved already (or resumed from)
+                path = state[1]
             else:
                 record = progress.record(producer, done)
                 path = save_training_state(cfg, run, _trained(policy, update), done, record)
