@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
+from tqdm import tqdm
 
 from palaestra import envs
 from palaestra.agent.engines.base import Engine, SamplingParams
@@ -297,6 +298,20 @@ def save_interrupted(
             print(f"training stopped at step {step}; weights not saved: {exc}", file=sys.stderr)
             return
         print(f"training stopped at step {step}; weights saved to {path}", file=sys.stderr)
+
+
+def step_bar(cfg: StageConfig, name: str, first: int) -> tqdm[int]:
+    """The progress bar over steps ``first`` .. ``trainer.steps`` (a resumed run's bar
+    starts where the run stopped)."""
+    steps = cfg.trainer.steps
+    return tqdm(
+        range(first, steps + 1),
+        desc=name,
+        initial=first - 1,
+        total=steps,
+        disable=not cfg.run.progress,
+        file=sys.stderr,
+    )
 
 
 class StopOnCtrlC:

@@ -37,7 +37,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar, cast
 
 import torch
-from tqdm import tqdm
 
 from palaestra.rundir import RunDir
 from palaestra.trainer.batch import TokenBatch
@@ -55,6 +54,7 @@ from palaestra.trainer.stages.common import (
     save_interrupted,
     save_training_state,
     state_due,
+    step_bar,
 )
 from palaestra.trainer.stages.nonfinite import NonFiniteWatch
 from palaestra.trainer.train_state import (
@@ -152,18 +152,11 @@ def _train(
     state every ``run.save_every`` steps and on Ctrl-C, and keeps the weights if one fails."""
     first = 1 if saved is None else saved.step + 1
     batches = batch_indices(task.num_examples, cfg.data.batch_size, cfg.seed, skip=first - 1)
-    steps, step = cfg.trainer.steps, first - 1
+    step = first - 1
     nonfinite = NonFiniteWatch(cfg.trainer)
     if saved is not None:
         nonfinite.total, nonfinite.in_a_row = saved.progress["nonfinite"]
-    bar = tqdm(
-        range(first, steps + 1),
-        desc=task.name,
-        initial=first - 1,
-        total=steps,
-        disable=not cfg.run.progress,
-        file=sys.stderr,
-    )
+    bar = step_bar(cfg, task.name, first)
     with StopOnCtrlC() as stop:
         try:
             for step in bar:

@@ -50,7 +50,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
-from tqdm import tqdm
 
 from palaestra.agent.engines.base import Engine
 from palaestra.agent.engines.build import close_engine, engine_metrics
@@ -79,6 +78,7 @@ from palaestra.trainer.stages.common import (
     save_interrupted,
     save_training_state,
     state_due,
+    step_bar,
     train_env_factory,
 )
 from palaestra.trainer.stages.health import SignalWatch
@@ -254,14 +254,7 @@ async def _train(
         producer.stats = ProducerStats.from_record(saved.progress["producer"])
     steps, step, done = cfg.trainer.steps, first - 1, first - 1
     state = (saved.step, saved.path) if saved is not None else None  # the newest saved
-    bar = tqdm(
-        range(first, steps + 1),
-        desc=cfg.stage,
-        initial=first - 1,
-        total=steps,
-        disable=not cfg.run.progress,
-        file=sys.stderr,
-    )
+    bar = step_bar(cfg, cfg.stage, first)
     loop = asyncio.get_running_loop()
     producer.start(first)
     with StopOnCtrlC(lambda: loop.call_soon_threadsafe(producer.cancel)) as stop:
