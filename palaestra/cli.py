@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shlex
 import shutil
 import sys
 import time
@@ -154,7 +155,7 @@ def _train(args: argparse.Namespace) -> int:
         try:
             results = run_pipeline(stages, root, raw, resume=args.resume is not None)
         except TrainingInterrupted as stop:
-            return _interrupted(stop, args.config, root)
+            return _interrupted(stop, args, root)
         except BaseException as exc:
             _clean_failed_pipeline(root, exc, made_here=args.resume is None)
             _remove_empty(made)
@@ -175,7 +176,7 @@ def _train(args: argparse.Namespace) -> int:
         result = run_stage(config, run)
     except TrainingInterrupted as stop:
         run.close()
-        return _interrupted(stop, args.config, run.root)
+        return _interrupted(stop, args, run.root)
     except BaseException:
         run.close()
         if args.resume is None:  # a run this call made, failed before it wrote anything
@@ -195,12 +196,13 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _interrupted(stop: TrainingInterrupted, config: Path, run_dir: Path) -> int:
-    """Say how to resume a run Ctrl-C stopped (its training state is saved); exit status."""
+def _interrupted(stop: TrainingInterrupted, args: argparse.Namespace, run_dir: Path) -> int:
+    """Say how to resume a run Ctrl-C stopped (its training state is saved): the same
+    config and overrides, and the run directory; exit status."""
     print(f"training state saved to {stop.path}", file=sys.stderr)
+    command = shlex.join(["palaestra", "train", str(args.config), *args.overrides])
     print(
-        f"interrupted at step {stop.step}; resume with: palaestra train {config} "
-        f"--resume {run_dir}",
+        f"interrupted at step {stop.step}; resume with: {command} --resume {run_dir}",
         file=sys.stderr,
     )
     return 130

@@ -208,7 +208,10 @@ def test_ctrl_c_saves_the_state_within_a_second_and_resumes(workdir):
     exited_s = time.perf_counter() - sent  # after the interpreter's own teardown (~1.2 s)
 
     assert proc.returncode == 130, "".join(rest)[-2000:]
-    said = f"interrupted at step 2; resume with: palaestra train {config} --resume runs/run\n"
+    said = (  # the command to resume: the same config and overrides
+        f"interrupted at step 2; resume with: palaestra train {config} run.name=run "
+        "--resume runs/run\n"
+    )
     assert said in rest
     # ~0.2 s and ~1.5 s on an idle 2-core machine; the bounds leave room for a loaded one
     assert saved_s < 2.0 and exited_s < 8.0, (saved_s, exited_s)
