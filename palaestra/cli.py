@@ -242,7 +242,7 @@ def _clean_failed_pipeline(root: Path, exc: BaseException, *, made_here: bool) -
     """After a pipeline failed: remove ``root`` if this call made it and no stage produced
     anything; else remove the unused directory of the stage that failed to start and mark
     it ``failed`` in ``pipeline.json`` (not ``running``), with the error."""
-    from palaestra.pipeline import STATE_FILE
+    from palaestra.pipeline import STATE_FILE, save_pipeline_state
 
     state_file = root / STATE_FILE
     if not state_file.is_file():  # no stage started; only the config may have been written
@@ -259,9 +259,7 @@ def _clean_failed_pipeline(root: Path, exc: BaseException, *, made_here: bool) -
         shutil.rmtree(root / entry["name"], ignore_errors=True)
         entry |= {"status": "failed", "error": f"{type(exc).__name__}: {exc}".rstrip(": ")}
     if unused:
-        tmp = state_file.with_suffix(".partial")
-        tmp.write_text(json.dumps(state, indent=1))
-        tmp.replace(state_file)
+        save_pipeline_state(root, state)
 
 
 def _run_name(config: Path) -> str:

@@ -93,7 +93,7 @@ def run_pipeline(
             print(f"[pipeline] {name}: starting from {config.model}", file=sys.stderr)
         entry = {"name": name, "stage": config.stage, "config": _dump(config), "status": "running"}
         state["stages"][i:] = [entry]
-        _save_state(root, state)
+        save_pipeline_state(root, state)
         started = time.time()
         run = run or RunDir(root / name, _dump(config))
         try:
@@ -101,7 +101,7 @@ def run_pipeline(
         finally:
             run.close()
         entry |= {"status": "done", "seconds": time.time() - started, "result": _record(result)}
-        _save_state(root, state)
+        save_pipeline_state(root, state)
         results.append(entry["result"])
         model = result.checkpoint
         write_report(root, state)
@@ -203,7 +203,8 @@ def _move_aside(path: Path) -> None:
     shutil.move(path, path.with_name(f"{path.name}.incomplete-{n}"))
 
 
-def _save_state(root: Path, state: dict[str, Any]) -> None:
+def save_pipeline_state(root: Path, state: dict[str, Any]) -> None:
+    """Write ``state`` as the pipeline's ``pipeline.json`` (a temporary file, renamed)."""
     tmp = root / (STATE_FILE + ".partial")
     tmp.write_text(json.dumps(state, indent=1))
     tmp.replace(root / STATE_FILE)
