@@ -8,7 +8,11 @@ Each env's scripted expert (``expert_action``, see ``palaestra/envs/solver.py``)
 (the function-calling env, weight 2, gets twice as many), exactly as ``palaestra collect
 --policy oracle`` does, with the same env kwargs and turn limit as the pipeline's GRPO stage; the successful
 ones are written, shuffled together, as one SFT file rendered for the embedded model's chat
-template. Held-out evaluation uses the envs' test splits, which none of these come from.
+template. The function-calling env's episodes are drawn by category with
+``FUNCTION_CALL_MIX``, not the env's own mix: more parallel calls and more requests that no
+offered function fits (the model's weakest categories after a first SFT), so that declining
+to call is something the model has seen often enough to sample. Held-out evaluation uses the
+envs' test splits (the env's own mix), which none of these come from.
 """
 
 from __future__ import annotations
@@ -26,6 +30,15 @@ from palaestra.config import load_pipeline
 from palaestra.models import load_tokenizer
 
 PIPELINE = Path(__file__).parent / "agent_pipeline.yaml"
+FUNCTION_CALL = "palaestra/FunctionCall-v0"
+FUNCTION_CALL_MIX = {
+    "simple": 0.15,
+    "multiple": 0.2,
+    "parallel": 0.2,
+    "parallel_multiple": 0.2,
+    "irrelevance": 0.25,
+}
+"""The share of each category in the function-calling env's expert episodes."""
 
 
 def main() -> None:
@@ -41,19 +54,23 @@ def main() -> None:
     limits = RolloutLimits(max_turns=grpo.rollout.max_turns)
     kept = []
     for env in grpo.train_envs():
-        collection = asyncio.run(
-            collect(
-                lambda env=env: envs.make(env.id, **env.kwargs, split="train"),
-                ORACLE,
-                renderer,
-                env_id=env.id,
-                episodes=round(args.episodes * env.weight),
-                seed=args.seed,
-                limits=limits,
+        episodes = round(args.episodes * env.weight)
+        mix = FUNCTION_CALL_MIX if env.id == FUNCTION_CALL else {None: 1.0}
+        for category, share in mix.items():
+            kwargs = env.kwargs if category is None else env.kwargs | {"category": category}
+            collection = asyncio.run(
+                collect(
+                    lambda kwargs=kwargs, env=env: envs.make(env.id, **kwargs, split="train"),
+                    ORACLE,
+                    renderer,
+                    env_id=env.id,
+                    episodes=round(episodes * share),
+                    seed=args.seed,
+                    limits=limits,
+                )
             )
-        )
-        print(f"{env.id}: {collection.summary()}")
-        kept += collection.kept
+            print(f"{env.id}{'' if category is None else f' ({category})'}: {collection.summary()}")
+            kept += collection.kept
     random.Random(args.seed).shuffle(kept)
     print(f"wrote {write_records(args.out, kept)} SFT records to {args.out}")
 

@@ -199,6 +199,24 @@ class DatasetStageConfig(StageConfig):
 
     data: DataConfig = DataConfig()
     """The training data and its held-out part."""
+    engine: Literal["transformers", "vllm"] = "transformers"
+    """The engine the env's held-out evaluation (``eval.before``, ``eval.after``) samples
+    with: ``transformers`` (in process, on a copy of the weights) or ``vllm`` (started from
+    the stage's starting model, then given the weights being evaluated; needs ``make
+    setup-vllm``). Training itself never uses an engine; a reward model is not evaluated on
+    the env, so its stage ignores this."""
+
+    @field_validator("engine", mode="before")
+    @classmethod
+    def _refuse_openai(cls, engine: Any) -> Any:
+        if engine == "openai":
+            raise ValueError(
+                "'openai' serves on-policy stages only; a dataset stage evaluates in an "
+                "engine it starts on the weights it trains: set engine to 'vllm' or "
+                "'transformers' (in a pipeline, give engine: openai in the on-policy stages' "
+                "entries instead of at the top level)"
+            )
+        return engine
 
     @model_validator(mode="after")
     def _check_data(self) -> DatasetStageConfig:

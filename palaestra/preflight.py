@@ -14,7 +14,11 @@ collect`` as well. A failure is one ``ConfigError`` naming the field and the fix
   stage uses (``train`` to train on-policy, ``test`` to evaluate), and is closed again;
 - datasets: every line of every dataset parses with the one JSON-lines reader and has the
   fields its stage reads (the readers of ``trainer.data``), and ``data.eval_size`` leaves
-  rows to train on.
+  rows to train on;
+- engines: vLLM is installed where a stage starts a vLLM engine (``engine: vllm`` of an
+  on-policy stage, or of a dataset stage that evaluates on the env), so a pipeline does
+  not train for an hour to fail at its first vLLM start. It is found, not imported:
+  importing it takes seconds and sets up its logging before the engine configures it.
 
 What loading the config refuses (types, ranges, inf and nan, duplicate keys, run names,
 token budgets) is not repeated here. What this module does not do: load a model or a
@@ -26,6 +30,7 @@ directory this run will make, where an earlier stage writes it) is not checked.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -37,6 +42,7 @@ from palaestra.config import (
     EnvConfig,
     OnPolicyStageConfig,
     PPOStage,
+    RewardModelStage,
 )
 from palaestra.errors import ConfigError
 
@@ -64,6 +70,7 @@ def check_stages(stages: Sequence[TrainConfig], *, run_root: Path | None = None)
                 check_env(env.id, env.kwargs, split, id_field=id_field, built=built)
             if isinstance(config, DatasetStageConfig):
                 _check_datasets(config)
+            _check_engine(config)
 
 
 def check_devices(devices: Sequence[str]) -> None:
@@ -155,6 +162,27 @@ def _check_stage_models(config: StageConfig, run_root: Path | None) -> None:
                 "config.json): give the checkpoints/final folder of a reward_model stage "
                 f"({PATH_NOTE})"
             )
+
+
+def _check_engine(config: StageConfig) -> None:
+    """Refuse ``engine: vllm`` where the stage would start vLLM and it is not installed."""
+    if not _starts_vllm(config) or importlib.util.find_spec("vllm") is not None:
+        return
+    from palaestra.agent.engines.vllm import INSTALL_HINT
+
+    raise ConfigError(
+        f"engine: 'vllm', but vLLM is not installed: {INSTALL_HINT}; or set engine=transformers"
+    )
+
+
+def _starts_vllm(config: StageConfig) -> bool:
+    """Whether the stage starts a vLLM engine: an on-policy stage for its rollouts, a dataset
+    stage whose model generates (not a reward model) for its env evaluation."""
+    if isinstance(config, OnPolicyStageConfig):
+        return config.engine == "vllm"
+    if isinstance(config, DatasetStageConfig) and not isinstance(config, RewardModelStage):
+        return config.engine == "vllm" and (config.eval.before or config.eval.after)
+    return False
 
 
 def _env_uses(config: StageConfig) -> Iterator[tuple[str, EnvConfig, str]]:

@@ -73,6 +73,77 @@ def kl_in_reward_BT(batch: TokenBatch, g: GRPOConfig) -> tuple[torch.Tensor, dic
     return -g.kl_coef * kl_BT, {"kl_per_seq": float(kl_BT.sum()) / episodes}
 
 
+def corrected_step(
+    g: GRPOConfig, learner: Learner, batch: TokenBatch, loss: LossFn
+) -> dict[str, float]:
+    """One policy step on ``batch`` (its ``old_logprobs_BT`` are the engine's) with the
+    behaviour correction of ``behaviour_correction``, in one forward per micro-batch.
+
+    The proximal policy is the learner's weights before this step, and this step is the
+    only one taken on them: its own forward, detached, gives the proximal log-probs that a
+    scoring pass would (the ratio is 1 in value and carries the gradient), so the scoring
+    pass is skipped. A model with active dropout samples a different network each forward,
+    so it is scored separately first, as ``behaviour_correction`` does. The mismatch
+    metrics are computed over the whole batch after the step, as before.
+    """
+    level = g.importance_sampling
+    if level == "off":
+        return learner.step(batch, loss)
+    if batch.old_logprobs_BT is None:
+        raise ValueError("the behaviour correction needs the sampler's logprobs")
+    if dropout_active(learner.model):
+        corrected, mismatch = behaviour_correction(g, learner, batch)
+        return learner.step(corrected, loss) | mismatch
+    proximal_parts: list[torch.Tensor] = []
+
+    def own_proximal(micro: TokenBatch, logprobs_BT: torch.Tensor, **counts: float):
+        proximal_BT = logprobs_BT.detach().float()
+        assert micro.old_logprobs_BT is not None  # the batch's, checked above
+        weights_BT, _ = behaviour_weights(
+            proximal_BT,
+            micro.old_logprobs_BT,
+            micro.loss_mask_BT,
+            cap=g.is_cap,
+            level=level,
+        )
+        width = batch.input_ids_BT.shape[1]
+        proximal_parts.append(
+            torch.nn.functional.pad(proximal_BT.cpu(), (0, width - proximal_BT.shape[1]))
+        )
+        micro = dataclasses.replace(micro, old_logprobs_BT=proximal_BT, is_weights_BT=weights_BT)
+        return loss(micro, logprobs_BT, **counts)
+
+    metrics = learner.step(batch, own_proximal)
+    _, mismatch = behaviour_weights(
+        torch.cat(proximal_parts),
+        batch.old_logprobs_BT,
+        batch.loss_mask_BT,
+        cap=g.is_cap,
+        level=level,
+    )
+    return metrics | mismatch
+
+
+def dropout_active(model: torch.nn.Module) -> bool:
+    """Whether ``model`` drops anything in training mode: a dropout module with ``p > 0``
+    or a positive ``*dropout*`` / ``*pdrop`` setting in its Hugging Face config (attention
+    dropout is a config number, not a module)."""
+    if any(
+        isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p > 0
+        for module in model.modules()
+    ):
+        return True
+    to_dict = getattr(getattr(model, "config", None), "to_dict", None)
+    settings = to_dict() if callable(to_dict) else {}
+    return any(
+        ("dropout" in name or name.endswith("pdrop"))
+        and isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and value > 0
+        for name, value in settings.items()
+    )
+
+
 def behaviour_correction(
     g: GRPOConfig, learner: Learner, batch: TokenBatch
 ) -> tuple[TokenBatch, dict[str, float]]:

@@ -14,8 +14,8 @@ a step fails outside the learner's update; the last ``run.keep_last`` are kept::
 
 Each is written atomically (``checkpoint.write_atomically``). ``--resume`` reads the newest
 complete one (``latest_state``), refuses it if the training-relevant config changed
-(``load_state``: every section but ``run`` and ``eval``, and ``trainer`` but its
-``steps`` and ``max_time_s``), and ``restore`` puts weights, optimizer states and random
+(``load_state``: every section but ``run``, ``eval`` and a dataset stage's ``engine``,
+and ``trainer`` but its ``steps`` and ``max_time_s``), and ``restore`` puts weights, optimizer states and random
 states back after the stage has built its model, so a reference model built from the
 stage's starting weights is the same as in the run that saved it.
 
@@ -41,6 +41,7 @@ import torch
 from safetensors.torch import load_file
 
 from palaestra.errors import ConfigError
+from palaestra.options import DATASET_STAGES
 from palaestra.trainer.checkpoint import (
     OLD_SUFFIX,
     PARTIAL_SUFFIX,
@@ -162,9 +163,13 @@ def restore(saved: SavedState, trained: Trained) -> None:
 
 def training_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """The sections of a stage's config (``model_dump(mode="json")``) a resumed run must
-    share with the run it continues: all but ``run`` and ``eval``, and ``trainer`` without
-    ``steps`` and ``max_time_s`` (a run may be resumed to train longer)."""
-    kept = {k: v for k, v in config.items() if k not in _UNCHECKED_SECTIONS}
+    share with the run it continues: all but ``run`` and ``eval`` (and a dataset stage's
+    ``engine``, which samples its evaluation only), and ``trainer`` without ``steps`` and
+    ``max_time_s`` (a run may be resumed to train longer)."""
+    unchecked: tuple[str, ...] = _UNCHECKED_SECTIONS
+    if config.get("stage") in DATASET_STAGES:
+        unchecked = (*unchecked, "engine")
+    kept = {k: v for k, v in config.items() if k not in unchecked}
     if isinstance(kept.get("trainer"), dict):
         kept["trainer"] = {k: v for k, v in kept["trainer"].items() if k not in _UNCHECKED_TRAINER}
     return kept

@@ -164,9 +164,10 @@ def test_the_stage_classes_hold_only_the_sections_their_stage_uses():
 
     shared = {"stage", "model", "device", "seed", "engine_dtype", "env", "rollout"}
     shared |= {"trainer", "eval", "run"}
+    dataset = shared | {"data", "engine"}  # the engine of its env evaluation
     on_policy = shared | {"engine", "server", "verify_every", "verify_tolerance"}
-    assert set(SFTStage.model_fields) == set(RewardModelStage.model_fields) == shared | {"data"}
-    assert set(DPOStage.model_fields) == shared | {"data", "dpo"}
+    assert set(SFTStage.model_fields) == set(RewardModelStage.model_fields) == dataset
+    assert set(DPOStage.model_fields) == dataset | {"dpo"}
     assert set(GRPOStage.model_fields) == on_policy | {"grpo"}
     assert set(PPOStage.model_fields) == on_policy | {"grpo", "ppo"}
     assert set(OnlineDPOStage.model_fields) == on_policy | {"grpo", "dpo"}
@@ -194,9 +195,9 @@ def test_a_key_of_another_stage_names_the_stages_that_take_it():
         load_config(None, ["ppo.gamma=0.5"])
     with pytest.raises(
         ConfigError,
-        match=r"engine: stage 'sft' does not take this key \(stages that take it: grpo, ppo, online_dpo\)",
+        match=r"verify_every: stage 'sft' does not take this key \(stages that take it: grpo, ppo, online_dpo\)",
     ):
-        load_config(None, [*STAGE_OVERRIDES["sft"], "engine=vllm"])
+        load_config(None, [*STAGE_OVERRIDES["sft"], "verify_every=1"])
     with pytest.raises(ConfigError, match=r"data: stage 'grpo' does not take this key"):
         load_config(None, ["data.path=sft.jsonl"])
 

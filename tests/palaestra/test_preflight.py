@@ -11,6 +11,7 @@ that ends on its own field's message was refused before any model was loaded.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -160,6 +161,44 @@ def test_a_missing_model_is_named_with_where_a_relative_path_is_read_from(capsys
     error = train_refused(capsys, files, "", "model=no/such/model")
     assert error.startswith("error: model: model 'no/such/model' not found")
     assert "read from the file's folder" in error and "from the working directory" in error
+
+
+VLLM_PIPELINE = """
+engine: vllm
+stages:
+  - stage: sft
+    data: {path: data/sft.jsonl}
+  - stage: grpo
+"""
+
+
+@pytest.mark.parametrize(
+    ("config", "overrides", "where"),
+    [
+        (VLLM_PIPELINE, [], "stages[0] (sft): "),  # its evaluation after training
+        (
+            VLLM_PIPELINE,
+            ["stages.sft.eval.before=false", "stages.sft.eval.after=false"],
+            "stages[1] (grpo): ",
+        ),
+        ("", ["engine=vllm"], ""),
+    ],
+    ids=["dataset stage that evaluates", "dataset stage that does not", "on-policy stage"],
+)
+def test_a_stage_that_starts_vllm_needs_it_installed(
+    capsys, files, monkeypatch, config, overrides, where
+):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # not found, not importable
+    error = train_refused(capsys, files, config, *overrides)
+    assert error.startswith(f"error: {where}engine: 'vllm', but vLLM is not installed: ")
+    assert "make setup-vllm" in error and error.endswith("or set engine=transformers")
+
+
+def test_a_reward_model_stage_starts_no_vllm(files, monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    path = files / "conf" / "c.yaml"
+    path.write_text("stage: reward_model\nengine: vllm\ndata: {path: data/prefs.jsonl}\n")
+    check_stages(load_pipeline(path))  # no env evaluation, so no engine: not refused
 
 
 def test_a_bad_line_of_a_later_pipeline_stage_is_found_before_the_first_stage(capsys, files):

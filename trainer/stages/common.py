@@ -36,7 +36,12 @@ from palaestra.agent.learned_reward import LearnedReward, RewardModelScorer
 from palaestra.agent.render import ChatRenderer
 from palaestra.agent.rollout import EnvPool, RolloutLimits
 from palaestra.agent.trajectory import Trajectory
-from palaestra.config import EnvConfig, OnPolicyStageConfig, StageConfig
+from palaestra.config import (
+    DatasetStageConfig,
+    EnvConfig,
+    OnPolicyStageConfig,
+    StageConfig,
+)
 from palaestra.envs.mixture import EnvMixture
 from palaestra.models import resolve_model, turn_end_ids
 from palaestra.rundir import RunDir
@@ -86,23 +91,24 @@ def policy_learner(
 
 
 def open_engine(
-    cfg: StageConfig,
+    cfg: OnPolicyStageConfig | DatasetStageConfig,
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     *,
     share_weights: bool = False,
 ) -> Engine:
-    """The rollout engine the config asks for, on ``model``'s weights: an on-policy stage's
-    ``engine`` (with its ``server``), or a transformers engine for the other stages.
-    A transformers engine samples with a frozen copy, so training never touches it, unless
-    ``share_weights`` (evaluation only: nothing trains ``model``)."""
-    kind, server = "transformers", None
-    if isinstance(cfg, OnPolicyStageConfig):
-        kind = cfg.engine
-        server = _server(cfg) if kind == "openai" else None
-    copy_weights = kind == "transformers" and not share_weights
+    """The engine the stage's ``engine`` names (an on-policy stage's rollouts, a dataset
+    stage's held-out evaluation; ``openai`` with the ``server`` section), on ``model``'s
+    weights. A transformers engine samples with a frozen copy, so training never touches
+    it, unless ``share_weights`` (evaluation only: nothing trains ``model``). A vLLM
+    engine starts on the weights of the stage's starting model (``cfg.model``), an OpenAI
+    engine on its server's: ``update_weights`` gives either ``model``'s."""
+    server = None
+    if isinstance(cfg, OnPolicyStageConfig) and cfg.engine == "openai":
+        server = _server(cfg)
+    copy_weights = cfg.engine == "transformers" and not share_weights
     return build_engine(
-        kind,
+        cfg.engine,
         model=frozen_copy(model) if copy_weights else model,
         model_dir=resolve_model(cfg.model),
         eos_token_ids=turn_end_ids(model, tokenizer),
@@ -218,17 +224,22 @@ async def _evaluate_one(
 
 
 async def evaluate_model(
-    cfg: StageConfig,
+    cfg: DatasetStageConfig,
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     run: RunDir,
     *,
     step: int,
 ) -> EvalResult:
-    """``evaluate_on_env`` for a stage without a rollout engine: samples with a
-    transformers engine on a frozen copy of ``model``, dropped afterwards."""
+    """``evaluate_on_env`` for a stage without a rollout engine, on ``model``'s weights as
+    they are after ``step`` steps, in an engine of the stage's ``engine`` closed afterwards:
+    a transformers engine samples with a frozen copy of ``model``; a vLLM engine starts on
+    the stage's starting model and is given ``model``'s weights (``update_weights``, version
+    ``step``) before it samples."""
     engine = open_engine(cfg, model, tokenizer)
     try:
+        if cfg.engine == "vllm":  # started on the starting model's weights, not model's
+            await engine.update_weights(model.state_dict().items(), version=step)
         return await evaluate_on_env(cfg, engine, ChatRenderer(tokenizer), run, step=step)
     finally:
         await close_engine(engine)

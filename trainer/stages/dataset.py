@@ -7,7 +7,9 @@ once, top to bottom:
 1. **seed**, then **build** the task: load the model, read and split the data, score a
    reference (the stage's own ``build`` function).
 2. **before**: the env's held-out evaluation (``eval.before``, for a model that
-   generates) and the task's held-out measures.
+   generates; sampled by the stage's ``engine``: a transformers engine on a copy of the
+   weights, or a vLLM engine started for it and given the weights, closed again before
+   training) and the task's held-out measures.
 3. **steps**: ``trainer.steps`` times, ``data.batch_size`` example indices
    (``data.batch_indices``: seeded, reshuffled each pass), the task's batch and loss,
    ``learner.step``, the step's metrics logged and, every ``run.save_every`` steps and on
@@ -15,7 +17,7 @@ once, top to bottom:
    schedule, random states, the data position); on any other failure the weights trained
    so far are kept as ``checkpoints/interrupted``.
 4. **after**: the held-out measures (logged as one ``eval`` record), the env's
-   evaluation (``eval.after``), the final checkpoint.
+   evaluation (``eval.after``, of the trained weights, as in 2), the final checkpoint.
 
 Resuming (a reopened run dir): the task is built as before (a DPO reference scores the
 starting weights), the held-out measures before training are taken again from the
@@ -24,7 +26,9 @@ optimizer and random states are restored and the steps continue after the saved 
 the same batches an uninterrupted run would draw.
 
 What this module does not do: rollouts (the on-policy loop) or anything one stage alone
-needs; a stage that needs more than ``DatasetTask`` offers is not a dataset stage.
+needs; a stage that needs more than ``DatasetTask`` offers is not a dataset stage. No
+engine runs while it trains: each evaluation starts its own (a vLLM one takes its start-up
+time, ~20 s on CPU, at each of ``before`` and ``after``).
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ from palaestra.trainer.advantages import (
 from palaestra.trainer.batch import TokenBatch, collate
 from palaestra.trainer.learner import Learner
 from palaestra.trainer.policy_gradient import (
-    behaviour_correction,
+    corrected_step,
     kl_in_reward_BT,
     loss_settings,
     policy_loss_fn,
@@ -72,8 +72,7 @@ class GRPOUpdate:
         batch = self._with_advantages(batch, trajectories, rewards_E)
         if g.overlong_filter:
             batch = _without_truncated(batch, trajectories)
-        batch, mismatch = behaviour_correction(g, learner, batch)
-        return learner.step(batch, self.loss) | mismatch | metrics
+        return corrected_step(g, learner, batch, self.loss) | metrics
 
     def finish(self, run: RunDir) -> None:
         """GRPO owns nothing besides the policy."""

@@ -38,7 +38,7 @@ from palaestra.trainer.critic import Critic
 from palaestra.trainer.learner import Learner, LossFn, OptimSettings
 from palaestra.trainer.losses import value_loss
 from palaestra.trainer.policy_gradient import (
-    behaviour_correction,
+    corrected_step,
     kl_in_reward_BT,
     loss_settings,
     policy_loss_fn,
@@ -86,8 +86,7 @@ class PPOUpdate:
         batch, metrics = self._advantages(batch, trajectories)
         # 4. policy step (not while the critic warms up)
         if self.critic.steps >= self.cfg.ppo.critic_warmup_steps:
-            policy_batch, mismatch = behaviour_correction(self.cfg.grpo, self.policy.learner, batch)
-            metrics |= self.policy.learner.step(policy_batch, self.loss) | mismatch
+            metrics |= corrected_step(self.cfg.grpo, self.policy.learner, batch, self.loss)
         else:
             metrics["critic/warmup"] = 1.0
         # 5. critic step
