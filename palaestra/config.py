@@ -4,9 +4,10 @@ A config names its ``stage`` (``grpo`` when it names none) and holds only the se
 that stage uses: the dataset stages (``sft``, ``dpo``, ``reward_model``) take ``data:``;
 the on-policy stages (``grpo``, ``ppo``, ``online_dpo``) take the rollout engine, its
 ``server:`` and the weight-sync check; ``grpo:``, ``ppo:`` and ``dpo:`` go to the stages
-that read them. ``TrainConfig`` is the union of the stage classes, told apart by
-``stage``; the sections themselves live in ``palaestra.config_sections`` and the option
-sets they choose from in ``palaestra.options``.
+that read them, ``lora:`` to every stage that trains a policy (all but ``reward_model``).
+``TrainConfig`` is the union of the stage classes, told apart by ``stage``; the sections
+themselves live in ``palaestra.config_sections`` and the option sets they choose from in
+``palaestra.options``.
 
 Everything is validated when the config loads, before any work starts: a bad key or value
 fails with the field's dotted path and what is allowed, and a key of another stage (``ppo:``
@@ -56,6 +57,7 @@ from palaestra.config_sections import (
     FieldError,
     GRPOConfig,
     LearnedRewardConfig,
+    LoRAConfig,
     PPOConfig,
     RolloutConfig,
     RunConfig,
@@ -72,6 +74,7 @@ if TYPE_CHECKING:
 __all__ = [
     "STAGES",
     "STAGE_CONFIGS",
+    "AdaptableStage",
     "DPOConfig",
     "DPOStage",
     "DataConfig",
@@ -81,6 +84,7 @@ __all__ = [
     "GRPOConfig",
     "GRPOStage",
     "LearnedRewardConfig",
+    "LoRAConfig",
     "OnPolicyStageConfig",
     "OnlineDPOStage",
     "PPOConfig",
@@ -194,6 +198,27 @@ class StageConfig(Section):
         return Precision.resolve(self.device, self.trainer.dtype, self.engine_dtype)
 
 
+class AdaptableStage(Section):
+    """Mixed into the stages that train a policy (every stage but the reward model): they
+    may train it through LoRA adapters."""
+
+    lora: LoRAConfig | None = None
+    """Train LoRA adapters instead of every weight (``palaestra.trainer.adapters``); null
+    (the default) trains the full model. It needs ``engine: transformers``. The final
+    checkpoint holds the merged model, so the next stage and ``palaestra eval`` load it as
+    any other."""
+
+
+def _refuse_lora_engine(lora: LoRAConfig | None, engine: str) -> None:
+    """LoRA samples with the transformers engine only: adapters do not reach vLLM yet."""
+    if lora is not None and engine != "transformers":
+        raise FieldError(
+            "engine",
+            f"engine {engine!r} cannot sample with LoRA adapters yet (adapter sync to vLLM "
+            "is not built): set engine: transformers, or remove lora to train the full model",
+        )
+
+
 class DatasetStageConfig(StageConfig):
     """A stage that trains on a JSON-lines dataset (``data.path`` required)."""
 
@@ -228,7 +253,7 @@ class DatasetStageConfig(StageConfig):
         return self
 
 
-class OnPolicyStageConfig(StageConfig):
+class OnPolicyStageConfig(StageConfig, AdaptableStage):
     """A stage that trains on the model's own rollouts, sampled by a rollout engine."""
 
     engine: EngineKind = "transformers"
@@ -259,23 +284,34 @@ class OnPolicyStageConfig(StageConfig):
                 "engine 'openai' needs server.url, the root of a running server "
                 "(e.g. server.url=http://127.0.0.1:8000)",
             )
+        _refuse_lora_engine(self.lora, self.engine)
         return self
 
 
-class SFTStage(DatasetStageConfig):
+class SFTStage(DatasetStageConfig, AdaptableStage):
     """Supervised fine-tuning on the assistant tokens of a dataset."""
 
     stage: Literal["sft"] = "sft"
     """Selects this stage: ``stage: sft``."""
 
+    @model_validator(mode="after")
+    def _check_lora_engine(self) -> SFTStage:
+        _refuse_lora_engine(self.lora, self.engine)
+        return self
 
-class DPOStage(DatasetStageConfig):
+
+class DPOStage(DatasetStageConfig, AdaptableStage):
     """The preference family (DPO, cDPO, IPO, KTO, SimPO, ORPO) on a dataset."""
 
     stage: Literal["dpo"] = "dpo"
     """Selects this stage: ``stage: dpo``."""
     dpo: DPOConfig = DPOConfig()
     """The preference loss and its settings."""
+
+    @model_validator(mode="after")
+    def _check_lora_engine(self) -> DPOStage:
+        _refuse_lora_engine(self.lora, self.engine)
+        return self
 
 
 class RewardModelStage(DatasetStageConfig):

@@ -274,6 +274,36 @@ class DPOConfig(Section):
     """``online_dpo``: most (success, failure) pairs taken from each group of rollouts."""
 
 
+class LoRAConfig(Section):
+    """LoRA adapters (peft) on the policy: only the adapters train, the base weights stay
+    frozen, and the reference policy is the base with its adapters disabled (no second
+    copy of the weights). See ``palaestra.trainer.adapters``."""
+
+    rank: int = Field(16, ge=1)
+    """Rank of each adapter's low-rank update ``B @ A``."""
+    alpha: int = Field(32, ge=1)
+    """Scale of the update: it is multiplied by ``alpha / rank``."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on each adapter's input while training (0: none)."""
+    target_modules: str | list[str] = "all-linear"
+    """The layers that get an adapter: ``all-linear`` (every linear layer but the output
+    head: the attention and MLP projections) or a list of module names (``q_proj``,
+    ``v_proj``, ...), each matched against the end of a module's dotted name."""
+
+    @field_validator("target_modules")
+    @classmethod
+    def _named_modules(cls, modules: str | list[str]) -> str | list[str]:
+        if isinstance(modules, str) and modules != "all-linear":
+            raise ValueError(
+                "must be 'all-linear' or a list of module names (e.g. [q_proj, v_proj])"
+            )
+        if isinstance(modules, list) and (not modules or not all(m.strip() for m in modules)):
+            raise ValueError("list at least one module name, none of them empty")
+        if isinstance(modules, list) and len(set(modules)) != len(modules):
+            raise ValueError("names a module twice")
+        return modules
+
+
 class DataConfig(Section):
     """Dataset for the ``sft``, ``dpo`` and ``reward_model`` stages (JSON lines)."""
 

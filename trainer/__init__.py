@@ -18,6 +18,10 @@ Where things go:
   registered in ``losses.PREFERENCE_LOSSES``.
 - **A new model to optimise** (a critic, a reward model): the one ``Learner`` with its own
   ``forward``; micro-batching, warm-up, clipping and precision come with it.
+- **The policy and its reference**: a stage loads its policy with
+  ``stages.common.load_policy`` (LoRA-wrapped when the stage sets ``lora``) and takes its
+  reference from ``stages.common.reference_policy`` (a frozen copy, or with LoRA the
+  policy with its adapters off: ``adapters.py``), never ``load_model`` and a copy itself.
 - **A new engine**: ``palaestra.agent.engines`` (the ``Engine`` protocol) and its name in
   ``agent.engines.build``; stages get it through ``stages.common.open_engine``.
 """

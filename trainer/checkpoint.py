@@ -1,15 +1,17 @@
 """Checkpoints in Hugging Face format, loadable with ``from_pretrained``, written atomically.
 
 A checkpoint is a directory with the model's config, safetensors weights, generation
-config and tokenizer files. ``write_atomically`` is how every checkpoint directory is
-written (these, and the training states of ``trainer.train_state``): into a temporary
-sibling ``<name>.partial``, every file and the directory fsynced, every file given the
-permissions a new file gets under the process's umask (safetensors alone would write its
-file ``0600`` beside ``0644`` siblings), then renamed into place and the parent fsynced. A
-crash or ``kill -9`` never leaves half a directory under the final name: a leftover
-``.partial`` is garbage, and a directory being replaced is renamed to ``<name>.old``
-just before the new one takes its name (only a crash between those two renames leaves it
-there).
+config and tokenizer files. A model trained with LoRA adapters is saved merged (a plain
+Hugging Face model), its adapter beside it in ``adapter/`` (``trainer.adapters``).
+
+``write_atomically`` is how every checkpoint directory is written (these, and the
+training states of ``trainer.train_state``): into a temporary sibling ``<name>.partial``,
+every file and the directory fsynced, every file given the permissions a new file gets
+under the process's umask (safetensors alone would write its file ``0600`` beside
+``0644`` siblings), then renamed into place and the parent fsynced. A crash or ``kill -9``
+never leaves half a directory under the final name: a leftover ``.partial`` is garbage,
+and a directory being replaced is renamed to ``<name>.old`` just before the new one takes
+its name (only a crash between those two renames leaves it there).
 
 Weights are saved in the dtype the model holds them in (float32 master weights stay
 float32), never cast. Weights holding NaN or inf are refused (``NonFiniteWeightsError``)
@@ -28,6 +30,7 @@ from typing import Any
 
 import torch
 
+from palaestra.trainer.adapters import is_adapted, save_merged
 from palaestra.trainer.errors import NonFiniteWeightsError
 
 PARTIAL_SUFFIX = ".partial"
@@ -55,8 +58,13 @@ def check_finite_weights(model: torch.nn.Module) -> None:
 
 
 def save_weights(model: torch.nn.Module, tokenizer: Any, directory: Path) -> None:
-    """Write ``model`` (Hugging Face format, its own dtype) and ``tokenizer`` into ``directory``."""
-    model.save_pretrained(directory)  # type: ignore[operator]
+    """Write ``model`` (Hugging Face format, its own dtype) and ``tokenizer`` into
+    ``directory``; a model with LoRA adapters is written merged, its adapter in
+    ``adapter/`` (``adapters.save_merged``)."""
+    if is_adapted(model):
+        save_merged(model, directory)
+    else:
+        model.save_pretrained(directory)  # type: ignore[operator]
     tokenizer.save_pretrained(directory)
 
 

@@ -27,6 +27,10 @@ decoder's hidden states are taken at the positions that predict trained tokens, 
 those rows go through the output projection; logits are divided by the sampling
 temperature, as the engine does.
 
+LoRA (``trainer.adapters``): a model with adapters trains them alone, as they are its only
+parameters that require grad (AdamW, clipping and the gradient norm cover them only), and
+``named_weights`` gives the engine the adapters only.
+
 What this module does not do: rollouts, rewards, advantages or losses. It never sees an env.
 """
 
@@ -42,6 +46,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import torch
 
 from palaestra.models import Precision
+from palaestra.trainer.adapters import adapter_weights, causal_lm, is_adapted
 from palaestra.trainer.batch import TokenBatch
 
 if TYPE_CHECKING:
@@ -99,14 +104,17 @@ class OptimSettings:
 def token_logprobs(
     model: torch.nn.Module, batch: TokenBatch, *, temperature: float = 1.0
 ) -> torch.Tensor:
-    """Logprob of each token under ``model`` where ``batch.loss_mask_BT`` is 1, else 0."""
-    hidden_BTH = model.base_model(  # type: ignore[operator]
-        input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT, use_cache=False
-    ).last_hidden_state
-    # Token t is predicted from position t-1.
-    targets = batch.loss_mask_BT[:, 1:] > 0
-    hidden_NH = hidden_BTH[:, :-1][targets]
-    logits_NV = model.get_output_embeddings()(hidden_NH).float() / temperature  # type: ignore[operator]
+    """Logprob of each token under ``model`` where ``batch.loss_mask_BT`` is 1, else 0.
+    ``model`` is a Hugging Face causal LM, one with LoRA adapters, or a LoRA policy's
+    reference (``adapters.AdaptersOff``)."""
+    with causal_lm(model) as lm:
+        hidden_BTH = lm.base_model(
+            input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT, use_cache=False
+        ).last_hidden_state
+        # Token t is predicted from position t-1.
+        targets = batch.loss_mask_BT[:, 1:] > 0
+        hidden_NH = hidden_BTH[:, :-1][targets]
+        logits_NV = lm.get_output_embeddings()(hidden_NH).float() / temperature
     ids_N = batch.input_ids_BT[:, 1:][targets]
     picked_N = logits_NV.gather(1, ids_N[:, None]).squeeze(1) - logits_NV.logsumexp(dim=-1)
     out_BT = torch.zeros(batch.loss_mask_BT.shape, dtype=picked_N.dtype, device=picked_N.device)
@@ -233,8 +241,13 @@ class Learner:
         return torch.cat(parts)
 
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """The current weights by state-dict name, for the engine's ``update_weights``."""
-        yield from self.model.state_dict().items()
+        """The current weights by state-dict name, for the engine's ``update_weights``:
+        every one, or of a model with LoRA adapters the adapters' only (nothing else
+        trains)."""
+        if is_adapted(self.model):
+            yield from adapter_weights(self.model)
+        else:
+            yield from self.model.state_dict().items()
 
     def state_dict(self) -> dict[str, Any]:
         """The optimizer's and the schedule's state and the step count (not the weights),

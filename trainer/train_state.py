@@ -6,6 +6,8 @@ a step fails outside the learner's update; the last ``run.keep_last`` are kept::
     checkpoints/state-<step>/
       config.json, model.safetensors, tokenizer files   the policy, Hugging Face format
                                                          (loadable on its own), its own dtype
+      adapter/       instead, with ``lora``: the adapter alone (peft's format); the frozen
+                     base is the stage's starting model, loaded again on resume
       optimizer.pt   each learner's AdamW and warm-up schedule state and step count
       <name>.pt      the weights of any other module the stage trains (PPO's ``critic``)
       rng.pt         Python's, NumPy's and torch's (CPU and CUDA) random states
@@ -42,6 +44,7 @@ from safetensors.torch import load_file
 
 from palaestra.errors import ConfigError
 from palaestra.options import DATASET_STAGES
+from palaestra.trainer.adapters import is_adapted, load_adapter, save_adapter
 from palaestra.trainer.checkpoint import (
     OLD_SUFFIX,
     PARTIAL_SUFFIX,
@@ -52,6 +55,7 @@ from palaestra.trainer.checkpoint import (
 from palaestra.trainer.learner import Learner
 
 if TYPE_CHECKING:
+    from peft import PeftModel
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 STATE_PREFIX = "state-"
@@ -108,7 +112,11 @@ def save_state(
         check_finite_weights(module)
 
     def write(tmp: Path) -> None:
-        save_weights(trained.model, trained.tokenizer, tmp)
+        if is_adapted(trained.model):  # the base is the stage's starting model: not saved
+            save_adapter(trained.model, tmp)
+            trained.tokenizer.save_pretrained(tmp)
+        else:
+            save_weights(trained.model, trained.tokenizer, tmp)
         torch.save({n: learner.state_dict() for n, learner in trained.learners.items()},
                    tmp / "optimizer.pt")  # fmt: skip
         for name, module in trained.modules.items():
@@ -152,7 +160,10 @@ def load_state(path: Path, config: Mapping[str, Any]) -> SavedState:
 def restore(saved: SavedState, trained: Trained) -> None:
     """Load ``saved``'s weights, optimizer and schedule states and random states into
     ``trained`` (built as the run that saved it built it) and this process."""
-    _load_hf_weights(trained.model, saved.path)
+    if is_adapted(trained.model):
+        _load_adapter(trained.model, saved.path)
+    else:
+        _load_hf_weights(trained.model, saved.path)
     for name, module in trained.modules.items():
         module.load_state_dict(torch.load(saved.path / f"{name}.pt", weights_only=True))
     states = torch.load(saved.path / "optimizer.pt", weights_only=True)
@@ -182,6 +193,14 @@ def kill_point(point: str, step: int) -> None:
     writing a training state. Unset, it does nothing."""
     if os.environ.get(KILL_ENV) == f"{point}:{step}":
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _load_adapter(model: PeftModel, path: Path) -> None:
+    """Load the adapter a LoRA run's state in ``path`` holds into ``model`` in place."""
+    try:
+        load_adapter(model, path)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--resume: {exc}") from None
 
 
 def _load_hf_weights(model: PreTrainedModel, path: Path) -> None:

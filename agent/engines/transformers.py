@@ -32,10 +32,11 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
+from peft import PeftModel
 from transformers import DynamicCache, PreTrainedModel
 
 from palaestra.agent.engines.base import Completion, SamplingParams, check_token_ids
@@ -73,7 +74,9 @@ class TransformersEngine:
 
     The engine owns ``model``: it moves it to ``device``, casts it to ``dtype``
     (``"bfloat16"`` or ``"float32"``; the softmax over logits is always float32) and
-    overwrites its weights on ``update_weights``. Give it a copy if you train another.
+    overwrites its weights on ``update_weights``. Give it a copy if you train another. A
+    model with LoRA adapters (a peft wrapper) samples with its adapters applied, and its
+    updates carry the adapters alone.
     ``seed`` seeds the generator that requests without ``sampling.seed`` draw from.
     ``max_batch_size`` caps the rows of one decode; ``batch_window_s`` is how long the
     batcher waits for more requests before it starts one. Use one engine from one event
@@ -135,8 +138,10 @@ class TransformersEngine:
         """Copy new weights into the model in place, between batches, and stamp ``version``.
 
         Names are those of the model's state dict; every parameter must be given (a tied
-        weight under either of its names). Raises ``EngineError`` on unknown or missing
-        names and on shape mismatches, before changing anything.
+        weight under either of its names), or, for a model with LoRA adapters (a peft
+        wrapper, whose base weights never train), every adapter parameter. Raises
+        ``EngineError`` on unknown or missing names and on shape mismatches, before
+        changing anything.
         """
         await asyncio.to_thread(self._load_weights, list(named_tensors), version)
 
@@ -307,16 +312,25 @@ class TransformersEngine:
                     f"the model expects {tuple(targets[name].shape)}"
                 )
         given = {id(targets[name]) for name, _ in named_tensors}
-        missing = [name for name, p in self.model.named_parameters() if id(p) not in given]
+        missing = [name for name, p in _synced_parameters(self.model) if id(p) not in given]
         if missing:
             raise EngineError(
                 f"update_weights is missing {len(missing)} parameters (first: {missing[0]!r}): "
-                "send the full state dict"
+                "send the full state dict (of a LoRA model: every adapter tensor)"
             )
         with self._model_lock, torch.no_grad():
             for name, tensor in named_tensors:
                 targets[name].copy_(tensor)
             self._policy_version = version
+
+
+def _synced_parameters(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter]]:
+    """The parameters a weight update must give: every one, or of a model with peft LoRA
+    adapters the adapters' (named ``...lora_A...``, ``...lora_B...``: peft's own mark)."""
+    adapted = isinstance(model, PeftModel)
+    for name, param in model.named_parameters():
+        if not adapted or "lora_" in name:
+            yield name, param
 
 
 def _contiguous_input(_: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> tuple:

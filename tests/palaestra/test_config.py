@@ -165,9 +165,10 @@ def test_the_stage_classes_hold_only_the_sections_their_stage_uses():
     shared = {"stage", "model", "device", "seed", "engine_dtype", "env", "rollout"}
     shared |= {"trainer", "eval", "run"}
     dataset = shared | {"data", "engine"}  # the engine of its env evaluation
-    on_policy = shared | {"engine", "server", "verify_every", "verify_tolerance"}
-    assert set(SFTStage.model_fields) == set(RewardModelStage.model_fields) == dataset
-    assert set(DPOStage.model_fields) == dataset | {"dpo"}
+    on_policy = shared | {"engine", "server", "verify_every", "verify_tolerance", "lora"}
+    assert set(RewardModelStage.model_fields) == dataset
+    assert set(SFTStage.model_fields) == dataset | {"lora"}
+    assert set(DPOStage.model_fields) == dataset | {"dpo", "lora"}
     assert set(GRPOStage.model_fields) == on_policy | {"grpo"}
     assert set(PPOStage.model_fields) == on_policy | {"grpo", "ppo"}
     assert set(OnlineDPOStage.model_fields) == on_policy | {"grpo", "dpo"}

@@ -1,6 +1,7 @@
-"""What every training stage shares: its result, the policy learner and the engine built
-from the config, the held-out evaluation on the env, frozen model copies, step
-bookkeeping (logging, training-state checkpoints, resuming, Ctrl-C) and memory.
+"""What every training stage shares: its result, the policy (LoRA-wrapped when configured),
+its reference, learner and engine built from the config, the held-out evaluation on the
+env, frozen model copies, step bookkeeping (logging, training-state checkpoints,
+resuming, Ctrl-C) and memory.
 
 A stage is a function ``run_<stage>(config, run) -> StageResult`` in its own module of
 this package; ``palaestra.pipeline`` runs a list of them in order, each on the checkpoint
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
+import torch
 from tqdm import tqdm
 
 from palaestra import envs
@@ -39,12 +41,14 @@ from palaestra.agent.trajectory import Trajectory
 from palaestra.config import (
     DatasetStageConfig,
     EnvConfig,
+    LoRAConfig,
     OnPolicyStageConfig,
     StageConfig,
 )
 from palaestra.envs.mixture import EnvMixture
-from palaestra.models import resolve_model, turn_end_ids
+from palaestra.models import load_model, resolve_model, turn_end_ids
 from palaestra.rundir import RunDir
+from palaestra.trainer.adapters import AdaptersOff, is_adapted, with_adapters
 from palaestra.trainer.checkpoint import save_checkpoint
 from palaestra.trainer.errors import NonFiniteWeightsError
 from palaestra.trainer.learner import Learner, OptimSettings, policy_forward
@@ -75,6 +79,24 @@ class StageResult:
     metrics: dict[str, float] = field(default_factory=dict)
     """The stage's own held-out measures, before and after (e.g. ``eval/loss_before``,
     ``eval/loss_after`` for SFT; ``eval/pref_accuracy_after`` for DPO)."""
+
+
+def load_policy(
+    cfg: StageConfig, lora: LoRAConfig | None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The stage's starting model and tokenizer; with ``lora`` (the stage's), the model
+    wrapped with fresh LoRA adapters (``trainer.adapters``), of which only they train."""
+    model, tokenizer = load_model(resolve_model(cfg.model), device=cfg.device)
+    if lora is not None:
+        model = with_adapters(model, lora)  # type: ignore[assignment]  # a peft wrapper
+    return model, tokenizer
+
+
+def reference_policy(model: PreTrainedModel) -> torch.nn.Module:
+    """The reference a KL or a preference loss compares the policy with: its starting
+    weights. A frozen copy of ``model`` (taken before training), or, for a model with LoRA
+    adapters, the model itself with its adapters disabled (no copy)."""
+    return AdaptersOff(model) if is_adapted(model) else frozen_copy(model)
 
 
 def policy_learner(

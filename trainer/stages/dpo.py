@@ -33,7 +33,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from palaestra.models import load_model, resolve_model
 from palaestra.rundir import RunDir
 from palaestra.trainer.batch import TokenBatch
 from palaestra.trainer.data import (
@@ -50,7 +49,12 @@ from palaestra.trainer.data import (
 from palaestra.trainer.learner import Learner, LossFn
 from palaestra.trainer.losses import kto_loss
 from palaestra.trainer.preference import needs_reference, pair_loss
-from palaestra.trainer.stages.common import StageResult, frozen_copy, policy_learner
+from palaestra.trainer.stages.common import (
+    StageResult,
+    load_policy,
+    policy_learner,
+    reference_policy,
+)
 from palaestra.trainer.stages.dataset import DatasetStep, DatasetTask, run_dataset_stage
 
 if TYPE_CHECKING:
@@ -90,7 +94,7 @@ def run_dpo(cfg: DPOStage, run: RunDir) -> StageResult:
 
 def dpo_task(cfg: DPOStage, run: RunDir) -> DatasetTask:
     """Load the model and the answers, score the reference once; the family's steps."""
-    model, tokenizer = load_model(resolve_model(cfg.model), device=cfg.device)
+    model, tokenizer = load_policy(cfg, cfg.lora)
     encoder, pad_id = ChatEncoder(tokenizer, cfg.data.max_length), tokenizer.pad_token_id
     train_examples, held_examples = split_dataset(cfg.data, cfg.seed, read_preferences)
     kto = cfg.dpo.loss == "kto"
@@ -147,8 +151,8 @@ def _with_reference(
     learner: Learner, model: PreTrainedModel, pad_id: int, *sets: _Answers
 ) -> list[_Answers]:
     """``sets`` with the starting ``model``'s per-token log-probs of every row, scored once
-    by a frozen copy that is dropped afterwards."""
-    reference = frozen_copy(model)
+    by its reference (``common.reference_policy``), which is dropped afterwards."""
+    reference = reference_policy(model)
     out = []
     for answers in sets:
         ref: list[torch.Tensor] = []

@@ -44,7 +44,7 @@ from palaestra.trainer.policy_gradient import (
     policy_loss_fn,
     with_reference,
 )
-from palaestra.trainer.stages.common import StageResult, frozen_copy
+from palaestra.trainer.stages.common import StageResult, reference_policy
 from palaestra.trainer.stages.onpolicy import Policy, run_on_policy
 
 
@@ -60,7 +60,7 @@ class GRPOUpdate:
 
     def __init__(self, cfg: GRPOStage, policy: Policy) -> None:
         self.cfg, self.policy = cfg, policy
-        self.reference = frozen_copy(policy.model) if cfg.grpo.kl_coef > 0 else None
+        self.reference = reference_policy(policy.model) if cfg.grpo.kl_coef > 0 else None
         self.loss = policy_loss_fn(loss_settings(cfg, cfg.grpo))
 
     def __call__(self, trajectories: list[Trajectory]) -> dict[str, float]:

@@ -30,7 +30,7 @@ from palaestra.trainer.batch import TokenBatch, collate
 from palaestra.trainer.learner import Learner, LossFn
 from palaestra.trainer.policy_gradient import with_reference
 from palaestra.trainer.preference import needs_reference, pair_loss
-from palaestra.trainer.stages.common import StageResult, frozen_copy
+from palaestra.trainer.stages.common import StageResult, reference_policy
 from palaestra.trainer.stages.onpolicy import Policy, run_on_policy
 
 
@@ -47,7 +47,7 @@ class OnlineDPOUpdate:
     def __init__(self, cfg: OnlineDPOStage, policy: Policy) -> None:
         self.cfg, self.policy = cfg, policy
         # the reference is the stage's starting model: the policy before its first step
-        self.reference = frozen_copy(policy.model) if needs_reference(cfg.dpo.loss) else None
+        self.reference = reference_policy(policy.model) if needs_reference(cfg.dpo.loss) else None
 
     def __call__(self, trajectories: list[Trajectory]) -> dict[str, float]:
         pairs, without = preference_pairs(trajectories, self.cfg.dpo.pairs_per_group)

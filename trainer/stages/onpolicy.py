@@ -13,9 +13,10 @@ the stage builds. One step, top to bottom:
 3. **update**: the stage's ``PolicyUpdate`` turns the trajectories into learner steps
    (rewards, advantages, losses). It runs on a worker thread, so the producer keeps
    sampling the next steps meanwhile.
-4. **sync**: copy the new weights into the engine, stamped with the next policy version;
-   every ``verify_every`` steps (and once before training), check that the engine scores a
-   sequence as the learner does (``trainer.weight_sync``).
+4. **sync**: copy the new weights (with ``lora``, the adapters only) into the engine,
+   stamped with the next policy version; every ``verify_every`` steps (and once before
+   training), check that the engine scores a sequence as the learner does
+   (``trainer.weight_sync``).
 5. **log / checkpoint**: rewards, train/inference mismatch, staleness histogram, phase
    times, memory; every ``run.save_every`` steps and on Ctrl-C, a training-state
    checkpoint (``trainer.train_state``: weights, optimizers, random states, the loop's
@@ -60,7 +61,6 @@ from palaestra.agent.template_audit import audit_for_training
 from palaestra.agent.trajectory import Trajectory
 from palaestra.config import GRPOConfig, OnPolicyStageConfig
 from palaestra.envs.core import Messages
-from palaestra.models import load_model, resolve_model
 from palaestra.rundir import RunDir
 from palaestra.trainer.checkpoint import save_checkpoint
 from palaestra.trainer.errors import AllEpisodesFailedError
@@ -71,6 +71,7 @@ from palaestra.trainer.stages.common import (
     eval_from_record,
     eval_record,
     evaluate_on_env,
+    load_policy,
     open_engine,
     policy_learner,
     resumed_state,
@@ -148,7 +149,7 @@ def run_on_policy(
     torch.manual_seed(cfg.seed)
 
     async def main() -> StageResult:
-        model, tokenizer = load_model(resolve_model(cfg.model), device=cfg.device)
+        model, tokenizer = load_policy(cfg, cfg.lora)
         engine = open_engine(cfg, model, tokenizer)
         policy = Policy(
             model, tokenizer, engine, ChatRenderer(tokenizer), policy_learner(cfg, model)

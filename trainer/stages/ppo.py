@@ -44,7 +44,7 @@ from palaestra.trainer.policy_gradient import (
     policy_loss_fn,
     with_reference,
 )
-from palaestra.trainer.stages.common import StageResult, frozen_copy
+from palaestra.trainer.stages.common import StageResult, reference_policy
 from palaestra.trainer.stages.onpolicy import Policy, run_on_policy
 
 
@@ -58,7 +58,7 @@ class PPOUpdate:
 
     def __init__(self, cfg: PPOStage, policy: Policy) -> None:
         self.cfg, self.policy = cfg, policy
-        self.reference = frozen_copy(policy.model) if cfg.grpo.kl_coef > 0 else None
+        self.reference = reference_policy(policy.model) if cfg.grpo.kl_coef > 0 else None
         self.loss = policy_loss_fn(loss_settings(cfg, cfg.grpo))
         critic = Critic.from_pretrained(cfg.ppo.critic_model or cfg.model, device=cfg.device)
         # the critic's AdamW keeps torch's defaults (betas, weight decay), without warm-up

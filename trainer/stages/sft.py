@@ -22,13 +22,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from palaestra.models import load_model, resolve_model
 from palaestra.rundir import RunDir
 from palaestra.trainer.batch import TokenBatch
 from palaestra.trainer.data import ChatEncoder, Encoded, read_sft, split_dataset, token_batch
 from palaestra.trainer.learner import Learner
 from palaestra.trainer.losses import sft_loss
-from palaestra.trainer.stages.common import StageResult, policy_learner
+from palaestra.trainer.stages.common import StageResult, load_policy, policy_learner
 from palaestra.trainer.stages.dataset import DatasetStep, DatasetTask, run_dataset_stage
 
 if TYPE_CHECKING:
@@ -42,7 +41,7 @@ def run_sft(cfg: SFTStage, run: RunDir) -> StageResult:
 
 def sft_task(cfg: SFTStage, run: RunDir) -> DatasetTask:
     """Load the model and the conversations; SFT's steps and held-out measure."""
-    model, tokenizer = load_model(resolve_model(cfg.model), device=cfg.device)
+    model, tokenizer = load_policy(cfg, cfg.lora)
     train, held = load_sft_rows(cfg, ChatEncoder(tokenizer, cfg.data.max_length))
     learner = policy_learner(cfg, model, temperature=1.0)
     pad_id = tokenizer.pad_token_id
