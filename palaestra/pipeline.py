@@ -25,6 +25,7 @@ What this module does not do: train. The stage loops in ``palaestra.trainer.stag
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 import sys
@@ -40,7 +41,7 @@ from palaestra.config import TrainConfig
 from palaestra.errors import ConfigError
 from palaestra.rundir import RunDir
 from palaestra.trainer.stages import dpo, grpo, online_dpo, ppo, reward_model, sft
-from palaestra.trainer.stages.common import StageResult
+from palaestra.trainer.stages.common import StageResult, return_freed_memory
 from palaestra.trainer.train_state import latest_state, load_state, state_step
 
 StageRunner = Callable[[Any, RunDir], StageResult]
@@ -100,12 +101,22 @@ def run_pipeline(
             result = run_stage(config, run)
         finally:
             run.close()
+            release_memory()
         entry |= {"status": "done", "seconds": time.time() - started, "result": _record(result)}
         save_pipeline_state(root, state)
         results.append(entry["result"])
         model = result.checkpoint
         write_report(root, state)
     return results
+
+
+def release_memory() -> None:
+    """Free what a finished stage left behind before the next one loads its models (what
+    sits in reference cycles waits for the cycle collector, which runs when allocation
+    counts say so: the agent pipeline's GRPO stage had 16.5 GB resident after its first
+    step, 8.7 GB after its second), then hand the freed pages back to the OS."""
+    gc.collect()
+    return_freed_memory()
 
 
 def reopen_run(root: Path, config: TrainConfig) -> RunDir:

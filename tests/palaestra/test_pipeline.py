@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 
 import pytest
+import torch
 import yaml
 
 from palaestra import pipeline as pipeline_module
@@ -148,3 +151,29 @@ def test_each_stage_runs_through_its_own_function_with_its_own_config(
         str(root / "2-grpo" / "checkpoints" / "final"),
     ]
     assert capsys.readouterr().err.count("[precision] learner") == 2  # said once per stage
+
+
+def test_a_finished_stage_is_freed_before_the_next_one_starts(tmp_path, monkeypatch):
+    """A stage's objects in reference cycles (a model and the hooks and closures that
+    point back at it) are collected between stages, not in the middle of the next one."""
+    from palaestra.options import STAGES
+
+    left_behind: list[weakref.ref] = []
+    alive_at_start = []
+
+    def stage_with_a_cycle(config, run):
+        alive_at_start.append([ref() is not None for ref in left_behind])
+        model = torch.nn.Linear(4, 4)
+        model.owner = {"model": model}  # a cycle, as a hook or closure over the model makes
+        left_behind.append(weakref.ref(model))
+        return StageResult(config.stage, str(run.root / "checkpoints" / "final"))
+
+    for stage in STAGES:
+        monkeypatch.setitem(pipeline_module.RUNNERS, stage, stage_with_a_cycle)
+    gc.disable()  # the cycle collector would otherwise run whenever allocations say so
+    try:
+        stages, raw = pipeline(tmp_path, SFT_THEN_GRPO)
+        run_pipeline(stages, tmp_path / "run", raw)
+    finally:
+        gc.enable()
+    assert alive_at_start == [[], [False]]
