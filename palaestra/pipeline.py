@@ -40,6 +40,7 @@ import yaml
 from palaestra.config import TrainConfig
 from palaestra.errors import ConfigError
 from palaestra.rundir import RunDir
+from palaestra.trainer.checkpoint import write_text_atomically
 from palaestra.trainer.stages import dpo, grpo, online_dpo, ppo, reward_model, sft
 from palaestra.trainer.stages.common import StageResult, return_freed_memory
 from palaestra.trainer.train_state import latest_state, load_state, state_step
@@ -215,10 +216,9 @@ def _move_aside(path: Path) -> None:
 
 
 def save_pipeline_state(root: Path, state: dict[str, Any]) -> None:
-    """Write ``state`` as the pipeline's ``pipeline.json`` (a temporary file, renamed)."""
-    tmp = root / (STATE_FILE + ".partial")
-    tmp.write_text(json.dumps(state, indent=1))
-    tmp.replace(root / STATE_FILE)
+    """Write ``state`` as the pipeline's ``pipeline.json``, atomically and durably (a crash
+    leaves the state before or after, which ``--resume`` reads)."""
+    write_text_atomically(root / STATE_FILE, json.dumps(state, indent=1))
 
 
 def _dump(config: TrainConfig) -> dict[str, Any]:

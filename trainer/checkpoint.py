@@ -90,6 +90,19 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
+def write_text_atomically(path: Path, text: str) -> Path:
+    """Write ``text`` to ``<path>.partial``, make it durable, rename it to ``path`` and make
+    the rename durable: after a crash ``path`` holds the old text or the new, never a part."""
+    tmp = path.with_name(path.name + PARTIAL_SUFFIX)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+    _fsync(path.parent)
+    return path
+
+
 def _fsync(path: Path) -> None:
     """Flush a file's or a directory's data and metadata to disk."""
     fd = os.open(path, os.O_RDONLY)

@@ -177,3 +177,27 @@ def test_a_finished_stage_is_freed_before_the_next_one_starts(tmp_path, monkeypa
     finally:
         gc.enable()
     assert alive_at_start == [[], [False]]
+
+
+def test_the_pipeline_state_is_replaced_whole_and_made_durable(tmp_path, monkeypatch):
+    """``pipeline.json`` is what ``--resume`` reads: it is written beside, flushed to disk,
+    renamed over the old one, and the rename flushed (the directory), so a crash leaves
+    the old state or the new one."""
+    import os
+
+    from palaestra.pipeline import STATE_FILE, save_pipeline_state
+
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    (tmp_path / STATE_FILE).write_text('{"stages": ["old"]}')
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    save_pipeline_state(tmp_path, {"stages": ["new"]})
+
+    assert json.loads((tmp_path / STATE_FILE).read_text()) == {"stages": ["new"]}
+    assert synced == [str(tmp_path / (STATE_FILE + ".partial")), str(tmp_path)]
+    assert [p.name for p in tmp_path.iterdir()] == [STATE_FILE]
