@@ -39,8 +39,7 @@ import yaml
 
 from palaestra.config import TrainConfig
 from palaestra.errors import ConfigError
-from palaestra.rundir import RunDir
-from palaestra.trainer.checkpoint import write_text_atomically
+from palaestra.rundir import RunDir, write_text_atomically
 from palaestra.trainer.stages import dpo, grpo, online_dpo, ppo, reward_model, sft
 from palaestra.trainer.stages.common import StageResult, return_freed_memory
 from palaestra.trainer.train_state import latest_state, load_state, state_step

@@ -23,6 +23,7 @@ and read training states.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -153,7 +154,27 @@ def _keep_until(path: Path, step: int) -> list[dict[str, Any]]:
             continue
         if isinstance(record, dict) and record.get("step", 0) <= step:
             kept.append(record)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    tmp.replace(path)
+    write_text_atomically(path, "".join(json.dumps(r) + "\n" for r in kept))
     return kept
+
+
+def write_text_atomically(path: Path, text: str) -> Path:
+    """Write ``text`` to ``<path>.partial``, make it durable, rename it to ``path`` and make
+    the rename durable: after a crash ``path`` holds the old text or the new, never a part."""
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+    fsync_path(path.parent)
+    return path
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's or a directory's data and metadata to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

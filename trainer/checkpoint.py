@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from palaestra.rundir import fsync_path
 from palaestra.trainer.adapters import is_adapted, save_merged
 from palaestra.trainer.errors import NonFiniteWeightsError
 
@@ -78,38 +79,16 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
     mode = 0o666 & ~_umask()
     for file in sorted(p for p in tmp.rglob("*") if p.is_file()):
         os.chmod(file, mode)
-        _fsync(file)
-    _fsync(tmp)
+        fsync_path(file)
+    fsync_path(tmp)
     replaced = path.with_name(path.name + OLD_SUFFIX)
     if path.exists():  # moved aside first: a rename is instant, a delete is not
         shutil.rmtree(replaced, ignore_errors=True)
         path.rename(replaced)
     tmp.rename(path)
-    _fsync(path.parent)
+    fsync_path(path.parent)
     shutil.rmtree(replaced, ignore_errors=True)
     return path
-
-
-def write_text_atomically(path: Path, text: str) -> Path:
-    """Write ``text`` to ``<path>.partial``, make it durable, rename it to ``path`` and make
-    the rename durable: after a crash ``path`` holds the old text or the new, never a part."""
-    tmp = path.with_name(path.name + PARTIAL_SUFFIX)
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-    _fsync(path.parent)
-    return path
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file's or a directory's data and metadata to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _umask() -> int:

@@ -17,9 +17,10 @@ a step fails outside the learner's update; the last ``run.keep_last`` are kept::
 Each is written atomically (``checkpoint.write_atomically``). ``--resume`` reads the newest
 complete one (``latest_state``), refuses it if the training-relevant config changed
 (``load_state``: every section but ``run``, ``eval`` and a dataset stage's ``engine``,
-and ``trainer`` but its ``steps`` and ``max_time_s``), and ``restore`` puts weights, optimizer states and random
-states back after the stage has built its model, so a reference model built from the
-stage's starting weights is the same as in the run that saved it.
+and ``trainer`` but its ``steps`` and ``max_time_s``), and ``restore`` puts weights,
+optimizer states and random states back after the stage has built its model, so a
+reference model built from the stage's starting weights is the same as in the run that
+saved it.
 
 What this module does not do: decide when to save, or what a loop's progress holds (the
 loops ``stages.dataset`` and ``stages.onpolicy`` do).
